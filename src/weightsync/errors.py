@@ -1,0 +1,95 @@
+"""One error tree for weightsync.
+
+Every error is a `WeightSyncError`; each category also subclasses the matching
+built-in so callers can catch either. Messages say what failed, which
+snapshot/path/URL, and what to do (or the valid choices).
+"""
+
+from __future__ import annotations
+
+
+class WeightSyncError(Exception):
+    """Root of every error weightsync raises on purpose."""
+
+
+# --- bad input -------------------------------------------------------------
+
+
+class InvalidInputError(WeightSyncError, ValueError):
+    """A caller passed a value weightsync cannot accept; nothing was changed."""
+
+
+class InvalidIdentityError(InvalidInputError):
+    """A snapshot identity (or name) breaks the one-path-segment rule."""
+
+
+class UnknownCodecError(InvalidInputError):
+    """A compression format name is not registered."""
+
+
+class UnknownChecksumError(InvalidInputError):
+    """A checksum format name is not registered."""
+
+
+class UnsupportedDtypeError(InvalidInputError):
+    """A tensor's dtype cannot be encoded or exported."""
+
+
+# --- snapshots -------------------------------------------------------------
+
+
+class SnapshotNotFoundError(WeightSyncError, FileNotFoundError):
+    """No complete snapshot (a directory with a manifest) exists at the location."""
+
+
+class SnapshotCorruptError(WeightSyncError, ValueError):
+    """A snapshot's bytes do not match its manifest (checksum, size, or format)."""
+
+
+class ChainError(WeightSyncError, ValueError):
+    """A delta cannot be applied: its parent is missing, different, or incompatible."""
+
+
+# --- storage ---------------------------------------------------------------
+
+
+class StorageError(WeightSyncError, OSError):
+    """Storage could not be read or written (permissions, network, missing bucket)."""
+
+
+# --- deployment / hot-load -------------------------------------------------
+
+
+class DeploymentError(WeightSyncError, RuntimeError):
+    """The deployment failed to do what was asked."""
+
+
+class DeploymentHTTPError(DeploymentError):
+    """An HTTP call to the deployment returned an error status."""
+
+    def __init__(self, method: str, url: str, status_code: int, message: str) -> None:
+        self.method = method
+        self.url = url
+        self.status_code = status_code
+        self.message = message
+        super().__init__(f"{method} {url} -> HTTP {status_code}: {message}")
+
+
+class HotloadRefusedError(DeploymentError):
+    """The deployment refused a hot-load (e.g. a delta whose parent it does not serve)."""
+
+
+class HotloadFailedError(DeploymentError):
+    """A replica reported `stage: "error"` for the requested snapshot."""
+
+
+class HotloadTimeoutError(WeightSyncError, TimeoutError):
+    """The deployment did not finish a hot-load (or become ready) in time."""
+
+
+class StorageFileNotFoundError(StorageError, FileNotFoundError):
+    """A file or directory does not exist in storage."""
+
+
+class UnsupportedOperationError(WeightSyncError, RuntimeError):
+    """The component cannot do this (e.g. an engine without LoRA support)."""

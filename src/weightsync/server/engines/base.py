@@ -1,0 +1,117 @@
+"""The engine interface: what a replica needs from whatever runs the model.
+
+Kept deliberately small so a second engine (vLLM) plugs in behind the same
+hot-load API: load a base, expose the live weights, apply patches in place,
+load/unload LoRA adapters, generate, reset the prompt cache, checksum weights.
+Engines never fetch, verify manifests or talk HTTP: the replica does that.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from weightsync.codec import Patch, checksum_tensor
+from weightsync.errors import UnsupportedOperationError
+
+CacheScope = Literal["all", "shared"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateRequest:
+    """One sequence to generate (the replica fans `n > 1` out into several requests)."""
+
+    prompt_token_ids: list[int]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    #: None: no logprobs; 0: the sampled token's logprob; k > 0: also the top-k.
+    logprobs: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    adapter: str | None = None
+    #: Multi-turn session key (the `x-multi-turn-session-id` header) for cache scoping.
+    cache_session: str | None = None
+
+
+@dataclass(kw_only=True)
+class GenerateResult:
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    finish_reason: Literal["stop", "length"] = "length"
+    #: Identity of the snapshot that produced each generated token (same length as token_ids).
+    token_snapshots: list[str] = field(default_factory=list)
+    num_cached_prompt_tokens: int = 0
+
+
+#: Held around each decoding step; yields the snapshot identity serving that step.
+#: The replica uses it to pause generation at a token boundary during a swap.
+StepGuard = Callable[[], AbstractContextManager[str]]
+
+
+class Engine(ABC):
+    """A model runtime held by one replica."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def load_base(
+        self,
+        config: Mapping[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        tokenizer_dir: Path | None = None,
+    ) -> None:
+        """Replace the whole model with these weights (HF config + HF tensor names)."""
+
+    @abstractmethod
+    def named_weights(self) -> Mapping[str, torch.Tensor]:
+        """The live weights (or the engine's host copy of them) under snapshot tensor names.
+
+        Callers only read them (decode, checksum); all writes go through `apply_patches`.
+        """
+
+    @abstractmethod
+    def apply_patches(self, patches: Mapping[str, Patch]) -> dict[str, Patch]:
+        """Apply patches in place to the named weights; return the patches that undo them."""
+
+    @abstractmethod
+    def generate(self, request: GenerateRequest, *, step_guard: StepGuard) -> GenerateResult:
+        """Generate one sequence, holding `step_guard()` around every forward step."""
+
+    @abstractmethod
+    def reset_prompt_cache(self, scope: CacheScope = "all") -> int:
+        """Drop cached prompt KV ("all", or only entries not tied to a multi-turn session).
+
+        Returns the number of entries dropped.
+        """
+
+    def load_adapter(
+        self, name: str, adapter_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Load a standalone PEFT LoRA adapter under `name` (replacing one of that name)."""
+        raise UnsupportedOperationError(
+            f"engine {self.name!r} does not support LoRA adapters; use the torch engine"
+        )
+
+    def unload_adapter(self, name: str) -> None:
+        raise UnsupportedOperationError(
+            f"engine {self.name!r} does not support LoRA adapters; use the torch engine"
+        )
+
+    def loaded_adapters(self) -> list[str]:
+        return []
+
+    def weights_checksums(self, checksum_format: str) -> dict[str, str]:
+        """Checksum of every named weight, as the manifest records them."""
+        return {n: checksum_tensor(checksum_format, t) for n, t in self.named_weights().items()}
+
+    def close(self) -> None:  # noqa: B027  (optional hook)
+        """Release resources (threads, subprocesses)."""
