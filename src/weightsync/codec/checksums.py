@@ -23,7 +23,7 @@ from weightsync.errors import UnknownChecksumError
 
 DEFAULT_CHECKSUM = "xxh3_64"
 
-Buffer = bytes | bytearray | memoryview | np.ndarray
+Buffer = bytes | bytearray | memoryview
 
 
 def _xxh3_64(data: Buffer) -> str:
@@ -65,7 +65,7 @@ def list_checksums() -> list[str]:
     return sorted(_CHECKSUMS)
 
 
-def checksum_bytes(name: str, data: Buffer) -> str:
+def checksum_bytes(name: str, data: Buffer | np.ndarray) -> str:
     """Hex checksum of a byte buffer."""
     return _CHECKSUMS[canonical_checksum_name(name)](_as_buffer(data))
 
@@ -75,7 +75,7 @@ def checksum_tensor(name: str, tensor: torch.Tensor) -> str:
     return checksum_bytes(name, bits(tensor.contiguous()).view(np.uint8))
 
 
-def _as_buffer(data: Buffer) -> Buffer:
+def _as_buffer(data: Buffer | np.ndarray) -> Buffer:
     if isinstance(data, np.ndarray):
-        return np.ascontiguousarray(data).view(np.uint8)
+        return np.ascontiguousarray(data).view(np.uint8).data
     return data
