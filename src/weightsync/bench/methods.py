@@ -1,0 +1,91 @@
+"""The weight-sync methods the benchmark puts side by side.
+
+Each method is one way the field moves new weights to inference: which codec
+encodes a snapshot, and whether every sync is a full base (reload) or a delta
+against the snapshot the deployment serves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from weightsync.codec import DEFAULT_CODEC, list_codecs
+from weightsync.errors import UnknownCodecError
+
+CheckpointType = Literal["base", "delta"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    """One weight-sync method: a codec, a checkpoint type and who uses it."""
+
+    name: str
+    codec: str
+    checkpoint_type: CheckpointType
+    practice: str
+
+    @property
+    def is_full_reload(self) -> bool:
+        return self.checkpoint_type == "base"
+
+
+FULL_RELOAD = "full-reload"
+
+# Methods of the field, in the order the report lists them; codecs that are not
+# registered (yet) are skipped by `bench_methods`.
+_FIELD_METHODS: tuple[Method, ...] = (
+    Method(
+        name=FULL_RELOAD,
+        codec="full",
+        checkpoint_type="base",
+        practice="full snapshot + full reload (update_weights_from_disk style)",
+    ),
+    Method(
+        name="sparse-idx-val",
+        codec="sparse-idx-val",
+        checkpoint_type="delta",
+        practice="int32 indices + new values (PULSE / TRL style)",
+    ),
+    Method(
+        name="gap-zstd",
+        codec="gap-zstd",
+        checkpoint_type="delta",
+        practice="gap-coded positions + zstd (slime style)",
+    ),
+    Method(
+        name="xor-zstd",
+        codec="xor-zstd",
+        checkpoint_type="delta",
+        practice="XOR of raw bits + zstd (Fireworks ARC2 / slime-current style)",
+    ),
+)
+
+
+def bench_methods(codecs: tuple[str, ...] | None = None) -> list[Method]:
+    """The methods to measure: the field's, the default codec, then any other codec.
+
+    `codecs` restricts the list to methods whose codec is named there (`full`
+    selects the full-reload method); an unregistered name raises with the known
+    names.
+    """
+    known = list_codecs()
+    if codecs is not None:
+        unknown = [c for c in codecs if c not in known]
+        if unknown:
+            raise UnknownCodecError(
+                f"unknown codec(s) {', '.join(unknown)} for the benchmark; known: "
+                f"{', '.join(known)}"
+            )
+    methods = [m for m in _FIELD_METHODS if m.codec in known]
+    covered = {m.codec for m in methods if not m.is_full_reload}
+    extra = [DEFAULT_CODEC, *(c for c in known if c != DEFAULT_CODEC)]
+    for codec in extra:
+        if codec in covered or codec == "full":
+            continue
+        covered.add(codec)
+        practice = "weightsync default codec" if codec == DEFAULT_CODEC else "weightsync codec"
+        methods.append(Method(name=codec, codec=codec, checkpoint_type="delta", practice=practice))
+    if codecs is not None:
+        methods = [m for m in methods if m.codec in codecs]
+    return methods
