@@ -1,0 +1,247 @@
+"""The manifest `weightsync.json`: what a snapshot is, and the checksums that prove it.
+
+A manifest is parsed strictly: an unknown `format_version`, a missing or mistyped
+field, or an unknown kind is a `SnapshotCorruptError` naming the snapshot, so a
+reader never acts on a manifest it does not fully understand.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+from weightsync.codec import canonical_checksum_name, get_codec
+from weightsync.codec.bits import SUPPORTED_DTYPES
+from weightsync.errors import (
+    InvalidIdentityError,
+    SnapshotCorruptError,
+    UnknownChecksumError,
+    UnknownCodecError,
+)
+from weightsync.identity import validate_identity
+
+MANIFEST_FILE = "weightsync.json"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = frozenset({FORMAT_VERSION})
+
+SnapshotKind = Literal["base", "delta", "lora"]
+SNAPSHOT_KINDS: tuple[SnapshotKind, ...] = ("base", "delta", "lora")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorEntry:
+    """One tensor the snapshot stands for; `checksum` is of its bits after any delta."""
+
+    shape: tuple[int, ...]
+    dtype: str  # safetensors spelling: BF16, F16, F32, F8_E4M3, F8_E5M2 (lora: any)
+    file: str  # the payload file that holds it (a delta: its encoded diff)
+    checksum: str
+    num_changed: int | None = None  # delta: elements whose bits differ from the parent
+
+    @property
+    def num_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileEntry:
+    """One file of the snapshot directory (everything except the manifest)."""
+
+    size_bytes: int
+    checksum: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """The parsed `weightsync.json`; see FORMAT.md for every field."""
+
+    format_version: int
+    identity: str
+    kind: SnapshotKind
+    parent: str | None  # delta: the identity it applies onto
+    base: str | None  # the chain's base identity (itself for a base; None for lora)
+    compression_format: str | None  # delta: codec name
+    checksum_format: str
+    tensors: dict[str, TensorEntry]
+    files: dict[str, FileEntry]
+    session_id: str | None
+    created_at: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_json_bytes(self) -> bytes:
+        """Canonical bytes: fixed top-level key order, names sorted, 2-space indent, LF."""
+        doc: dict[str, Any] = {
+            "format_version": self.format_version,
+            "identity": self.identity,
+            "kind": self.kind,
+            "parent": self.parent,
+            "base": self.base,
+            "compression_format": self.compression_format,
+            "checksum_format": self.checksum_format,
+            "session_id": self.session_id,
+            "created_at": self.created_at,
+            "stats": {k: self.stats[k] for k in sorted(self.stats)},
+            "files": {
+                name: {"size_bytes": e.size_bytes, "checksum": e.checksum}
+                for name, e in sorted(self.files.items())
+            },
+            "tensors": {name: _tensor_doc(e) for name, e in sorted(self.tensors.items())},
+        }
+        return (json.dumps(doc, indent=2, ensure_ascii=True) + "\n").encode("ascii")
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes, *, identity: str) -> Manifest:
+        """Parse and validate; `identity` is the directory the manifest was read from."""
+        where = f"manifest of snapshot {identity!r}"
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SnapshotCorruptError(f"{where} is not valid JSON: {e}") from e
+        if not isinstance(doc, dict):
+            raise SnapshotCorruptError(f"{where} must be a JSON object")
+        return _parse(doc, identity=identity, where=where)
+
+
+def _tensor_doc(e: TensorEntry) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "shape": list(e.shape),
+        "dtype": e.dtype,
+        "file": e.file,
+        "checksum": e.checksum,
+    }
+    if e.num_changed is not None:
+        doc["num_changed"] = e.num_changed
+    return doc
+
+
+def _parse(doc: dict[str, Any], *, identity: str, where: str) -> Manifest:
+    version = doc.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise SnapshotCorruptError(
+            f"{where} has format_version {version!r}; this weightsync reads "
+            f"{sorted(SUPPORTED_FORMAT_VERSIONS)} (upgrade weightsync to read newer snapshots)"
+        )
+    kind = _get(doc, "kind", str, where)
+    if kind not in SNAPSHOT_KINDS:
+        raise SnapshotCorruptError(f"{where} has kind {kind!r}; expected one of {SNAPSHOT_KINDS}")
+    stated = _get(doc, "identity", str, where)
+    if stated != identity:
+        raise SnapshotCorruptError(
+            f"{where} names identity {stated!r}; a snapshot must sit in the directory of its "
+            "identity (was it copied or renamed?)"
+        )
+    parent = _get_optional(doc, "parent", str, where)
+    base = _get_optional(doc, "base", str, where)
+    try:
+        for other in (parent, base):
+            if other is not None:
+                validate_identity(other)
+    except InvalidIdentityError as e:
+        raise SnapshotCorruptError(f"{where}: {e}") from e
+    compression = _get_optional(doc, "compression_format", str, where)
+    checksum_format = _get(doc, "checksum_format", str, where)
+    try:
+        checksum_format = canonical_checksum_name(checksum_format)
+    except UnknownChecksumError as e:
+        raise UnknownChecksumError(f"{where}: {e}") from e
+    if kind == "delta":
+        if parent is None or base is None or compression is None:
+            raise SnapshotCorruptError(
+                f"{where} is a delta but lacks parent, base or compression_format"
+            )
+        if parent == identity:
+            raise SnapshotCorruptError(f"{where} names itself as its parent")
+        try:
+            get_codec(compression)
+        except UnknownCodecError as e:
+            raise UnknownCodecError(f"{where}: {e}") from e
+    elif parent is not None or compression is not None:
+        raise SnapshotCorruptError(f"{where} is a {kind} but names a parent or compression")
+    if kind == "base" and base != identity:
+        raise SnapshotCorruptError(f"{where} is a base but its base field is {base!r}")
+    files = {
+        name: FileEntry(
+            size_bytes=_get(entry, "size_bytes", int, f"{where}, file {name!r}"),
+            checksum=_get(entry, "checksum", str, f"{where}, file {name!r}"),
+        )
+        for name, entry in _get_dict(doc, "files", where).items()
+    }
+    for name in files:
+        _check_file_name(name, where)
+    tensors = {
+        name: _parse_tensor(entry, kind=kind, files=files, where=f"{where}, tensor {name!r}")
+        for name, entry in _get_dict(doc, "tensors", where).items()
+    }
+    return Manifest(
+        format_version=cast(int, version),
+        identity=identity,
+        kind=cast(SnapshotKind, kind),
+        parent=parent,
+        base=base,
+        compression_format=compression,
+        checksum_format=checksum_format,
+        tensors=tensors,
+        files=files,
+        session_id=_get_optional(doc, "session_id", str, where),
+        created_at=_get(doc, "created_at", str, where),
+        stats=_get_dict(doc, "stats", where),
+    )
+
+
+def _parse_tensor(
+    entry: object, *, kind: str, files: dict[str, FileEntry], where: str
+) -> TensorEntry:
+    if not isinstance(entry, dict):
+        raise SnapshotCorruptError(f"{where} must be a JSON object")
+    shape = _get(entry, "shape", list, where)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise SnapshotCorruptError(f"{where} has a malformed shape {shape!r}")
+    dtype = _get(entry, "dtype", str, where)
+    if kind != "lora" and dtype not in SUPPORTED_DTYPES:
+        raise SnapshotCorruptError(
+            f"{where} has dtype {dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}"
+        )
+    file = _get(entry, "file", str, where)
+    if file not in files:
+        raise SnapshotCorruptError(f"{where} lives in {file!r}, which the manifest does not list")
+    return TensorEntry(
+        shape=tuple(shape),
+        dtype=dtype,
+        file=file,
+        checksum=_get(entry, "checksum", str, where),
+        num_changed=_get_optional(entry, "num_changed", int, where),
+    )
+
+
+def _check_file_name(name: str, where: str) -> None:
+    try:
+        validate_identity(name, what="file name")
+    except InvalidIdentityError as e:
+        raise SnapshotCorruptError(f"{where}: {e}") from e
+    if name == MANIFEST_FILE:
+        raise SnapshotCorruptError(f"{where} lists itself among its files")
+
+
+def _get(doc: dict[str, Any], key: str, typ: type, where: str) -> Any:
+    if key not in doc:
+        raise SnapshotCorruptError(f"{where} lacks the field {key!r}")
+    value = doc[key]
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise SnapshotCorruptError(
+            f"{where}: field {key!r} must be {typ.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _get_optional(doc: dict[str, Any], key: str, typ: type, where: str) -> Any:
+    if doc.get(key) is None:
+        return None
+    return _get(doc, key, typ, where)
+
+
+def _get_dict(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    return cast(dict[str, Any], _get(doc, key, dict, where))

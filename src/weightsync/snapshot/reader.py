@@ -1,0 +1,291 @@
+"""Reading snapshots: listing, manifests, chains, fetching verified payloads, patches.
+
+Only JSON and safetensors are ever parsed (never pickle). Every identity that
+enters is validated, so no read can leave the storage root. A directory without
+a manifest is not a snapshot: it is never listed and never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_torch
+
+from weightsync.codec import Patch, get_codec
+from weightsync.codec.bits import dtype_name
+from weightsync.errors import (
+    ChainError,
+    InvalidIdentityError,
+    SnapshotCorruptError,
+    SnapshotNotFoundError,
+    StorageFileNotFoundError,
+    UnsupportedDtypeError,
+)
+from weightsync.identity import validate_identity
+from weightsync.snapshot import materialize as _materialize
+from weightsync.snapshot.checks import verify_file, verify_tensor, verify_tensors
+from weightsync.snapshot.delta_shard import decode_delta_shard
+from weightsync.snapshot.layout import ADAPTER_CONFIG_FILE, CONFIG_FILE, TOKENIZER_MARKERS
+from weightsync.snapshot.manifest import MANIFEST_FILE, Manifest
+from weightsync.storage import Storage, open_storage
+
+# Payload files are read concurrently: object stores answer many GETs at once.
+_READ_THREADS = 8
+
+
+@dataclass
+class FetchedSnapshot:
+    """A snapshot's manifest and its weight files, each already checked against the manifest."""
+
+    manifest: Manifest
+    files: dict[str, bytes]
+    _payloads: dict[str, memoryview] | None = field(default=None, repr=False)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Base / LoRA: the tensors, each checked against its manifest checksum."""
+        m = self.manifest
+        if m.kind == "delta":
+            raise ChainError(
+                f"snapshot {m.identity!r} is a delta onto {m.parent!r}: apply its patches "
+                "(or materialize it) instead of reading its tensors"
+            )
+        loaded: dict[str, torch.Tensor] = {}
+        for file in sorted({e.file for e in m.tensors.values()}):
+            try:
+                loaded.update(load_torch(self.files[file]))
+            except SafetensorError as e:
+                raise SnapshotCorruptError(
+                    f"snapshot {m.identity!r}, file {file!r} is not valid safetensors: {e}"
+                ) from e
+        extra = sorted(set(loaded) - set(m.tensors))
+        if extra:
+            raise SnapshotCorruptError(
+                f"snapshot {m.identity!r} holds tensors the manifest does not list: {extra[:5]}"
+            )
+        verify_tensors(m, loaded)
+        return {name: loaded[name] for name in sorted(m.tensors)}
+
+    def payloads(self) -> dict[str, memoryview]:
+        """Delta: weight name -> codec payload (views of the fetched shard bytes)."""
+        m = self.manifest
+        if m.kind != "delta" or m.compression_format is None:
+            raise ChainError(f"snapshot {m.identity!r} is a {m.kind}, not a delta")
+        if self._payloads is None:
+            payloads: dict[str, memoryview] = {}
+            for file in sorted({e.file for e in m.tensors.values()}):
+                payloads.update(
+                    decode_delta_shard(
+                        self.files[file],
+                        compression_format=m.compression_format,
+                        where=f"snapshot {m.identity!r}, file {file!r}",
+                    )
+                )
+            missing = sorted(set(m.tensors) - set(payloads))
+            if missing:
+                raise SnapshotCorruptError(
+                    f"snapshot {m.identity!r}: no payload for tensors {missing[:5]}"
+                )
+            self._payloads = payloads
+        return self._payloads
+
+    def patches(self, current: Mapping[str, torch.Tensor]) -> dict[str, Patch]:
+        """Delta: one patch per tensor against `current` (read only).
+
+        A tensor missing from `current`, or of another shape or dtype, is a `ChainError`.
+        """
+        m = self.manifest
+        codec = get_codec(m.compression_format or "")
+        payloads = self.payloads()
+        patches: dict[str, Patch] = {}
+        for name in sorted(m.tensors):
+            entry = m.tensors[name]
+            old = current.get(name)
+            if old is None:
+                raise ChainError(
+                    f"delta {m.identity!r} patches tensor {name!r}, which the current weights "
+                    f"lack; load its parent {m.parent!r} (or a base) first"
+                )
+            if tuple(old.shape) != entry.shape or _dtype(old) != entry.dtype:
+                raise ChainError(
+                    f"delta {m.identity!r}: tensor {name!r} is {list(old.shape)} {_dtype(old)} "
+                    f"in the current weights but {list(entry.shape)} {entry.dtype} in the "
+                    f"snapshot; load its parent {m.parent!r} first"
+                )
+            try:
+                patches[name] = codec.decode_patch(payloads[name], old)
+            except SnapshotCorruptError as e:
+                raise SnapshotCorruptError(
+                    f"snapshot {m.identity!r}, tensor {name!r} ({entry.file}): {e}"
+                ) from e
+        return patches
+
+    def verify_patched(self, name: str, current: Mapping[str, torch.Tensor], patch: Patch) -> None:
+        """Apply `patch` to a scratch copy of `current[name]` and check the manifest checksum."""
+        scratch = current[name].detach().to("cpu").contiguous().clone()
+        patch.apply_(scratch)
+        verify_tensor(self.manifest, name, scratch)
+
+
+class SnapshotStore:
+    """The snapshots under one storage root."""
+
+    def __init__(self, storage: Storage | str | os.PathLike[str]) -> None:
+        self.storage: Storage = open_storage(storage)
+
+    def __repr__(self) -> str:
+        return f"SnapshotStore({self.storage.url!r})"
+
+    def list_snapshots(self) -> list[str]:
+        """Identities of complete snapshots (manifest present), sorted by name."""
+        try:
+            names = self.storage.list_dir("")
+        except StorageFileNotFoundError:
+            return []
+        return [n for n in names if _is_identity(n) and self.storage.exists(_manifest_path(n))]
+
+    def exists(self, identity: str) -> bool:
+        validate_identity(identity)
+        return self.storage.exists(_manifest_path(identity))
+
+    def snapshot_url(self, identity: str) -> str:
+        return self.storage.child_url(validate_identity(identity))
+
+    def read_manifest(self, identity: str) -> Manifest:
+        """Parse and validate the manifest; `SnapshotNotFoundError` if there is none."""
+        validate_identity(identity)
+        try:
+            data = self.storage.read_bytes(_manifest_path(identity))
+        except StorageFileNotFoundError as e:
+            incomplete = self.storage.exists(identity)
+            detail = (
+                "its directory has no manifest (an incomplete or failed write; not a snapshot)"
+                if incomplete
+                else "it does not exist"
+            )
+            raise SnapshotNotFoundError(
+                f"no snapshot {identity!r} in {self.storage.url}: {detail}; "
+                "list the snapshots with `weightsync snapshot list`"
+            ) from e
+        return Manifest.from_json_bytes(data, identity=identity)
+
+    def read_file(self, manifest: Manifest, name: str) -> bytes:
+        """One file of a snapshot, checked against its manifest entry."""
+        try:
+            data = self.storage.read_bytes(f"{manifest.identity}/{name}")
+        except StorageFileNotFoundError as e:
+            raise SnapshotCorruptError(
+                f"snapshot {manifest.identity!r}, file {name!r} is listed in the manifest but "
+                f"missing from {self.storage.child_url(manifest.identity)}; re-save the snapshot"
+            ) from e
+        verify_file(manifest, name, data)
+        return data
+
+    def read_config(self, identity: str) -> dict[str, Any]:
+        """`config.json` (base/delta) or `adapter_config.json` (lora), verified."""
+        manifest = self.read_manifest(identity)
+        name = ADAPTER_CONFIG_FILE if manifest.kind == "lora" else CONFIG_FILE
+        data = self.read_file(manifest, name)
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SnapshotCorruptError(f"snapshot {identity!r}, {name} is not JSON: {e}") from e
+        if not isinstance(doc, dict):
+            raise SnapshotCorruptError(f"snapshot {identity!r}, {name} is not a JSON object")
+        return doc
+
+    def chain(self, identity: str) -> list[Manifest]:
+        """The chain that ends at `identity`: its base first, `identity` last."""
+        chain = [self.read_manifest(identity)]
+        seen = {identity}
+        while chain[-1].kind == "delta":
+            child = chain[-1]
+            parent_id = child.parent or ""
+            if parent_id in seen:
+                raise ChainError(
+                    f"the chain of {identity!r} has a cycle at {parent_id!r}; write a new base"
+                )
+            seen.add(parent_id)
+            try:
+                parent = self.read_manifest(parent_id)
+            except SnapshotNotFoundError as e:
+                raise ChainError(
+                    f"delta {child.identity!r} needs parent {parent_id!r}, which is not in "
+                    f"{self.storage.url}; the chain of {identity!r} is broken (write a new base)"
+                ) from e
+            _check_link(child, parent)
+            chain.append(parent)
+        return chain[::-1]
+
+    def local_tokenizer_dir(self, identity: str) -> pathlib.Path | None:
+        """The local directory holding the chain base's tokenizer files, if any."""
+        base = self.chain(identity)[0]
+        if base.kind != "base" or not any(m in base.files for m in TOKENIZER_MARKERS):
+            return None
+        return self.storage.local_path(base.identity)
+
+    def fetch(self, identity: str) -> FetchedSnapshot:
+        """Read every weight file of the snapshot and check it against the manifest."""
+        manifest = self.read_manifest(identity)
+        names = sorted({e.file for e in manifest.tensors.values()})
+        with ThreadPoolExecutor(max_workers=min(_READ_THREADS, max(1, len(names)))) as pool:
+            datas = list(pool.map(lambda n: self.read_file(manifest, n), names))
+        return FetchedSnapshot(manifest=manifest, files=dict(zip(names, datas, strict=True)))
+
+    def materialize(self, identity: str) -> dict[str, torch.Tensor]:
+        """The weights `identity` stands for, rebuilt along its chain and verified."""
+        return _materialize.materialize(self, identity)
+
+    def materialize_to(self, identity: str, output_dir: str | os.PathLike[str]) -> pathlib.Path:
+        """Write the weights of `identity` as a standalone Hugging Face directory."""
+        return _materialize.materialize_to(self, identity, output_dir)
+
+    def verify(self, identity: str) -> _materialize.VerifyReport:
+        """Check every file of the chain and the materialized weights; return a report."""
+        return _materialize.verify(self, identity)
+
+
+def _check_link(child: Manifest, parent: Manifest) -> None:
+    where = f"delta {child.identity!r} onto parent {parent.identity!r}"
+    if parent.kind == "lora":
+        raise ChainError(f"{where}: the parent is a LoRA adapter, which cannot be patched")
+    if child.base != parent.base:
+        raise ChainError(
+            f"{where}: the delta names base {child.base!r} but the parent's chain starts at "
+            f"{parent.base!r}; the parent was replaced (write a new base)"
+        )
+    if set(child.tensors) != set(parent.tensors):
+        raise ChainError(f"{where}: the tensor names differ; a delta keeps its parent's names")
+    for name, entry in child.tensors.items():
+        other = parent.tensors[name]
+        if (entry.shape, entry.dtype) != (other.shape, other.dtype):
+            raise ChainError(
+                f"{where}: tensor {name!r} is {list(entry.shape)} {entry.dtype} but "
+                f"{list(other.shape)} {other.dtype} in the parent"
+            )
+
+
+def _manifest_path(identity: str) -> str:
+    return f"{identity}/{MANIFEST_FILE}"
+
+
+def _is_identity(name: str) -> bool:
+    try:
+        validate_identity(name)
+    except InvalidIdentityError:
+        return False
+    return True
+
+
+def _dtype(t: torch.Tensor) -> str:
+    try:
+        return dtype_name(t.dtype)
+    except UnsupportedDtypeError:
+        return str(t.dtype)

@@ -1,0 +1,64 @@
+"""The storage protocol: a small, flat view of one root (local directory or object store).
+
+Paths are `/`-separated and relative to the root. Every write is atomic: a reader
+sees either the previous bytes or the new ones, never a partial file. Missing
+files raise `StorageFileNotFoundError`; other failures `StorageError`, naming the URL.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Protocol, runtime_checkable
+
+from weightsync.errors import InvalidInputError
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """One storage root; see the module docstring for the rules every backend keeps."""
+
+    url: str  # the root, normalized (no trailing slash)
+
+    def child_url(self, *parts: str) -> str:
+        """URL (or local path) of a path under the root."""
+        ...
+
+    def exists(self, path: str) -> bool: ...
+
+    def read_bytes(self, path: str) -> bytes: ...
+
+    def write_bytes(self, path: str, data: bytes | memoryview) -> None:
+        """Write atomically (temp + rename, or one object PUT); parents are created."""
+        ...
+
+    def list_dir(self, path: str = "") -> list[str]:
+        """Names of the children of `path`, sorted; temporary files are never listed."""
+        ...
+
+    def size_bytes(self, path: str) -> int: ...
+
+    def remove(self, path: str, *, recursive: bool = False) -> None: ...
+
+    def local_path(self, path: str) -> pathlib.Path | None:
+        """The path on local disk when the storage is local, else None."""
+        ...
+
+
+def split_path(path: str, *, url: str) -> list[str]:
+    """Split a relative storage path into segments, refusing anything that leaves the root."""
+    if not isinstance(path, str):
+        raise InvalidInputError(f"storage path must be a string, got {type(path).__name__}")
+    if path in ("", "."):
+        return []
+    if path.startswith("/") or "\\" in path:
+        raise InvalidInputError(
+            f"storage path {path!r} under {url} must be relative and '/'-separated"
+        )
+    parts = path.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise InvalidInputError(
+                f"storage path {path!r} under {url} has an empty, '.' or '..' segment; "
+                "paths must stay under the storage root"
+            )
+    return parts
