@@ -1,0 +1,491 @@
+"""`DeploymentManager`: the HTTP client of a deployment, and the lifecycle of local ones.
+
+A deployment is addressed by its `deployment_id`. For a local deployment
+(spawned by `create_or_get`) the address comes from the registry; otherwise
+from the URLs given to the manager. Explicit URLs win: `hotload_api_url` for
+the hot-load API, `inference_url` for completions, `base_url` for both when
+the others are unset.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from weightsync.deployment.http import DeploymentHTTP, RetryPolicy, auth_headers
+from weightsync.deployment.local import (
+    DeploymentConfig,
+    DeploymentInfo,
+    LocalRegistry,
+    process_alive,
+    spawn,
+    stop,
+)
+from weightsync.errors import (
+    DeploymentError,
+    DeploymentHTTPError,
+    HotloadFailedError,
+    HotloadRefusedError,
+    HotloadTimeoutError,
+    InvalidInputError,
+    WeightSyncError,
+)
+from weightsync.identity import validate_identity
+
+logger = logging.getLogger(__name__)
+
+HOTLOAD_PATH = "/hot_load/v1/models/hot_load"
+LEDGER_PATH = "/hot_load/v1/ledger"
+ResetPromptCache = bool | Literal["all", "none", "new_session"]
+HotloadOutcome = Literal["ready", "error", "pending"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HotloadResult:
+    """A finished hot-load: the identity every replica serves and what they reported."""
+
+    identity: str
+    seconds: float
+    status: dict[str, Any]
+    #: Longest serving pause any replica reported for this load (None if not reported).
+    pause_s: float | None = None
+
+
+def adapter_names(replica: dict[str, Any]) -> list[str]:
+    names = []
+    for adapter in replica.get("loaded_adapters") or []:
+        if isinstance(adapter, str):
+            names.append(adapter)
+        elif isinstance(adapter, dict):
+            name = adapter.get("identity") or adapter.get("name")
+            if name:
+                names.append(str(name))
+    return names
+
+
+def hotload_outcome(status: dict[str, Any], identity: str) -> tuple[HotloadOutcome, str]:
+    """Classify a hot-load status for `identity`: ready on every replica, failed, or pending.
+
+    Errors whose target is another identity are stale (an earlier load) and ignored.
+    """
+    replicas = status.get("replicas") or []
+    if not replicas:
+        return "pending", "the deployment reports no replicas yet"
+    errors = []
+    for replica in replicas:
+        state = replica.get("loading_state") or {}
+        if state.get("stage") == "error" and state.get("target_snapshot_identity") == identity:
+            errors.append(f"replica {replica.get('replica_id')}: {state.get('error') or 'error'}")
+    if errors:
+        return "error", "; ".join(errors)
+    pending = [
+        replica
+        for replica in replicas
+        if not (
+            replica.get("readiness")
+            and (
+                replica.get("current_snapshot_identity") == identity
+                or identity in adapter_names(replica)
+            )
+        )
+    ]
+    if pending:
+        return "pending", describe_status({"replicas": pending})
+    return "ready", ""
+
+
+def describe_status(status: dict[str, Any]) -> str:
+    """One line per replica: what it serves, whether it is ready, what it is doing."""
+    lines = []
+    for replica in status.get("replicas") or []:
+        state = replica.get("loading_state") or {}
+        line = (
+            f"replica {replica.get('replica_id')}: serving "
+            f"{replica.get('current_snapshot_identity')!r}, readiness={replica.get('readiness')}, "
+            f"stage={state.get('stage')!r}"
+        )
+        if state.get("target_snapshot_identity"):
+            line += f" (target {state.get('target_snapshot_identity')!r})"
+        if state.get("error"):
+            line += f", error: {state.get('error')}"
+        lines.append(line)
+    return "; ".join(lines) or "no replicas reported"
+
+
+def reported_pause_s(status: dict[str, Any], identity: str) -> float | None:
+    """The longest serving pause the replicas report for their last load of `identity`."""
+    pauses = []
+    for replica in status.get("replicas") or []:
+        last = replica.get("last_load") or {}
+        if last.get("identity", identity) != identity:
+            continue
+        value = last.get("pause_s")
+        if value is None:
+            value = (last.get("timings") or {}).get("pause_s")
+        if isinstance(value, int | float):
+            pauses.append(float(value))
+    return max(pauses) if pauses else None
+
+
+class DeploymentManager:
+    """HTTP client of deployments (hot-load, status, ledger, warmup) and local lifecycle."""
+
+    def __init__(  # noqa: PLR0917  (positional order of the reference API)
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        inference_url: str | None = None,
+        hotload_api_url: str | None = None,
+        additional_headers: dict[str, str] | None = None,
+        verify_ssl: bool | None = None,
+        *,
+        registry_dir: str | os.PathLike[str] | None = None,
+        request_timeout_s: float = 30.0,
+        retry: RetryPolicy | None = None,
+        stop_on_exit: bool = True,
+    ) -> None:
+        self.api_key = api_key
+        self.base_url = base_url.rstrip("/") if base_url else None
+        self.inference_url = inference_url.rstrip("/") if inference_url else None
+        self.hotload_api_url = hotload_api_url.rstrip("/") if hotload_api_url else None
+        self.additional_headers = dict(additional_headers or {})
+        self.registry = LocalRegistry(registry_dir)
+        self.stop_on_exit = stop_on_exit
+        self._http = DeploymentHTTP(
+            headers=auth_headers(api_key, self.additional_headers),
+            verify_ssl=True if verify_ssl is None else verify_ssl,
+            timeout_s=request_timeout_s,
+            retry=retry,
+        )
+        # API keys of deployments this manager spawned, when the manager has none itself.
+        self._deployment_keys: dict[str, str] = {}
+        self._spawned: set[str] = set()
+        self._lock = threading.Lock()
+        if stop_on_exit:
+            atexit.register(self._stop_spawned)
+
+    # --- addresses -----------------------------------------------------------
+
+    def _local_url(self, deployment_id: str | None) -> str | None:
+        if deployment_id is None:
+            return None
+        info = self.registry.read(deployment_id)
+        if info is None:
+            return None
+        if info.state != "running" or not info.url:
+            raise DeploymentError(
+                f"local deployment {deployment_id!r} is not running (state {info.state}); "
+                "start it with DeploymentManager.create_or_get(config)"
+            )
+        return info.url
+
+    def hotload_url(self, deployment_id: str | None) -> str:
+        """Root URL of the hot-load API of `deployment_id`."""
+        url = self.hotload_api_url or self._local_url(deployment_id) or self.base_url
+        if url is None:
+            raise InvalidInputError(
+                f"no address for deployment {deployment_id!r}: it is not a local deployment "
+                "of this registry, and the manager has no hotload_api_url or base_url"
+            )
+        return url
+
+    def inference_url_for(self, deployment_id: str | None) -> str:
+        """Root URL of the OpenAI-compatible inference API of `deployment_id`."""
+        url = self.inference_url or self._local_url(deployment_id) or self.base_url
+        if url is None:
+            raise InvalidInputError(
+                f"no inference address for deployment {deployment_id!r}: it is not a local "
+                "deployment of this registry, and the manager has no inference_url or base_url"
+            )
+        return url
+
+    def headers_for(self, deployment_id: str | None) -> dict[str, str]:
+        """Request headers (auth) for `deployment_id` beyond the manager's own."""
+        if self.api_key is None and deployment_id in self._deployment_keys:
+            return auth_headers(self._deployment_keys[deployment_id])
+        return {}
+
+    # --- local lifecycle -------------------------------------------------------
+
+    def create_or_get(self, config: DeploymentConfig) -> DeploymentInfo:
+        """Return the running local deployment `config.deployment_id`, starting it if needed."""
+        with self._lock:
+            if config.api_key:
+                self._deployment_keys[config.deployment_id] = config.api_key
+            info = self.registry.read(config.deployment_id)
+            if info is not None and info.state == "running":
+                logger.info("deployment %s: already running at %s", config.deployment_id, info.url)
+                return info
+            info = spawn(config, self.registry)
+            self._spawned.add(config.deployment_id)
+            return info
+
+    def get(self, deployment_id: str) -> DeploymentInfo | None:
+        """The registry's record of a local deployment (state refreshed), or None."""
+        return self.registry.read(deployment_id)
+
+    def list_deployments(self) -> list[DeploymentInfo]:
+        infos = (self.registry.read(d) for d in self.registry.list_ids())
+        return [info for info in infos if info is not None]
+
+    def wait_for_ready(
+        self, deployment_id: str, timeout_s: float = 300.0, poll_interval_s: float = 1.0
+    ) -> dict[str, Any]:
+        """Block until every replica reports readiness; return the hot-load status."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer yet"
+        while True:
+            try:
+                status = self.hotload_check_status(deployment_id)
+                replicas = status.get("replicas") or []
+                if replicas and all(r.get("readiness") for r in replicas):
+                    return status
+                last = describe_status(status)
+            except DeploymentError as e:
+                last = str(e)
+            if time.monotonic() >= deadline:
+                raise HotloadTimeoutError(
+                    f"deployment {deployment_id!r} was not ready within {timeout_s:.0f}s; "
+                    f"last seen: {last}"
+                )
+            time.sleep(poll_interval_s)
+
+    def scale_to_zero(self, deployment_id: str) -> bool:
+        """Stop a local deployment's processes but keep its record and state (ledger).
+
+        `create_or_get` with the same id starts it again. Returns True if it was running.
+        """
+        info = self._require_local(deployment_id)
+        stopped = stop(info)
+        info.state = "stopped"
+        info.pid = None
+        info.url = None
+        self.registry.write(info)
+        self._spawned.discard(deployment_id)
+        return stopped
+
+    def delete(self, deployment_id: str) -> bool:
+        """Stop a local deployment and forget it (record and default state dir removed)."""
+        import shutil
+
+        info = self.registry.read(deployment_id)
+        if info is None:
+            return False
+        stop(info)
+        self._spawned.discard(deployment_id)
+        self._deployment_keys.pop(deployment_id, None)
+        shutil.rmtree(self.registry.deployment_dir(deployment_id), ignore_errors=True)
+        return True
+
+    def _require_local(self, deployment_id: str) -> DeploymentInfo:
+        info = self.registry.read(deployment_id)
+        if info is None:
+            raise DeploymentError(
+                f"no local deployment {deployment_id!r} in {self.registry.root}; "
+                "create it with DeploymentManager.create_or_get(DeploymentConfig(...))"
+            )
+        return info
+
+    def _stop_spawned(self) -> None:
+        for deployment_id in sorted(self._spawned):
+            info = self.registry.read(deployment_id)
+            if info is not None and process_alive(info):
+                logger.info("stopping deployment %s at exit", deployment_id)
+                self.scale_to_zero(deployment_id)
+
+    def close(self) -> None:
+        """Close connections (spawned deployments keep running until scaled down or exit)."""
+        self._http.close()
+
+    # --- hot-load API ----------------------------------------------------------
+
+    def hotload(
+        self,
+        deployment_id: str | None,
+        base_model: str,
+        snapshot_identity: str,
+        incremental_snapshot_metadata: dict[str, Any] | None = None,
+        *,
+        reset_prompt_cache: ResetPromptCache = True,
+    ) -> dict[str, Any]:
+        """Ask the deployment to load `snapshot_identity`; return its acceptance.
+
+        `base_model` names the served model in logs. A refusal (4xx other than auth)
+        raises `HotloadRefusedError` with the server's reason.
+        """
+        validate_identity(snapshot_identity)
+        body: dict[str, Any] = {
+            "identity": snapshot_identity,
+            "reset_prompt_cache": reset_prompt_cache,
+        }
+        if incremental_snapshot_metadata is not None:
+            body["incremental_snapshot_metadata"] = dict(incremental_snapshot_metadata)
+        url = self.hotload_url(deployment_id) + HOTLOAD_PATH
+        logger.info(
+            "hot-load %s on %s (%s): %s",
+            snapshot_identity,
+            deployment_id or url,
+            base_model or "model",
+            "delta of " + str(incremental_snapshot_metadata.get("previous_snapshot_identity"))
+            if incremental_snapshot_metadata
+            else "base",
+        )
+        try:
+            result = self._http.post_json(url, body, headers=self.headers_for(deployment_id))
+        except DeploymentHTTPError as e:
+            if 400 <= e.status_code < 500 and e.status_code not in (401, 403):
+                raise HotloadRefusedError(
+                    f"deployment {deployment_id or url} refused snapshot {snapshot_identity!r} "
+                    f"(HTTP {e.status_code}): {e.message}"
+                ) from e
+            raise
+        return result if isinstance(result, dict) else {"result": result}
+
+    def hotload_check_status(
+        self, deployment_id: str | None, base_model: str = ""
+    ) -> dict[str, Any]:
+        """The deployment's hot-load status (`{"replicas": [...]}`, DESIGN.md)."""
+        url = self.hotload_url(deployment_id) + HOTLOAD_PATH
+        status = self._http.get_json(url, headers=self.headers_for(deployment_id))
+        if not isinstance(status, dict):
+            raise DeploymentError(f"GET {url}: expected a JSON object, got {status!r}")
+        return status
+
+    def wait_for_hotload(
+        self,
+        deployment_id: str | None,
+        base_model: str,
+        expected_identity: str,
+        timeout_seconds: float = 600.0,
+        poll_interval: float = 0.5,
+    ) -> HotloadResult:
+        """Poll until every replica is ready on `expected_identity`.
+
+        Raises `HotloadFailedError` when a replica reports `stage: "error"` for this
+        identity and `HotloadTimeoutError` (with the last status) after `timeout_seconds`.
+        """
+        start = time.monotonic()
+        while True:
+            status = self.hotload_check_status(deployment_id, base_model)
+            outcome, detail = hotload_outcome(status, expected_identity)
+            if outcome == "ready":
+                return HotloadResult(
+                    identity=expected_identity,
+                    seconds=time.monotonic() - start,
+                    status=status,
+                    pause_s=reported_pause_s(status, expected_identity),
+                )
+            if outcome == "error":
+                raise HotloadFailedError(
+                    f"deployment {deployment_id} failed to load {expected_identity!r}: {detail}. "
+                    "It keeps serving what it had; check the snapshot "
+                    "(`weightsync snapshot verify`) and the deployment's ledger."
+                )
+            elapsed = time.monotonic() - start
+            if elapsed >= timeout_seconds:
+                raise HotloadTimeoutError(
+                    f"deployment {deployment_id} did not finish loading {expected_identity!r} "
+                    f"within {timeout_seconds:.0f}s; it reports: {detail}. Raise the timeout "
+                    "for large models, or check the deployment's logs."
+                )
+            time.sleep(min(poll_interval, max(0.0, timeout_seconds - elapsed)))
+
+    def hotload_and_wait(
+        self,
+        deployment_id: str | None,
+        base_model: str,
+        snapshot_identity: str,
+        incremental_snapshot_metadata: dict[str, Any] | None = None,
+        timeout_seconds: float = 600.0,
+        *,
+        reset_prompt_cache: ResetPromptCache = True,
+        poll_interval: float = 0.5,
+    ) -> HotloadResult:
+        """`hotload` then `wait_for_hotload`; raises on refusal, failure or timeout."""
+        start = time.monotonic()
+        self.hotload(
+            deployment_id,
+            base_model,
+            snapshot_identity,
+            incremental_snapshot_metadata,
+            reset_prompt_cache=reset_prompt_cache,
+        )
+        result = self.wait_for_hotload(
+            deployment_id,
+            base_model,
+            snapshot_identity,
+            timeout_seconds=timeout_seconds,
+            poll_interval=poll_interval,
+        )
+        return HotloadResult(
+            identity=result.identity,
+            seconds=time.monotonic() - start,
+            status=result.status,
+            pause_s=result.pause_s,
+        )
+
+    # --- ledger and warmup -------------------------------------------------------
+
+    def ledger(self, deployment_id: str | None) -> list[dict[str, Any]]:
+        """Every load the deployment recorded (oldest first)."""
+        url = self.hotload_url(deployment_id) + LEDGER_PATH
+        body = self._http.get_json(url, headers=self.headers_for(deployment_id))
+        if isinstance(body, dict):
+            entries = body.get("entries", body.get("ledger", body.get("replicas", [])))
+            return list(entries) if isinstance(entries, list) else [body]
+        return list(body)
+
+    def reset_ledger(self, deployment_id: str | None) -> dict[str, Any]:
+        """Clear the deployment's ledger; afterwards it accepts only a base."""
+        url = self.hotload_url(deployment_id) + LEDGER_PATH + "/reset"
+        result = self._http.post_json(url, {}, headers=self.headers_for(deployment_id))
+        return result if isinstance(result, dict) else {"result": result}
+
+    def warmup(
+        self,
+        model: str,
+        max_retries: int = 10,
+        retry_interval_s: float = 1.0,
+        *,
+        deployment_id: str | None = None,
+        prompt: str = "Hello",
+        timeout_s: float = 60.0,
+    ) -> bool:
+        """Send a one-token completion until it answers HTTP 200; True if it did.
+
+        The deployment is `deployment_id` if given, else a local deployment named
+        `model`, else the manager's inference URL. Never raises for a failed warmup.
+        """
+        target = deployment_id
+        if target is None and self.inference_url is None and self.registry.read(model):
+            target = model
+        try:
+            url = self.inference_url_for(target) + "/v1/completions"
+        except WeightSyncError as e:
+            logger.warning("warmup of %s skipped: %s", model, e)
+            return False
+        body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0}
+        for attempt in range(1, max_retries + 1):
+            try:
+                self._http.request(
+                    "POST",
+                    url,
+                    json=body,
+                    headers=self.headers_for(target),
+                    timeout_s=timeout_s,
+                    max_retries=0,
+                )
+            except WeightSyncError as e:
+                logger.info("warmup %d/%d of %s: %s", attempt, max_retries, url, e)
+                if attempt < max_retries:
+                    time.sleep(retry_interval_s)
+                continue
+            logger.debug("warmup of %s answered after %d attempt(s)", url, attempt)
+            return True
+        logger.warning("warmup of %s did not answer HTTP 200 after %d tries", url, max_retries)
+        return False

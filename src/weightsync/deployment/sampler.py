@@ -1,0 +1,283 @@
+"""`DeploymentSampler`: token-in/token-out sampling from a deployment's OpenAI endpoints.
+
+With a tokenizer, messages are rendered with its chat template here and sent
+as token ids to `/v1/completions`, so the tokens the trainer scores are exactly
+the tokens the deployment saw. Without one, messages go to
+`/v1/chat/completions` and the deployment's tokenizer renders them. Every
+result names the snapshot identity that produced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from weightsync.deployment.http import (
+    AsyncDeploymentHTTP,
+    DeploymentHTTP,
+    RetryPolicy,
+    auth_headers,
+)
+from weightsync.errors import DeploymentError, InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampledCompletion:
+    """One generated sequence, with the prompt it continued."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float] | None
+    text: str
+    finish_reason: str | None
+    #: The snapshot that produced the tokens (the last one, if it changed mid-sequence).
+    snapshot_identity: str | None
+    #: Under an async transition, the identity that produced each token, in order.
+    snapshot_identities: list[str] | None = None
+
+    @property
+    def full_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.token_ids
+
+
+class DeploymentSampler:
+    """Samples completions (tokens, logprobs, snapshot identity) from one deployment."""
+
+    def __init__(
+        self,
+        inference_url: str,
+        model: str = "",
+        api_key: str | None = None,
+        tokenizer: Any = None,
+        *,
+        additional_headers: dict[str, str] | None = None,
+        verify_ssl: bool = True,
+        timeout_s: float = 120.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.inference_url = inference_url.rstrip("/")
+        self.model = model
+        self.tokenizer = _load_tokenizer(tokenizer)
+        self._headers = auth_headers(api_key, additional_headers)
+        self._verify_ssl = verify_ssl
+        self._timeout_s = timeout_s
+        self._retry = retry or RetryPolicy()
+
+    # --- request building ----------------------------------------------------
+
+    def _request(
+        self,
+        messages: list[Message] | None,
+        prompt_token_ids: list[int] | None,
+        *,
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop_token_ids: list[int] | None,
+    ) -> tuple[str, dict[str, Any], list[int] | None]:
+        if (messages is None) == (prompt_token_ids is None):
+            raise InvalidInputError("give exactly one of messages= or prompt_token_ids=")
+        if n < 1 or max_tokens < 1:
+            raise InvalidInputError(f"n and max_tokens must be >= 1, got n={n}, {max_tokens=}")
+        body: dict[str, Any] = {
+            "model": self.model or "default",
+            "n": n,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "return_token_ids": True,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        if stop_token_ids:
+            body["stop_token_ids"] = list(stop_token_ids)
+        if messages is not None and self.tokenizer is None:
+            body.update(messages=list(messages), logprobs=True)
+            return "/v1/chat/completions", body, None
+        if messages is not None:
+            prompt_token_ids = self.render(messages)
+        ids = [int(t) for t in prompt_token_ids or []]
+        if not ids:
+            raise InvalidInputError("the prompt is empty")
+        body.update(prompt=ids, logprobs=0)
+        return "/v1/completions", body, ids
+
+    def render(self, messages: list[Message]) -> list[int]:
+        """Token ids of `messages` under the tokenizer's chat template (generation prompt on)."""
+        if self.tokenizer is None:
+            raise InvalidInputError("rendering messages needs a tokenizer (tokenizer=)")
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+    # --- sampling --------------------------------------------------------------
+
+    async def sample_with_tokens(
+        self,
+        messages: list[Message] | None = None,
+        prompt_token_ids: list[int] | None = None,
+        n: int = 1,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: list[int] | None = None,
+    ) -> list[SampledCompletion]:
+        """Sample `n` completions; each carries tokens, logprobs and its snapshot identity."""
+        path, body, prompt_ids = self._request(
+            messages,
+            prompt_token_ids,
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+        )
+        client = AsyncDeploymentHTTP(
+            headers=self._headers,
+            verify_ssl=self._verify_ssl,
+            timeout_s=self._timeout_s,
+            retry=self._retry,
+        )
+        try:
+            response = await client.post_json(self.inference_url + path, body)
+        finally:
+            await client.aclose()
+        return self._parse(response, prompt_ids, chat=path.endswith("chat/completions"))
+
+    def sample(
+        self,
+        messages: list[Message] | None = None,
+        prompt_token_ids: list[int] | None = None,
+        n: int = 1,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: list[int] | None = None,
+    ) -> list[SampledCompletion]:
+        """The synchronous form of `sample_with_tokens` (usable inside a running event loop)."""
+        path, body, prompt_ids = self._request(
+            messages,
+            prompt_token_ids,
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+        )
+        client = DeploymentHTTP(
+            headers=self._headers,
+            verify_ssl=self._verify_ssl,
+            timeout_s=self._timeout_s,
+            retry=self._retry,
+        )
+        try:
+            response = client.post_json(self.inference_url + path, body)
+        finally:
+            client.close()
+        return self._parse(response, prompt_ids, chat=path.endswith("chat/completions"))
+
+    def sample_batch(
+        self, prompts: list[list[Message]], **kwargs: Any
+    ) -> list[list[SampledCompletion]]:
+        """Sample several prompts concurrently (one request each); results in prompt order."""
+
+        async def run() -> list[list[SampledCompletion]]:
+            return list(
+                await asyncio.gather(
+                    *(self.sample_with_tokens(messages=p, **kwargs) for p in prompts)
+                )
+            )
+
+        return asyncio.run(run())
+
+    # --- response parsing --------------------------------------------------------
+
+    def _parse(
+        self, response: Any, prompt_ids: list[int] | None, *, chat: bool
+    ) -> list[SampledCompletion]:
+        if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
+            raise DeploymentError(
+                f"{self.inference_url}: unexpected completion response (no choices): "
+                f"{str(response)[:500]}"
+            )
+        default_identity = response.get("snapshot_identity") or _identity_from_model(
+            response.get("model")
+        )
+        response_prompt = response.get("prompt_token_ids")
+        results = []
+        for choice in sorted(response["choices"], key=lambda c: c.get("index", 0)):
+            token_ids = choice.get("token_ids")
+            if token_ids is None:
+                raise DeploymentError(
+                    f"{self.inference_url}: the deployment returned no token ids "
+                    "(`return_token_ids`); token-in/token-out sampling needs a weightsync "
+                    "deployment or a server that supports it"
+                )
+            prompt = prompt_ids
+            if prompt is None:
+                prompt = choice.get("prompt_token_ids") or response_prompt or []
+            identities = choice.get("snapshot_identities") or response.get("snapshot_identities")
+            identity = choice.get("snapshot_identity") or default_identity
+            if identities:
+                identity = identities[-1]
+            results.append(
+                SampledCompletion(
+                    prompt_token_ids=[int(t) for t in prompt],
+                    token_ids=[int(t) for t in token_ids],
+                    logprobs=_chat_logprobs(choice) if chat else _completion_logprobs(choice),
+                    text=(choice.get("message") or {}).get("content", "")
+                    if chat
+                    else choice.get("text", ""),
+                    finish_reason=choice.get("finish_reason"),
+                    snapshot_identity=identity,
+                    snapshot_identities=list(identities) if identities else None,
+                )
+            )
+        return results
+
+
+def _identity_from_model(model: Any) -> str | None:
+    if isinstance(model, str) and "@" in model:
+        return model.rsplit("@", 1)[1]
+    return None
+
+
+def _completion_logprobs(choice: dict[str, Any]) -> list[float] | None:
+    logprobs = choice.get("logprobs")
+    if not logprobs:
+        return None
+    values = logprobs.get("token_logprobs")
+    return None if values is None else [float(v) for v in values]
+
+
+def _chat_logprobs(choice: dict[str, Any]) -> list[float] | None:
+    logprobs = choice.get("logprobs")
+    if not logprobs or logprobs.get("content") is None:
+        return None
+    return [float(item["logprob"]) for item in logprobs["content"]]
+
+
+def _load_tokenizer(tokenizer: Any) -> Any:
+    if tokenizer is None or not isinstance(tokenizer, str | os.PathLike):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer))
