@@ -1,0 +1,77 @@
+"""Engines a replica can run, by name: `torch` (embedded, default) and `vllm` (optional extra).
+
+`get_engine(name, **options)` builds one; options go to the engine's constructor.
+The vLLM engine is imported only when asked for, so the core never needs vllm.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from weightsync.errors import InvalidInputError, UnsupportedOperationError
+from weightsync.server.engines.base import (
+    CacheScope,
+    Engine,
+    GenerateRequest,
+    GenerateResult,
+    StepGuard,
+)
+
+DEFAULT_ENGINE = "torch"
+
+
+def _torch_engine() -> type[Engine]:
+    from weightsync.server.engines.torch_engine import TorchEngine
+
+    return TorchEngine
+
+
+def _vllm_engine() -> type[Engine]:
+    try:
+        module = importlib.import_module("weightsync.server.engines.vllm_engine")
+    except ImportError as e:
+        raise UnsupportedOperationError(
+            f"the 'vllm' engine is not available ({e}); install the vllm extra with "
+            "scripts/install-vllm.sh, or use the 'torch' engine"
+        ) from e
+    engine_class: type[Engine] = module.VllmEngine
+    return engine_class
+
+
+_ENGINES: dict[str, Callable[[], type[Engine]]] = {
+    "torch": _torch_engine,
+    "vllm": _vllm_engine,
+}
+
+
+def list_engines() -> list[str]:
+    """Names `get_engine` accepts (an engine may still need its extra installed)."""
+    return sorted(_ENGINES)
+
+
+def get_engine(name: str, **options: Any) -> Engine:
+    """Build the engine registered as `name`, passing `options` to its constructor."""
+    resolve = _ENGINES.get(name)
+    if resolve is None:
+        raise InvalidInputError(
+            f"unknown engine {name!r}; known engines: {', '.join(list_engines())}"
+        )
+    engine_class = resolve()
+    try:
+        return engine_class(**options)
+    except TypeError as e:
+        raise InvalidInputError(f"invalid options for engine {name!r}: {e}") from e
+
+
+__all__ = [
+    "DEFAULT_ENGINE",
+    "CacheScope",
+    "Engine",
+    "GenerateRequest",
+    "GenerateResult",
+    "StepGuard",
+    "get_engine",
+    "list_engines",
+]

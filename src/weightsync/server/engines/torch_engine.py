@@ -1,0 +1,539 @@
+"""The embedded engine: a `transformers` causal LM in this process, in PyTorch.
+
+Weights live in the model's own parameter tensors (CPU), exposed under the
+snapshot's tensor names, and are patched in place, so a hot-load never
+reallocates them. Generation is one sequence at a time: a chunked prefill
+(reusing prompt-prefix KV from the prompt cache) then token-by-token decode with
+a `DynamicCache`, each forward step inside the replica's `step_guard`.
+
+Locking. `_generate_lock` serializes whole sequences. `_step_lock` is held only
+around a forward step and around anything that changes the model (patches,
+adapters, a new base), so those wait at most for one step, never for a whole
+sequence: the replica patches while a generation is paused between steps, and
+that generation then continues on the new weights with its own KV.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.initialization import no_init_weights
+
+from weightsync.codec import Patch
+from weightsync.errors import DeploymentError, InvalidInputError, UnsupportedDtypeError
+from weightsync.server.engines.base import (
+    CacheScope,
+    Engine,
+    GenerateRequest,
+    GenerateResult,
+    StepGuard,
+)
+from weightsync.server.engines.prefix_cache import LayerKV, PrefixCache
+from weightsync.server.engines.sampling import new_generator, pick_token, token_logprobs
+from weightsync.server.engines.torch_adapters import LoraAdapters
+
+logger = logging.getLogger(__name__)
+
+#: Config keys that describe the file, not the model (ignored when comparing configs).
+_VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "architectures"})
+
+
+@dataclass(eq=False)
+class _Loaded:
+    """One built model and what the engine derived from it."""
+
+    model: Any  # a transformers PreTrainedModel
+    config: dict[str, Any]
+    weights: dict[str, torch.Tensor]  # snapshot name -> live tensor
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    eos_token_ids: frozenset[int]
+    vocab_size: int
+    max_positions: int | None
+    adapters: LoraAdapters
+    prefix_cacheable: bool
+
+
+class TorchEngine(Engine):
+    """In-process PyTorch engine (CPU) with prompt-prefix caching and LoRA adapters."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        *,
+        prompt_cache_tokens: int = 65536,
+        cache_block_tokens: int = 16,
+        num_threads: int | None = None,
+    ) -> None:
+        """`prompt_cache_tokens`: bound of the prompt cache (0 disables it).
+
+        `cache_block_tokens`: prefix-cache granularity; the prefill also runs in
+        chunks of this size from position 0, so KV (and so outputs) are the same
+        bits whether a prefix came from the cache or was computed.
+        `num_threads`: torch intra-op threads (process-wide), None leaves torch's default.
+        """
+        self._prefix_cache = PrefixCache(
+            max_tokens=prompt_cache_tokens, block_tokens=cache_block_tokens
+        )
+        if num_threads is not None:
+            if num_threads < 1:
+                raise InvalidInputError(f"num_threads must be >= 1, got {num_threads}")
+            torch.set_num_threads(num_threads)
+        self._generate_lock = threading.Lock()
+        self._step_lock = threading.RLock()
+        self._loaded: _Loaded | None = None
+        self.tokenizer: Any = None
+
+    # -- weights ----------------------------------------------------------------
+
+    def load_base(
+        self,
+        config: Mapping[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        tokenizer_dir: Path | None = None,
+    ) -> None:
+        """Load a base snapshot, strict on names, shapes, dtypes (tied duplicates may be absent).
+
+        Same config and tensor specs as what is loaded: copied in place (tensors,
+        adapters and the prompt cache are kept; the replica resets the cache by its
+        policy). Otherwise a new model is built and adapters and the cache dropped.
+        """
+        config = dict(config)
+        tokenizer = self._load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+        current = self._loaded
+        if current is not None and self._same_model(current, config, tensors):
+            with self._step_lock:
+                for name, target in current.weights.items():
+                    target.copy_(tensors[name])
+                self.tokenizer = tokenizer
+            logger.info("loaded base in place (%d tensors)", len(current.weights))
+            return
+        loaded = _build(config, tensors, tokenizer)
+        with self._step_lock:
+            self._loaded = loaded
+            self.tokenizer = tokenizer
+            self._prefix_cache.reset("all")
+        if current is not None and current.adapters.names():
+            logger.warning(
+                "new base model built; dropped LoRA adapters %s (load them again)",
+                current.adapters.names(),
+            )
+        logger.info(
+            "built %s model (%d tensors, %s)",
+            config.get("model_type"),
+            len(loaded.weights),
+            ", ".join(sorted({str(t.dtype) for t in loaded.weights.values()})),
+        )
+
+    def named_weights(self) -> Mapping[str, torch.Tensor]:
+        """The live parameter tensors under snapshot names (tied duplicates once)."""
+        return dict(self._require_loaded().weights)
+
+    def apply_patches(self, patches: Mapping[str, Patch]) -> dict[str, Patch]:
+        """Patch the live tensors in place (all or none); return the undo patches.
+
+        Does not wait for running generations: it takes only the step lock, which a
+        generation holds just inside one forward step.
+        """
+        loaded = self._require_loaded()
+        for name, patch in patches.items():
+            target = loaded.weights.get(name)
+            if target is None:
+                raise InvalidInputError(
+                    f"cannot patch {name!r}: no such weight in the loaded model "
+                    f"({len(loaded.weights)} weights, e.g. {next(iter(loaded.weights))!r})"
+                )
+            _check_patch_fits(name, patch, target)
+        undo: dict[str, Patch] = {}
+        with self._step_lock:
+            try:
+                for name, patch in patches.items():
+                    undo[name] = patch.apply_(loaded.weights[name])
+            except (ValueError, IndexError, UnsupportedDtypeError) as e:
+                for done, undo_patch in undo.items():
+                    undo_patch.apply_(loaded.weights[done])
+                raise InvalidInputError(f"patch for {name!r} could not be applied: {e}") from e
+        return undo
+
+    def reset_prompt_cache(self, scope: CacheScope = "all") -> int:
+        """Drop cached prompt KV; never waits for a running generation."""
+        dropped = self._prefix_cache.reset(scope)
+        logger.debug("prompt cache reset (%s): %d blocks dropped", scope, dropped)
+        return dropped
+
+    # -- adapters ---------------------------------------------------------------
+
+    def load_adapter(
+        self, name: str, adapter_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+    ) -> None:
+        loaded = self._require_loaded()
+        with self._step_lock:
+            self._prefix_cache.drop_adapter(name)
+            loaded.adapters.load(name, adapter_config, tensors)
+
+    def unload_adapter(self, name: str) -> None:
+        loaded = self._require_loaded()
+        with self._step_lock:
+            loaded.adapters.unload(name)
+            self._prefix_cache.drop_adapter(name)
+
+    def loaded_adapters(self) -> list[str]:
+        loaded = self._loaded
+        return [] if loaded is None else loaded.adapters.names()
+
+    # -- generation -------------------------------------------------------------
+
+    def generate(self, request: GenerateRequest, *, step_guard: StepGuard) -> GenerateResult:
+        """Generate one sequence; the stop token (EOS or a stop id) ends the output.
+
+        Each forward step (the prefill is one) runs inside `step_guard()`, and each
+        token records the identity the guard yielded for the step that produced it.
+        Logprobs are fp32 log-softmax of the raw logits (independent of temperature).
+        """
+        loaded = self._require_loaded()
+        _validate_request(request, loaded)
+        with self._generate_lock, torch.inference_mode():
+            return self._generate(request, step_guard)
+
+    def _generate(self, request: GenerateRequest, step_guard: StepGuard) -> GenerateResult:
+        generator = new_generator(request.seed)
+        want_logprobs = request.logprobs is not None
+        top_k = request.logprobs or 0
+        result = GenerateResult(
+            token_ids=[],
+            logprobs=[] if want_logprobs else None,
+            top_logprobs=[] if top_k > 0 else None,
+        )
+        if request.max_tokens == 0:
+            return result
+        prompt = list(request.prompt_token_ids)
+        stop_ids: frozenset[int] = frozenset(request.stop_token_ids)
+        cache: DynamicCache | None = None
+        loaded: _Loaded | None = None
+        max_new = request.max_tokens
+        while True:
+            with step_guard() as identity, self._step_lock:
+                if cache is None:
+                    loaded = self._require_loaded()
+                    if loaded.max_positions is not None:
+                        max_new = min(max_new, loaded.max_positions - len(prompt))
+                    stop_ids = stop_ids | loaded.eos_token_ids
+                    cache, logits, result.num_cached_prompt_tokens = self._prefill(
+                        loaded, request, prompt
+                    )
+                else:
+                    if self._loaded is not loaded:
+                        raise DeploymentError(
+                            "a new base model with a different architecture was loaded while "
+                            "this request was generating; send the request again"
+                        )
+                    assert loaded is not None  # set by the prefill step
+                    loaded.adapters.activate(request.adapter)
+                    step_input = torch.tensor([[result.token_ids[-1]]], dtype=torch.long)
+                    out = loaded.model(input_ids=step_input, past_key_values=cache, use_cache=True)
+                    logits = out.logits[0, -1].float()
+                token = pick_token(
+                    logits,
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    generator=generator,
+                )
+            result.token_ids.append(token)
+            result.token_snapshots.append(identity)
+            if want_logprobs:
+                chosen, top = token_logprobs(logits, token, top_k=top_k)
+                assert result.logprobs is not None
+                result.logprobs.append(chosen)
+                if result.top_logprobs is not None and top is not None:
+                    result.top_logprobs.append(top)
+            if token in stop_ids:
+                result.finish_reason = "stop"
+                return result
+            if len(result.token_ids) >= max_new:
+                result.finish_reason = "length"
+                return result
+
+    def _prefill(
+        self, loaded: _Loaded, request: GenerateRequest, prompt: list[int]
+    ) -> tuple[DynamicCache, torch.Tensor, int]:
+        """Fill a fresh KV cache with the prompt; return it, the last logits (fp32), cached count.
+
+        Runs in chunks aligned to the cache's blocks so cached and computed prefixes
+        give the same bits. Called inside the first step guard, so the cached KV and
+        the weights that compute the rest belong to the same snapshot.
+        """
+        loaded.adapters.activate(request.adapter)
+        block = self._prefix_cache.block_tokens
+        cache = DynamicCache(config=loaded.model.config)
+        num_cached = 0
+        if loaded.prefix_cacheable:
+            # Keep at least one prompt token to compute: its logits start the decode.
+            usable = (len(prompt) - 1) // block * block
+            num_cached, layers = self._prefix_cache.lookup(
+                prompt, adapter=request.adapter, session=request.cache_session, max_tokens=usable
+            )
+            if layers is not None:
+                for index, (keys, values) in enumerate(layers):
+                    cache.update(keys, values, index)
+        logits: torch.Tensor | None = None
+        for start in range(num_cached, len(prompt), block):
+            chunk = torch.tensor([prompt[start : start + block]], dtype=torch.long)
+            out = loaded.model(
+                input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
+            logits = out.logits[0, -1].float()
+        assert logits is not None  # the prompt is non-empty and num_cached < len(prompt)
+        if loaded.prefix_cacheable:
+            self._prefix_cache.store(
+                prompt,
+                _cache_layers(cache),
+                adapter=request.adapter,
+                session=request.cache_session,
+            )
+        return cache, logits, num_cached
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _require_loaded(self) -> _Loaded:
+        loaded = self._loaded
+        if loaded is None:
+            raise DeploymentError("the torch engine has no model yet; call load_base first")
+        return loaded
+
+    @staticmethod
+    def _same_model(
+        loaded: _Loaded, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+    ) -> bool:
+        specs = {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
+        return _comparable_config(config) == _comparable_config(loaded.config) and (
+            specs == loaded.specs
+        )
+
+    @staticmethod
+    def _load_tokenizer(tokenizer_dir: Path) -> Any:
+        try:
+            return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        except (OSError, ValueError) as e:
+            raise InvalidInputError(
+                f"cannot load the tokenizer from {tokenizer_dir}: {e}; "
+                "pass a directory with tokenizer.json / tokenizer_config.json"
+            ) from e
+
+
+def _build(config: dict[str, Any], tensors: Mapping[str, torch.Tensor], tokenizer: Any) -> _Loaded:
+    """Build a model from an HF config dict and load `tensors` strictly into it."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise InvalidInputError("the model config has no 'model_type'; is it an HF config.json?")
+    if not tensors:
+        raise InvalidInputError("a base snapshot must hold tensors; got none")
+    dtype = _dominant_dtype(tensors)
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        hf_config = AutoConfig.for_model(model_type, **fields)
+        # Every weight is overwritten below, so skip the random initialisation.
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    except (ValueError, KeyError, TypeError) as e:
+        raise InvalidInputError(
+            f"cannot build a {model_type!r} causal LM from the snapshot config: {e}"
+        ) from e
+    model.tie_weights()
+    model.eval()
+    model.requires_grad_(False)
+    weights = _snapshot_weights(model)
+    _load_strict(model, weights, tensors)
+    eos: set[int] = set()
+    config_eos = hf_config.eos_token_id
+    if isinstance(config_eos, int):
+        eos.add(config_eos)
+    elif isinstance(config_eos, list | tuple):
+        eos.update(int(i) for i in config_eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    probe = DynamicCache(config=hf_config)
+    # Block-wise prefix KV needs plain full-attention layers (no sliding window,
+    # no linear-attention state); other models run without the prompt cache.
+    prefix_cacheable = all(
+        isinstance(layer, DynamicLayer) and not layer.is_sliding for layer in probe.layers
+    )
+    if not prefix_cacheable:
+        logger.info("the prompt cache is off for this model (not full attention everywhere)")
+    return _Loaded(
+        model=model,
+        config=dict(config),
+        weights=weights,
+        specs={n: (tuple(t.shape), t.dtype) for n, t in weights.items()},
+        eos_token_ids=frozenset(eos),
+        vocab_size=int(hf_config.vocab_size),
+        max_positions=getattr(hf_config, "max_position_embeddings", None),
+        adapters=LoraAdapters(model),
+        prefix_cacheable=prefix_cacheable,
+    )
+
+
+def _snapshot_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State-dict names -> live tensors, dropping names that alias an earlier tensor (tied)."""
+    live = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+    weights: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name in model.state_dict(keep_vars=True):
+        tensor = live[name]
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        weights[name] = tensor.data
+    return weights
+
+
+def _load_strict(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]
+) -> None:
+    missing = sorted(set(weights) - set(tensors))
+    unexpected = sorted(set(tensors) - set(weights))
+    # A snapshot may carry a tied duplicate after all; accept it only if it is the same bits.
+    tied = _tied_aliases(model)
+    for name in list(unexpected):
+        canonical = tied.get(name)
+        if (
+            canonical is not None
+            and canonical in tensors
+            and _same_bits(tensors[name], tensors[canonical])
+        ):
+            unexpected.remove(name)
+    if missing or unexpected:
+        raise InvalidInputError(
+            "the snapshot's tensors do not match the model built from its config: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}; "
+            "check that config.json belongs to these weights"
+        )
+    for name, target in weights.items():
+        source = tensors[name]
+        if tuple(source.shape) != tuple(target.shape):
+            raise InvalidInputError(
+                f"tensor {name!r} has shape {tuple(source.shape)} in the snapshot but "
+                f"{tuple(target.shape)} in the model built from its config"
+            )
+    for name, target in weights.items():
+        source = tensors[name]
+        if source.dtype == target.dtype:
+            target.copy_(source)
+        else:
+            # Keep the snapshot's dtype (e.g. fp32 norms in a bf16 model): never round.
+            _replace_data(model, target, source.detach().clone().contiguous())
+            weights[name] = _find_data(model, name)
+
+
+def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Alias name -> canonical name, for state-dict names sharing one tensor."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        canonical = first.setdefault(id(tensor), name)
+        if canonical != name:
+            aliases[name] = canonical
+    return aliases
+
+
+def _replace_data(model: torch.nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data.data_ptr() == old.data_ptr():
+            tensor.data = new
+
+
+def _find_data(model: torch.nn.Module, name: str) -> torch.Tensor:
+    tensor: torch.Tensor = model.state_dict(keep_vars=True)[name]
+    return tensor.data
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+
+
+def _dominant_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
+    counts: Counter[torch.dtype] = Counter()
+    for tensor in tensors.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] += tensor.numel()
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def _comparable_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+
+
+def _cache_layers(cache: DynamicCache) -> list[LayerKV]:
+    layers: list[LayerKV] = []
+    for layer in cache.layers:
+        if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+            raise DeploymentError(f"unexpected KV cache layer {type(layer).__name__}")
+        layers.append((layer.keys, layer.values))
+    return layers
+
+
+def _check_patch_fits(name: str, patch: Patch, target: torch.Tensor) -> None:
+    """Reject a patch that would write out of bounds or truncate bits, before any write."""
+    numel = target.numel()
+    if patch.values.dtype.itemsize != target.element_size():
+        raise InvalidInputError(
+            f"patch for {name!r} carries {patch.values.dtype.itemsize}-byte values but the "
+            f"weight is {target.dtype}; was it decoded against the right parent?"
+        )
+    if patch.positions is None:
+        if patch.values.size != numel:
+            raise InvalidInputError(
+                f"dense patch for {name!r} has {patch.values.size} values, weight has {numel}"
+            )
+        return
+    if patch.positions.size != patch.values.size:
+        raise InvalidInputError(
+            f"patch for {name!r} has {patch.positions.size} positions but "
+            f"{patch.values.size} values"
+        )
+    if patch.positions.size and (
+        int(np.min(patch.positions)) < 0 or int(np.max(patch.positions)) >= numel
+    ):
+        raise InvalidInputError(f"patch for {name!r} writes outside the weight's {numel} elements")
+
+
+def _validate_request(request: GenerateRequest, loaded: _Loaded) -> None:
+    prompt = request.prompt_token_ids
+    if not prompt:
+        raise InvalidInputError("the prompt is empty; send at least one token")
+    bad = [t for t in prompt if not 0 <= t < loaded.vocab_size]
+    if bad:
+        raise InvalidInputError(
+            f"prompt token ids {bad[:5]} are outside the vocabulary [0, {loaded.vocab_size})"
+        )
+    if loaded.max_positions is not None and len(prompt) >= loaded.max_positions:
+        raise InvalidInputError(
+            f"the prompt has {len(prompt)} tokens; this model takes fewer than "
+            f"{loaded.max_positions} (prompt and output together)"
+        )
+    if request.max_tokens < 0:
+        raise InvalidInputError(f"max_tokens must be >= 0, got {request.max_tokens}")
+    if not request.temperature >= 0.0:
+        raise InvalidInputError(f"temperature must be >= 0, got {request.temperature}")
+    if not 0.0 < request.top_p <= 1.0:
+        raise InvalidInputError(f"top_p must be in (0, 1], got {request.top_p}")
+    if request.logprobs is not None and request.logprobs < 0:
+        raise InvalidInputError(f"logprobs must be >= 0 or None, got {request.logprobs}")
+    if request.adapter is not None and request.adapter not in loaded.adapters:
+        raise InvalidInputError(
+            f"unknown LoRA adapter {request.adapter!r}; loaded: "
+            f"{', '.join(loaded.adapters.names()) or 'none'}"
+        )
