@@ -95,7 +95,8 @@ def rl_snapshots(
         raise InvalidInputError(
             "rl_snapshots needs fp32 master weights; build the model with dtype=torch.float32"
         )
-    vocab_size = int(model.config.vocab_size)  # type: ignore[union-attr]
+    config: Any = model.config
+    vocab_size = int(config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     was_training = model.training
