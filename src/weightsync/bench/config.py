@@ -32,7 +32,9 @@ class BenchConfig:
     steps taken at each (codecs are measured on the last step's pair),
     `intervals` the spans (in optimizer steps) of the interval-sync deltas,
     `e2e_syncs` the number of delta syncs timed per method after the first base.
-    `codecs` restricts the methods to these codec names (`None` = every method);
+    `codecs` restricts the methods to these codec names (`None` = every method),
+    `e2e_codecs` further restricts the end-to-end section (deployments are slow
+    to start; `None` = the same methods as the codec section);
     `e2e_lr` forces the learning rate of the end-to-end updates (`None` = the one
     nearest to 1% changed).
     """
@@ -45,6 +47,7 @@ class BenchConfig:
     e2e_syncs: int = 3
     e2e_lr: float | None = None
     codecs: tuple[str, ...] | None = None
+    e2e_codecs: tuple[str, ...] | None = None
     end_to_end: bool = True
     engine: str = "torch"
     seed: int = 0
@@ -74,8 +77,9 @@ class BenchConfig:
             raise InvalidInputError(f"e2e_syncs must be >= 1, got {self.e2e_syncs}")
         if self.e2e_lr is not None and self.e2e_lr <= 0:
             raise InvalidInputError(f"e2e_lr must be positive, got {self.e2e_lr}")
-        if self.codecs is not None and not self.codecs:
-            raise InvalidInputError("codecs, when given, must name at least one codec")
+        for what, names in (("codecs", self.codecs), ("e2e_codecs", self.e2e_codecs)):
+            if names is not None and not names:
+                raise InvalidInputError(f"{what}, when given, must name at least one codec")
 
     @property
     def model_label(self) -> str:
@@ -96,4 +100,5 @@ class BenchConfig:
         out["lrs"] = list(self.lrs)
         out["intervals"] = list(self.intervals)
         out["codecs"] = None if self.codecs is None else list(self.codecs)
+        out["e2e_codecs"] = None if self.e2e_codecs is None else list(self.e2e_codecs)
         return out

@@ -59,7 +59,7 @@ class CodecRow:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SyncTiming:
+class SyncRow:
     """One `save_and_hotload`, as `WeightSyncer.last_timing` reported it."""
 
     name: str
@@ -80,8 +80,8 @@ class EndToEndRow:
     codec: str
     checkpoint_type: str
     lr: float
-    syncs: list[SyncTiming]
-    first_sync: SyncTiming
+    syncs: list[SyncRow]
+    first_sync: SyncRow
     trainer_peak_rss_bytes: int
     trainer_added_rss_bytes: int
     replica_peak_rss_bytes: int
