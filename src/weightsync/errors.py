@@ -93,3 +93,7 @@ class StorageFileNotFoundError(StorageError, FileNotFoundError):
 
 class UnsupportedOperationError(WeightSyncError, RuntimeError):
     """The component cannot do this (e.g. an engine without LoRA support)."""
+
+
+class SwapInProgressError(DeploymentError):
+    """A weight swap is in progress and the caller asked not to wait (HTTP 425)."""

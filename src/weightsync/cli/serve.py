@@ -1,0 +1,210 @@
+"""`weightsync serve`: start a deployment (one replica, or a gateway over N replica processes)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from weightsync.cli import app
+from weightsync.errors import WeightSyncError
+from weightsync.server.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MODEL_NAME, default_state_root
+
+logger = logging.getLogger("weightsync.serve")
+
+
+def _default_state_dir(
+    storage: str | None, snapshot: str | None, model_dir: Path | None, model_name: str
+) -> Path:
+    """Same start command → same state dir, so a restarted deployment recovers its ledger."""
+    source = f"{storage}|{snapshot}|{model_dir.resolve() if model_dir else None}"
+    digest = hashlib.sha256(source.encode()).hexdigest()[:10]
+    return default_state_root() / f"{model_name}-{digest}"
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Stop this replica (gracefully) when the gateway that spawned it is gone."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        logger.warning("parent process %d is gone; shutting down", parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+@app.command("serve")
+def serve(  # noqa: PLR0917  (typer maps parameters to options)
+    storage: Annotated[str | None, typer.Option(help="Snapshot storage URL or path.")] = None,
+    snapshot: Annotated[
+        str | None, typer.Option(help="Identity of the snapshot to start from.")
+    ] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Start from a Hugging Face model directory instead.")
+    ] = None,
+    snapshot_name: Annotated[
+        str | None, typer.Option(help="Identity reported for --model-dir (default: its name).")
+    ] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="Replica processes.")] = 1,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback unless told).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 = any free.")] = 0,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="WEIGHTSYNC_API_KEY",
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on every route but /health.",
+        ),
+    ] = None,
+    transition: Annotated[str, typer.Option(help="async | sync")] = "async",
+    engine: Annotated[str, typer.Option(help="Engine: torch | vllm.")] = "torch",
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Where ledgers live (default: per deployment, in tmp).")
+    ] = None,
+    model_name: Annotated[str, typer.Option(help="Model name in responses.")] = (
+        DEFAULT_MODEL_NAME
+    ),
+    ready_file: Annotated[
+        Path | None, typer.Option(help='Write {"url", "pid"} here once serving.')
+    ] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Request body limit.")] = (
+        DEFAULT_MAX_BODY_BYTES
+    ),
+    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+    log_format: Annotated[str, typer.Option(help="text | json")] = "text",
+    replica_id: Annotated[str, typer.Option(hidden=True)] = "replica-0",
+    parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Serve a model and accept hot-loads of snapshots (see docs/server.md)."""
+    from weightsync.server.logs import configure_logging
+    from weightsync.server.runner import LOOPBACK_HOSTS, bind_socket
+    from weightsync.server.runner import serve as run_server
+
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter("choose text or json", param_hint="--log-format")
+    configure_logging(
+        level=log_level,
+        fmt=log_format,  # type: ignore[arg-type]
+        replica_id=replica_id if parent_pid is not None else None,
+    )
+    if host not in LOOPBACK_HOSTS and not api_key:
+        logger.warning("binding %s without an API key: anyone who can reach it can hot-load", host)
+    if state_dir is None:
+        state_dir = _default_state_dir(storage, snapshot, model_dir, model_name)
+    try:
+        if replicas == 1:
+            _serve_replica(
+                storage=storage,
+                snapshot=snapshot,
+                model_dir=model_dir,
+                snapshot_name=snapshot_name,
+                host=host,
+                port=port,
+                api_key=api_key,
+                transition=transition,
+                engine=engine,
+                state_dir=state_dir if parent_pid is not None else state_dir / replica_id,
+                model_name=model_name,
+                ready_file=ready_file,
+                max_body_bytes=max_body_bytes,
+                log_level=log_level,
+                replica_id=replica_id,
+                parent_pid=parent_pid,
+            )
+            return
+        from weightsync.server.gateway import ReplicaPool, create_gateway_app
+
+        serve_args = [
+            "serve",
+            "--transition",
+            transition,
+            "--engine",
+            engine,
+            "--model-name",
+            model_name,
+            "--max-body-bytes",
+            str(max_body_bytes),
+            "--log-level",
+            log_level,
+            "--log-format",
+            log_format,
+        ]
+        for flag, value in (
+            ("--storage", storage),
+            ("--snapshot", snapshot),
+            ("--model-dir", model_dir),
+            ("--snapshot-name", snapshot_name),
+        ):
+            if value is not None:
+                serve_args += [flag, str(value)]
+        env = dict(os.environ)
+        env.pop("WEIGHTSYNC_API_KEY", None)
+        if api_key:
+            env["WEIGHTSYNC_API_KEY"] = api_key  # not on the command line: ps would show it
+        sock = bind_socket(host, port)
+        pool = ReplicaPool(
+            num_replicas=replicas, serve_args=serve_args, state_dir=state_dir, env=env
+        )
+        urls = pool.start()
+        gateway = create_gateway_app(
+            urls, api_key=api_key, max_body_bytes=max_body_bytes, pool=pool
+        )
+        run_server(gateway, sock, ready_file=ready_file, log_level=log_level)
+    except WeightSyncError as e:
+        logger.error("%s", e)
+        raise typer.Exit(code=1) from e
+
+
+def _serve_replica(
+    *,
+    storage: str | None,
+    snapshot: str | None,
+    model_dir: Path | None,
+    snapshot_name: str | None,
+    host: str,
+    port: int,
+    api_key: str | None,
+    transition: str,
+    engine: str,
+    state_dir: Path,
+    model_name: str,
+    ready_file: Path | None,
+    max_body_bytes: int,
+    log_level: str,
+    replica_id: str,
+    parent_pid: int | None,
+) -> None:
+    from weightsync.server.app import create_app
+    from weightsync.server.config import ReplicaConfig
+    from weightsync.server.replica import Replica
+    from weightsync.server.runner import bind_socket, serve
+
+    config = ReplicaConfig(
+        storage=storage,
+        snapshot=snapshot,
+        model_dir=model_dir,
+        snapshot_name=snapshot_name,
+        state_dir=state_dir,
+        replica_id=replica_id,
+        model_name=model_name,
+        transition=transition,  # type: ignore[arg-type]
+        engine=engine,
+        api_key=api_key,
+        max_body_bytes=max_body_bytes,
+    )
+    sock = bind_socket(host, port)  # bind first: a taken port fails before the model loads
+    if parent_pid is not None:
+        _watch_parent(parent_pid)
+    replica = Replica(config)
+    replica.start()
+    serve(create_app(replica), sock, ready_file=ready_file, log_level=log_level)

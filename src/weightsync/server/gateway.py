@@ -1,0 +1,328 @@
+"""A deployment of several replica processes behind one address.
+
+`ReplicaPool` spawns `N` replica processes (`python -m weightsync.server serve`,
+each on a free loopback port with its own state dir and a parent-death check)
+and stops them. The gateway app speaks the same HTTP API as a replica: it fans
+hot-loads, hints and ledger resets out to every replica (all must accept;
+per-replica results are returned), concatenates statuses and ledgers, and
+balances inference over the replicas (round robin; a request with an
+`x-multi-turn-session-id` sticks to one replica so its prompt cache is reused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
+
+from weightsync import __version__
+from weightsync.errors import DeploymentError
+from weightsync.server.app import HINT_PATH, HOT_LOAD_PATH, LEDGER_PATH, LEDGER_RESET_PATH
+from weightsync.server.http_errors import error_response, install_error_handlers
+from weightsync.server.metrics import CONTENT_TYPE_LATEST, HttpMetrics
+from weightsync.server.middleware import GuardMiddleware, MetricsMiddleware
+from weightsync.server.openai_api import NO_WAIT_HEADER, SESSION_HEADER
+
+logger = logging.getLogger(__name__)
+
+_FORWARDED_HEADERS = ("authorization", "content-type", SESSION_HEADER, NO_WAIT_HEADER)
+INFERENCE_TIMEOUT_S = 600.0
+CONTROL_TIMEOUT_S = 60.0
+
+
+@dataclass
+class ReplicaProcess:
+    replica_id: str
+    process: subprocess.Popen[bytes]
+    ready_file: Path
+    url: str | None = None
+
+
+class ReplicaPool:
+    """Starts and stops the replica processes of one deployment."""
+
+    def __init__(
+        self,
+        *,
+        num_replicas: int,
+        serve_args: Sequence[str],
+        state_dir: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.num_replicas = num_replicas
+        self.serve_args = list(serve_args)
+        self.state_dir = Path(state_dir)
+        self.env = env
+        self.replicas: list[ReplicaProcess] = []
+
+    def start(self, timeout_s: float = 600.0) -> list[str]:
+        """Spawn every replica and wait until all answer; return their URLs."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(self.num_replicas):
+            replica_id = f"replica-{i}"
+            replica_dir = self.state_dir / replica_id
+            ready_file = replica_dir / "ready.json"
+            ready_file.unlink(missing_ok=True)
+            cmd = [
+                sys.executable,
+                "-m",
+                "weightsync.server",
+                *self.serve_args,
+                "--replicas",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--state-dir",
+                str(replica_dir),
+                "--replica-id",
+                replica_id,
+                "--ready-file",
+                str(ready_file),
+                "--parent-pid",
+                str(os.getpid()),
+            ]
+            process = subprocess.Popen(cmd, env=self.env)
+            self.replicas.append(ReplicaProcess(replica_id, process, ready_file))
+        deadline = time.monotonic() + timeout_s
+        try:
+            for r in self.replicas:
+                while not r.ready_file.exists():
+                    if r.process.poll() is not None:
+                        raise DeploymentError(
+                            f"{r.replica_id} exited with code {r.process.returncode} while "
+                            "starting; see its log above"
+                        )
+                    if time.monotonic() > deadline:
+                        raise DeploymentError(
+                            f"{r.replica_id} did not become ready within {timeout_s:.0f}s"
+                        )
+                    time.sleep(0.05)
+                r.url = json.loads(r.ready_file.read_text())["url"]
+        except BaseException:
+            self.stop()
+            raise
+        return [r.url for r in self.replicas if r.url]
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM every replica (graceful), SIGKILL what is left after `timeout_s`."""
+        for r in self.replicas:
+            if r.process.poll() is None:
+                r.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for r in self.replicas:
+            try:
+                r.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0fs; killing it", r.replica_id, timeout_s)
+                r.process.kill()
+                r.process.wait()
+
+    def alive(self) -> int:
+        return sum(1 for r in self.replicas if r.process.poll() is None)
+
+
+def _forward_headers(request: Request) -> dict[str, str]:
+    return {h: request.headers[h] for h in _FORWARDED_HEADERS if h in request.headers}
+
+
+def create_gateway_app(
+    replica_urls: list[str],
+    *,
+    api_key: str | None,
+    max_body_bytes: int,
+    pool: ReplicaPool | None = None,
+) -> FastAPI:
+    """The deployment's front app over replicas at `replica_urls` (stops `pool` on shutdown)."""
+    replica_ids = [f"replica-{i}" for i in range(len(replica_urls))]
+    if pool is not None:
+        replica_ids = [r.replica_id for r in pool.replicas]
+    metrics = HttpMetrics(CollectorRegistry())
+    round_robin = itertools.cycle(range(len(replica_urls)))
+    clients: dict[str, httpx.AsyncClient] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        clients["c"] = httpx.AsyncClient(timeout=CONTROL_TIMEOUT_S)
+        try:
+            yield
+        finally:
+            await clients["c"].aclose()
+            if pool is not None:
+                logger.info("gateway shutting down; stopping %d replicas", len(pool.replicas))
+                await asyncio.to_thread(pool.stop)
+
+    app = FastAPI(title="weightsync gateway", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    async def call(
+        i: int,
+        method: str,
+        path: str,
+        request: Request | None,
+        *,
+        body: bytes | None = None,
+        timeout_s: float = CONTROL_TIMEOUT_S,
+    ) -> tuple[int, Any]:
+        headers = _forward_headers(request) if request is not None else {}
+        try:
+            r = await clients["c"].request(
+                method, replica_urls[i] + path, content=body, headers=headers, timeout=timeout_s
+            )
+        except httpx.HTTPError as e:
+            return 503, {
+                "error": {
+                    "message": f"{replica_ids[i]} at {replica_urls[i]} is unreachable: {e!r}",
+                    "type": "DeploymentError",
+                    "code": 503,
+                }
+            }
+        try:
+            return r.status_code, r.json()
+        except ValueError:
+            return r.status_code, {
+                "error": {"message": r.text, "type": "HTTPError", "code": r.status_code}
+            }
+
+    async def fan_out(
+        method: str, path: str, request: Request, body: bytes | None = None
+    ) -> list[tuple[int, Any]]:
+        return list(
+            await asyncio.gather(
+                *(call(i, method, path, request, body=body) for i in range(len(replica_urls)))
+            )
+        )
+
+    def merged(results: list[tuple[int, Any]], *, ok_status: int = 200) -> JSONResponse:
+        entries: list[Any] = []
+        failures = []
+        for i, (status, doc) in enumerate(results):
+            if 200 <= status < 300 and isinstance(doc, dict) and "replicas" in doc:
+                entries.extend(doc["replicas"])
+            else:
+                message = doc.get("error", {}).get("message") if isinstance(doc, dict) else doc
+                failures.append((status, f"{replica_ids[i]}: {message}"))
+                entries.append(
+                    {"replica_id": replica_ids[i], "status_code": status, "error": message}
+                )
+        if not failures:
+            return JSONResponse({"replicas": entries}, status_code=ok_status)
+        status = failures[0][0]
+        message = "; ".join(m for _, m in failures)
+        return JSONResponse(
+            {
+                "error": {"message": message, "type": "ReplicaError", "code": status},
+                "replicas": entries,
+            },
+            status_code=status,
+        )
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        alive = pool.alive() if pool is not None else len(replica_urls)
+        return {"status": "ok", "replicas_alive": alive, "replicas": len(replica_urls)}
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(HOT_LOAD_PATH)
+    async def hot_load(request: Request) -> JSONResponse:
+        results = await fan_out("POST", HOT_LOAD_PATH, request, body=await request.body())
+        # Replicas answer {"status", "replica_id", "identity"}; wrap into the list shape.
+        wrapped = [(s, {"replicas": [d]} if 200 <= s < 300 else d) for s, d in results]
+        return merged(wrapped)
+
+    @app.get(HOT_LOAD_PATH)
+    async def hot_load_status(request: Request) -> JSONResponse:
+        results = await fan_out("GET", HOT_LOAD_PATH, request)
+        for i, (status, doc) in enumerate(results):
+            if 200 <= status < 300:
+                for entry in doc["replicas"]:
+                    entry["url"] = replica_urls[i]
+        response = merged(results)
+        if response.status_code == 200:
+            return response
+        # Status must stay readable when one replica is down: report it as not ready.
+        entries = []
+        for i, (status, doc) in enumerate(results):
+            if 200 <= status < 300:
+                entries.extend(doc["replicas"])
+            else:
+                message = doc.get("error", {}).get("message") if isinstance(doc, dict) else doc
+                entries.append(
+                    {
+                        "replica_id": replica_ids[i],
+                        "url": replica_urls[i],
+                        "current_snapshot_identity": None,
+                        "readiness": False,
+                        "loading_state": {
+                            "stage": "error",
+                            "target_snapshot_identity": None,
+                            "error": str(message),
+                        },
+                        "loaded_adapters": [],
+                    }
+                )
+        return JSONResponse({"replicas": entries})
+
+    @app.post(HINT_PATH)
+    async def hint(request: Request) -> JSONResponse:
+        return merged(await fan_out("POST", HINT_PATH, request, body=await request.body()))
+
+    @app.get(LEDGER_PATH)
+    async def ledger(request: Request) -> JSONResponse:
+        return merged(await fan_out("GET", LEDGER_PATH, request))
+
+    @app.post(LEDGER_RESET_PATH)
+    async def ledger_reset(request: Request) -> JSONResponse:
+        return merged(await fan_out("POST", LEDGER_RESET_PATH, request))
+
+    async def proxy_inference(request: Request, path: str) -> Response:
+        body = await request.body()
+        session = request.headers.get(SESSION_HEADER)
+        first = zlib.crc32(session.encode()) % len(replica_urls) if session else next(round_robin)
+        order = [(first + k) % len(replica_urls) for k in range(len(replica_urls))]
+        last: tuple[int, Any] = (503, {"error": {"message": "no replica", "code": 503}})
+        for i in order:
+            last = await call(i, "POST", path, request, body=body, timeout_s=INFERENCE_TIMEOUT_S)
+            if last[0] != 503:  # 503: unreachable or not serving yet; try the next replica
+                break
+        return JSONResponse(last[1], status_code=last[0])
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await proxy_inference(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await proxy_inference(request, "/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        status, doc = await call(0, "GET", "/v1/models", request)
+        if not 200 <= status < 300:
+            return error_response(status, str(doc), "ReplicaError")
+        return JSONResponse(doc)
+
+    return app

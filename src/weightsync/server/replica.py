@@ -1,0 +1,655 @@
+"""One replica: the hot-load state machine around an engine.
+
+    idle ──start──► (startup load) ──► ready
+    ready|error ──POST hot_load──► fetching ──► decoding ──► verifying ──► swapping
+                                       │            │            │            │
+                                       ▼            ▼            ▼            ▼
+                                     error ◄──────────────────────────── checking ──► ready
+
+`fetching` reads every payload file and checks its checksum; `decoding` turns
+them into patches against the live weights (read only); `verifying` applies
+each patch to a scratch copy and checks the manifest's tensor checksum, so a
+corrupt snapshot never touches the live weights; `swapping` holds the swap
+lock's exclusive side (the serving pause: apply in place + prompt-cache
+reset); `checking` re-checksums the live weights against the manifest and
+undoes the swap on a mismatch. Any failure leaves `stage: "error"` naming the
+target while the replica keeps serving what it had. One load runs at a time:
+a POST for another identity while one runs is refused (409).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from prometheus_client import CollectorRegistry
+
+from weightsync.codec import Patch, canonical_checksum_name, checksum_tensor, get_codec
+from weightsync.codec.bits import bits, dtype_name
+from weightsync.errors import (
+    ChainError,
+    DeploymentError,
+    HotloadRefusedError,
+    InvalidInputError,
+    SnapshotCorruptError,
+    SwapInProgressError,
+    UnsupportedOperationError,
+    WeightSyncError,
+)
+from weightsync.identity import validate_identity
+from weightsync.server.config import ReplicaConfig
+from weightsync.server.engines import get_engine
+from weightsync.server.engines.base import CacheScope, Engine, StepGuard
+from weightsync.server.ledger import Ledger, LedgerEntry, LoadKind, utc_now
+from weightsync.server.metrics import ReplicaMetrics
+from weightsync.server.prefetch import PrefetchingStorage
+from weightsync.server.schemas import (
+    CacheResetPolicy,
+    HintRequest,
+    HotLoadRequest,
+    IncrementalSnapshotMetadata,
+    cache_reset_policy,
+)
+from weightsync.server.sources import (
+    ModelWeights,
+    config_mismatches,
+    has_tokenizer,
+    read_model_dir,
+)
+from weightsync.server.swap_lock import SwapLock
+from weightsync.server.tokenizer import TextTokenizer, load_tokenizer
+from weightsync.snapshot import Manifest, SnapshotStore
+from weightsync.storage import open_storage
+
+logger = logging.getLogger(__name__)
+
+Stage = Literal[
+    "idle", "fetching", "decoding", "verifying", "swapping", "checking", "ready", "error"
+]
+LOADING_STAGES: tuple[Stage, ...] = ("fetching", "decoding", "verifying", "swapping", "checking")
+
+
+@dataclass(kw_only=True)
+class LoadReport:
+    """Timings and size of one load (status `last_load`, ledger, metrics)."""
+
+    identity: str
+    kind: LoadKind
+    result: Literal["ok", "error"]
+    fetch_s: float = 0.0
+    decode_s: float = 0.0
+    verify_s: float = 0.0
+    drain_s: float = 0.0
+    pause_s: float = 0.0
+    check_s: float = 0.0
+    total_s: float = 0.0
+    bytes_fetched: int = 0
+    cache_entries_dropped: int = 0
+
+
+class Replica:
+    """Serves one model and hot-loads snapshots into it (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: ReplicaConfig,
+        *,
+        engine: Engine | None = None,
+        metrics: ReplicaMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine if engine is not None else get_engine(config.engine)
+        self.metrics = metrics if metrics is not None else ReplicaMetrics(CollectorRegistry())
+        self.storage: PrefetchingStorage | None = None
+        self.store: SnapshotStore | None = None
+        if config.storage is not None:
+            self.storage = PrefetchingStorage(open_storage(config.storage))
+            self.store = SnapshotStore(self.storage)
+        self.ledger = Ledger(config.state_dir)
+        self.tokenizer: TextTokenizer | None = None
+        self.recovered_from_ledger = False
+        self._swap_lock = SwapLock()
+        self._state = threading.Lock()
+        self._current: str | None = None
+        self._current_base: str | None = None
+        self._model_config: dict[str, Any] = {}
+        self._stage: Stage = "idle"
+        self._target: str | None = None
+        self._error: str | None = None
+        self._progress: dict[str, Any] | None = None
+        self._degraded: str | None = None
+        self._last_load: LoadReport | None = None
+        self._loader: threading.Thread | None = None
+
+    # --- startup ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the starting weights: the ledger's last verified snapshot, else the start source."""
+        last, adapters = (None, []) if self.ledger.requires_base else self.ledger.recovery_plan()
+        started = time.perf_counter()
+        if last is not None:
+            logger.info(
+                "recovering %s (%s) from the ledger %s", last.identity, last.kind, self.ledger.path
+            )
+            weights = self._read_start_weights(last.identity, last.source)
+            self.recovered_from_ledger = True
+            identity, kind, parent, source = last.identity, last.kind, last.parent, last.source
+        elif self.config.snapshot is not None:
+            identity = self.config.snapshot
+            weights = self._read_start_weights(identity, self._require_store().storage.url)
+            manifest = self._require_store().read_manifest(identity)
+            kind, parent, source = manifest.kind, manifest.parent, self._require_store().storage.url
+        else:
+            model_dir = Path(self.config.model_dir or ".").resolve()
+            identity, kind, parent, source = (
+                self.config.start_identity,
+                "base",
+                None,
+                str(model_dir),
+            )
+            weights = read_model_dir(model_dir)
+        self.engine.load_base(weights.config, weights.tensors, tokenizer_dir=weights.tokenizer_dir)
+        self._model_config = dict(weights.config)
+        if weights.tokenizer_dir is not None:
+            self.tokenizer = load_tokenizer(weights.tokenizer_dir)
+        with self._state:
+            self._current = identity
+            self._stage = "ready"
+            self._target = identity
+        total_s = time.perf_counter() - started
+        self.ledger.record(
+            LedgerEntry(
+                identity=identity,
+                kind=kind,
+                parent=parent,
+                source=source,
+                result="ok",
+                started_at=utc_now(),
+                finished_at=utc_now(),
+                total_s=total_s,
+                recovered=self.recovered_from_ledger,
+            )
+        )
+        for adapter in adapters:
+            self._load_adapter_now(adapter.identity)
+        self.metrics.ready.set(1)
+        logger.info(
+            "replica %s serving %s (%s%s) in %.2fs",
+            self.config.replica_id,
+            identity,
+            kind,
+            ", recovered from ledger" if self.recovered_from_ledger else "",
+            total_s,
+        )
+
+    def _read_start_weights(self, identity: str, source: str) -> ModelWeights:
+        store = self.store
+        if store is None or (Path(source).is_dir() and not store.exists(identity)):
+            return read_model_dir(Path(source))
+        manifest = store.read_manifest(identity)
+        if manifest.kind == "lora":
+            raise InvalidInputError(
+                f"snapshot {identity!r} is a LoRA adapter; start from a base (or delta) snapshot "
+                "and hot-load the adapter"
+            )
+        tensors = store.materialize(identity)
+        chain = store.chain(identity)
+        tokenizer_dir = store.local_tokenizer_dir(chain[0].identity)
+        return ModelWeights(
+            config=store.read_config(identity),
+            tensors=tensors,
+            tokenizer_dir=tokenizer_dir if has_tokenizer(tokenizer_dir) else None,
+        )
+
+    def _load_adapter_now(self, identity: str) -> None:
+        store = self._require_store()
+        fetched = store.fetch(identity)
+        self.engine.load_adapter(identity, store.read_config(identity), fetched.tensors())
+
+    # --- status -------------------------------------------------------------
+
+    @property
+    def current_identity(self) -> str | None:
+        return self._current
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        return self._model_config
+
+    def readiness(self) -> bool:
+        """True only while the replica serves, verified, the identity it reports."""
+        with self._state:
+            return self._readiness_locked()
+
+    def _readiness_locked(self) -> bool:
+        return (
+            self._current is not None
+            and self._degraded is None
+            and self._stage not in ("swapping", "checking")
+        )
+
+    def status(self) -> dict[str, Any]:
+        """This replica's entry in `GET /hot_load/v1/models/hot_load`."""
+        with self._state:
+            loading_state: dict[str, Any] = {
+                "stage": self._stage,
+                "target_snapshot_identity": self._target,
+            }
+            if self._error is not None:
+                loading_state["error"] = self._error
+            if self._progress is not None:
+                loading_state["progress"] = dict(self._progress)
+            return {
+                "replica_id": self.config.replica_id,
+                "current_snapshot_identity": self._current,
+                "readiness": self._readiness_locked(),
+                "loading_state": loading_state,
+                "loaded_adapters": self.engine.loaded_adapters(),
+                "last_load": asdict(self._last_load) if self._last_load else None,
+                "recovered_from_ledger": self.recovered_from_ledger,
+                "requires_base": self.ledger.requires_base,
+                "transition": self.config.transition,
+                "engine": self.engine.name,
+                "degraded": self._degraded,
+            }
+
+    # --- hot-load: validation -------------------------------------------------
+
+    def request_hot_load(self, request: HotLoadRequest) -> dict[str, Any]:
+        """Validate a hot-load and start it in the background; raise to refuse it.
+
+        Returns `{"status": "accepted"|"loading"|"already_serving", ...}`.
+        """
+        identity = validate_identity(request.identity)
+        policy = cache_reset_policy(request.reset_prompt_cache)
+        meta = request.incremental_snapshot_metadata
+        if meta is not None:
+            validate_identity(meta.previous_snapshot_identity, what="previous_snapshot_identity")
+            if meta.compression_format is not None:
+                get_codec(meta.compression_format)
+            if meta.checksum_format is not None:
+                canonical_checksum_name(meta.checksum_format)
+        early = self._idempotent_answer(identity)
+        if early is not None:
+            return early
+        store = self._require_store()
+        manifest = store.read_manifest(identity)
+        self._check_acceptable(manifest, meta)
+        with self._state:
+            # Re-check under the lock: another POST may have started a load meanwhile.
+            early = self._idempotent_answer_locked(identity)
+            if early is not None:
+                return early
+            self._stage, self._target, self._error = "fetching", identity, None
+            self._progress = {"total_bytes": sum(f.size_bytes for f in manifest.files.values())}
+            self._loader = threading.Thread(
+                target=self._run_load,
+                args=(manifest, policy),
+                name=f"hot-load-{identity}",
+                daemon=True,
+            )
+            self._loader.start()
+        logger.info("hot-load of %s (%s) accepted", identity, manifest.kind)
+        return self._answer("accepted", identity)
+
+    def _answer(self, status: str, identity: str) -> dict[str, Any]:
+        return {"status": status, "replica_id": self.config.replica_id, "identity": identity}
+
+    def _idempotent_answer(self, identity: str) -> dict[str, Any] | None:
+        with self._state:
+            return self._idempotent_answer_locked(identity)
+
+    def _idempotent_answer_locked(self, identity: str) -> dict[str, Any] | None:
+        if self._stage in LOADING_STAGES:
+            if self._target == identity:
+                return self._answer("loading", identity)
+            raise HotloadRefusedError(
+                f"replica {self.config.replica_id} is loading {self._target!r}; one load runs "
+                f"at a time — retry {identity!r} once GET /hot_load/v1/models/hot_load shows "
+                "it finished"
+            )
+        if identity == self._current or identity in self.engine.loaded_adapters():
+            return self._answer("already_serving", identity)
+        return None
+
+    def _check_acceptable(
+        self, manifest: Manifest, meta: IncrementalSnapshotMetadata | None
+    ) -> None:
+        identity = manifest.identity
+        fmt = canonical_checksum_name(manifest.checksum_format)
+        if (
+            meta is not None
+            and meta.checksum_format is not None
+            and canonical_checksum_name(meta.checksum_format) != fmt
+        ):
+            raise InvalidInputError(
+                f"checksum_format {meta.checksum_format!r} does not match snapshot "
+                f"{identity!r}, which uses {manifest.checksum_format!r}"
+            )
+        if manifest.kind == "delta":
+            codec = get_codec(manifest.compression_format or "")
+            if meta is not None and meta.compression_format not in (None, codec.name):
+                raise InvalidInputError(
+                    f"compression_format {meta.compression_format!r} does not match snapshot "
+                    f"{identity!r}, which uses {codec.name!r}"
+                )
+            self._check_parent(manifest, meta)
+        elif meta is not None:
+            raise HotloadRefusedError(
+                f"snapshot {identity!r} is a {manifest.kind}, but the request carries "
+                "incremental_snapshot_metadata; send a base or adapter without it"
+            )
+        if manifest.kind == "lora":
+            if type(self.engine).load_adapter is Engine.load_adapter:
+                raise UnsupportedOperationError(
+                    f"engine {self.engine.name!r} cannot load LoRA snapshot {identity!r}; "
+                    "use the torch engine"
+                )
+            return
+        self._check_same_model(manifest)
+
+    def _check_parent(self, manifest: Manifest, meta: IncrementalSnapshotMetadata | None) -> None:
+        identity, current = manifest.identity, self._current
+        if self.ledger.requires_base:
+            raise HotloadRefusedError(
+                f"delta {identity!r} refused: the ledger was reset, so only a base is "
+                "accepted next; save and hot-load a base snapshot"
+            )
+        if current is None:
+            raise HotloadRefusedError(
+                f"delta {identity!r} refused: replica {self.config.replica_id} serves nothing "
+                "yet; hot-load a base first"
+            )
+        claimed = meta.previous_snapshot_identity if meta is not None else manifest.parent
+        for what, parent in (("previous_snapshot_identity", claimed), ("parent", manifest.parent)):
+            if parent != current:
+                raise HotloadRefusedError(
+                    f"delta {identity!r} refused: its {what} is {parent!r} but replica "
+                    f"{self.config.replica_id} serves {current!r}; hot-load the chain in order "
+                    "or start a new chain with a base (WeightSyncer.reset_delta_chain)"
+                )
+
+    def _check_same_model(self, manifest: Manifest) -> None:
+        identity = manifest.identity
+        problems = config_mismatches(
+            self._model_config, self._require_store().read_config(identity)
+        )
+        live = self.engine.named_weights()
+        missing = sorted(set(live) - set(manifest.tensors))
+        extra = sorted(set(manifest.tensors) - set(live))
+        if missing:
+            problems.append(f"tensors missing from the snapshot: {', '.join(missing[:5])}")
+        if extra:
+            problems.append(f"tensors the served model lacks: {', '.join(extra[:5])}")
+        for name, entry in manifest.tensors.items():
+            tensor = live.get(name)
+            if tensor is None:
+                continue
+            if tuple(entry.shape) != tuple(tensor.shape) or entry.dtype != dtype_name(tensor.dtype):
+                problems.append(
+                    f"{name}: served {tuple(tensor.shape)} {dtype_name(tensor.dtype)} != "
+                    f"snapshot {tuple(entry.shape)} {entry.dtype}"
+                )
+        if problems:
+            raise ChainError(
+                f"snapshot {identity!r} does not match the served model "
+                f"({'; '.join(problems[:8])}); start a deployment of that model instead"
+            )
+
+    def _require_store(self) -> SnapshotStore:
+        if self.store is None:
+            raise InvalidInputError(
+                "this deployment has no snapshot storage; start it with --storage URL to "
+                "hot-load snapshots"
+            )
+        return self.store
+
+    # --- hint -----------------------------------------------------------------
+
+    def hint(self, request: HintRequest) -> dict[str, Any]:
+        """Start reading a snapshot's files ahead of its hot-load."""
+        identity = validate_identity(request.identity)
+        store = self._require_store()
+        names = request.files
+        if names is None:
+            names = list(store.read_manifest(identity).files)
+        paths = []
+        for name in names:
+            validate_identity(name, what="file name")
+            paths.append(f"{identity}/{name}")
+        assert self.storage is not None  # set together with self.store
+        queued = self.storage.hint(paths)
+        return {
+            "replica_id": self.config.replica_id,
+            "identity": identity,
+            "queued_files": [p.split("/", 1)[1] for p in queued],
+        }
+
+    # --- hot-load: the background run ---------------------------------------
+
+    def _set_stage(self, stage: Stage, progress: dict[str, Any] | None = None) -> None:
+        with self._state:
+            self._stage = stage
+            self._progress = progress
+
+    def _run_load(self, manifest: Manifest, policy: CacheResetPolicy) -> None:
+        report = LoadReport(identity=manifest.identity, kind=manifest.kind, result="error")
+        started_at, started = utc_now(), time.perf_counter()
+        error: str | None = None
+        try:
+            if manifest.kind == "lora":
+                self._load_lora(manifest, report)
+            else:
+                self._load_weights(manifest, policy, report)
+            report.result = "ok"
+        except WeightSyncError as e:
+            error = str(e)
+            logger.error("hot-load of %s failed: %s", manifest.identity, e)
+        except Exception as e:  # a bug: keep serving, report it, log the traceback
+            error = f"internal error while loading {manifest.identity!r}: {e!r}"
+            logger.exception("hot-load of %s failed with an unexpected error", manifest.identity)
+        if isinstance(error, str) and "checksum" in error:
+            self.metrics.verify_failures.inc()
+        report.total_s = time.perf_counter() - started
+        self._finish(manifest, policy, report, started_at, error)
+
+    def _finish(
+        self,
+        manifest: Manifest,
+        policy: CacheResetPolicy,
+        report: LoadReport,
+        started_at: str,
+        error: str | None,
+    ) -> None:
+        self.ledger.record(
+            LedgerEntry(
+                identity=manifest.identity,
+                kind=manifest.kind,
+                parent=manifest.parent,
+                source=self._require_store().storage.url,
+                result=report.result,
+                error=error,
+                started_at=started_at,
+                finished_at=utc_now(),
+                fetch_s=report.fetch_s,
+                decode_s=report.decode_s,
+                verify_s=report.verify_s,
+                drain_s=report.drain_s,
+                pause_s=report.pause_s,
+                check_s=report.check_s,
+                total_s=report.total_s,
+                bytes_fetched=report.bytes_fetched,
+                reset_prompt_cache=policy,
+            )
+        )
+        m = self.metrics
+        m.loads.labels(kind=manifest.kind, result=report.result).inc()
+        m.bytes_fetched.inc(report.bytes_fetched)
+        for stage in ("fetch", "decode", "verify", "check", "total"):
+            m.stage_seconds.labels(stage=stage).observe(getattr(report, f"{stage}_s"))
+        if report.result == "ok" and manifest.kind != "lora":
+            m.pause.observe(report.pause_s)
+        m.cache_entries_dropped.inc(report.cache_entries_dropped)
+        if self.storage is not None:
+            self.storage.drop(f"{manifest.identity}/")
+        with self._state:
+            self._last_load = report
+            self._stage = "ready" if error is None else "error"
+            self._error = error
+            self._progress = None
+            m.ready.set(1 if self._readiness_locked() else 0)
+
+    def _load_lora(self, manifest: Manifest, report: LoadReport) -> None:
+        store = self._require_store()
+        t0 = time.perf_counter()
+        fetched = store.fetch(manifest.identity)
+        report.bytes_fetched = sum(len(b) for b in fetched.files.values())
+        t1 = time.perf_counter()
+        report.fetch_s = t1 - t0
+        self._set_stage("decoding")
+        tensors = fetched.tensors()  # verified against the manifest's checksums
+        report.decode_s = time.perf_counter() - t1
+        self._set_stage("swapping")
+        # An adapter is separate from the base weights: loading it pauses no one.
+        self.engine.load_adapter(manifest.identity, store.read_config(manifest.identity), tensors)
+
+    def _load_weights(
+        self, manifest: Manifest, policy: CacheResetPolicy, report: LoadReport
+    ) -> None:
+        store = self._require_store()
+        identity = manifest.identity
+        t0 = time.perf_counter()
+        fetched = store.fetch(identity)
+        report.bytes_fetched = sum(len(b) for b in fetched.files.values())
+        t1 = time.perf_counter()
+        report.fetch_s = t1 - t0
+        live = self.engine.named_weights()
+        self._set_stage("decoding", {"done": 0, "total": len(manifest.tensors)})
+        patches: dict[str, Patch]
+        if manifest.kind == "base":
+            # Same architecture (checked at POST): write the new bits densely in place.
+            patches = {
+                n: Patch(None, bits(t.contiguous()).copy()) for n, t in fetched.tensors().items()
+            }
+        else:
+            patches = fetched.patches(live)
+        t2 = time.perf_counter()
+        report.decode_s = t2 - t1
+        if manifest.kind == "delta":
+            for i, (name, patch) in enumerate(patches.items()):
+                self._set_stage("verifying", {"done": i, "total": len(patches)})
+                fetched.verify_patched(name, live, patch)
+        # (a base's tensors() already checked every tensor against the manifest)
+        t3 = time.perf_counter()
+        report.verify_s = t3 - t2
+        self._set_stage("swapping")
+        previous = self._current
+        with self._swap_lock.exclusive():
+            t4 = time.perf_counter()
+            undo = self.engine.apply_patches(patches)
+            if policy != "none":
+                scope: CacheScope = "all" if policy == "all" else "shared"
+                report.cache_entries_dropped = self.engine.reset_prompt_cache(scope)
+            with self._state:
+                self._current = identity
+                self._stage = "checking"
+            t5 = time.perf_counter()
+        report.drain_s, report.pause_s = t4 - t3, t5 - t4
+        del patches
+        mismatched = self._post_swap_mismatches(manifest)
+        report.check_s = time.perf_counter() - t5
+        if mismatched:
+            self._undo_swap(undo, previous)
+            raise SnapshotCorruptError(
+                f"after applying {identity!r}, tensor checksums do not match the manifest "
+                f"({', '.join(mismatched[:5])}); the swap was undone and {previous!r} is served "
+                "again — the engine's apply is faulty, report it"
+            )
+        if manifest.kind == "base":
+            self._current_base = identity
+            tokenizer_dir = store.local_tokenizer_dir(identity)
+            if has_tokenizer(tokenizer_dir):
+                assert tokenizer_dir is not None
+                self.tokenizer = load_tokenizer(tokenizer_dir)
+
+    def _post_swap_mismatches(self, manifest: Manifest) -> list[str]:
+        fmt = manifest.checksum_format
+        live = self.engine.named_weights()
+        return [
+            name
+            for name, entry in manifest.tensors.items()
+            if checksum_tensor(fmt, live[name]) != entry.checksum
+        ]
+
+    def _undo_swap(self, undo: dict[str, Patch], previous: str | None) -> None:
+        try:
+            with self._swap_lock.exclusive():
+                self.engine.apply_patches(undo)
+                self.engine.reset_prompt_cache("all")
+                with self._state:
+                    self._current = previous
+        except Exception as e:
+            with self._state:
+                self._degraded = f"undoing a failed swap failed: {e!r}; restart the replica"
+            raise DeploymentError(self._degraded) from e
+
+    # --- serving ------------------------------------------------------------
+
+    @contextmanager
+    def generation(self, *, no_wait: bool = False) -> Iterator[StepGuard]:
+        """Context of one inference request; yields the engine's `step_guard`.
+
+        `sync`: the request holds the swap lock's shared side throughout, so it
+        finishes on the weights it started on. `async`: each decoding step takes
+        it, so a swap lands at a token boundary. `no_wait` raises
+        `SwapInProgressError` instead of waiting for a pending swap.
+        """
+        if self._current is None:
+            raise DeploymentError("the replica serves no snapshot yet; retry shortly")
+        if self.config.transition == "sync":
+            with self._swap_lock.shared(wait=not no_wait):
+                yield self._fixed_step
+        else:
+            if no_wait and self._swap_lock.swap_pending:
+                raise SwapInProgressError(
+                    "a weight swap is in progress; retry shortly, or send the request "
+                    "without 'x-weightsync-no-wait: true' to wait for it"
+                )
+            yield self._locked_step
+
+    def _fixed_step(self) -> AbstractContextManager[str]:
+        return nullcontext(self._current or "")
+
+    @contextmanager
+    def _locked_step(self) -> Iterator[str]:
+        with self._swap_lock.shared():
+            yield self._current or ""
+
+    # --- ledger -------------------------------------------------------------
+
+    def ledger_entries(self) -> list[dict[str, Any]]:
+        return [e.to_json() for e in self.ledger.entries()]
+
+    def reset_ledger(self) -> int:
+        with self._state:
+            if self._stage in LOADING_STAGES:
+                raise HotloadRefusedError(
+                    f"replica {self.config.replica_id} is loading {self._target!r}; reset "
+                    "the ledger after it finishes"
+                )
+            return self.ledger.reset()
+
+    def close(self) -> None:
+        loader = self._loader
+        if loader is not None and loader.is_alive():
+            loader.join(timeout=30)
+        if self.storage is not None:
+            self.storage.close()
+        self.engine.close()
+        self.ledger.close()

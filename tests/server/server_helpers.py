@@ -1,0 +1,113 @@
+"""Helpers for the server tests: toy snapshots written by the real writer, a reference model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightsync.server.app import create_app
+from weightsync.server.config import ReplicaConfig
+from weightsync.server.replica import Replica
+from weightsync.server.runner import ServerThread
+from weightsync.snapshot import Manifest, SnapshotStore, write_base, write_delta
+from weightsync.toymodel import build_model
+
+# A wider init than the default so greedy outputs vary token to token.
+INIT_RANGE = 0.2
+SESSION = "0badcafe"
+PROMPT_IDS = [5, 17, 33, 8, 90, 41, 12, 77, 64, 3, 99, 21, 40, 41, 42, 43, 44, 45]
+
+
+def toy_model(seed: int = 0) -> Any:
+    return build_model("tiny", seed=seed, dtype=torch.bfloat16, initializer_range=INIT_RANGE)
+
+
+def snapshot_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """What a base snapshot holds: bf16 state dict with the tied `lm_head.weight` left out."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def perturb(weights: dict[str, torch.Tensor], seed: int, fraction: float = 0.05) -> dict[str, Any]:
+    """A training step's worth of change: a few elements of every tensor move a little."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in weights.items():
+        mask = torch.rand(t.shape, generator=gen) < fraction
+        noise = torch.randn(t.shape, generator=gen) * 0.05
+        out[name] = (t.float() + noise * mask).to(t.dtype).contiguous()
+    return out
+
+
+@dataclass
+class Chain:
+    """A base and deltas in one storage root, remembering the weights each stands for."""
+
+    root: Path
+    config: dict[str, Any]
+    tokenizer_dir: Path | None
+    weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    manifests: dict[str, Manifest] = field(default_factory=dict)
+
+    @property
+    def store(self) -> SnapshotStore:
+        return SnapshotStore(self.root)
+
+    def base(self, name: str, tensors: dict[str, torch.Tensor]) -> str:
+        identity = f"{name}-{SESSION}"
+        self.manifests[identity] = write_base(
+            self.root, identity, tensors, config=self.config, tokenizer_dir=self.tokenizer_dir
+        )
+        self.weights[identity] = tensors
+        return identity
+
+    def delta(self, name: str, parent: str, seed: int, **kwargs: Any) -> str:
+        identity = f"{name}-{SESSION}"
+        new = perturb(self.weights[parent], seed)
+        self.manifests[identity] = write_delta(
+            self.root, identity, parent=self.manifests[parent], old=self.weights[parent],
+            new=new, **kwargs,
+        )
+        self.weights[identity] = new
+        return identity
+
+
+def reference_greedy(config: dict[str, Any], weights: dict[str, torch.Tensor],
+                     prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their logprobs from a plain `transformers` model holding `weights`."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    model = AutoModelForCausalLM.from_config(Qwen3Config(**config), dtype=torch.bfloat16)
+    model.load_state_dict(weights, strict=False)
+    model.tie_weights()
+    model.eval()
+    ids = list(prompt)
+    tokens, logprobs = [], []
+    eos = config.get("eos_token_id")
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            token = int(torch.argmax(logits))
+            tokens.append(token)
+            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+            ids.append(token)
+            if token == eos:
+                break
+    return tokens, logprobs
+
+
+@contextmanager
+def running_replica(config: ReplicaConfig) -> Iterator[tuple[str, Replica]]:
+    """A started replica served by uvicorn in a thread on 127.0.0.1 (a free port)."""
+    replica = Replica(config)
+    replica.start()
+    server = ServerThread(create_app(replica))
+    url = server.start()
+    try:
+        yield url, replica
+    finally:
+        server.stop()
