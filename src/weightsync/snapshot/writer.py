@@ -438,13 +438,24 @@ def _entry(t: torch.Tensor, file: str, checksum_format: str) -> TensorEntry:
 
 def _config_bytes(config: Mapping[str, Any] | Any) -> bytes:
     if isinstance(config, Mapping):
-        return (json.dumps(dict(config), indent=2, sort_keys=True) + "\n").encode()
+        try:
+            text = json.dumps(dict(config), indent=2, sort_keys=True, default=_json_default)
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"config cannot be written as JSON: {e}") from e
+        return (text + "\n").encode()
     to_json = getattr(config, "to_json_string", None)
     if to_json is None:
         raise InvalidInputError(
             f"config must be a dict or a transformers config, got {type(config).__name__}"
         )
     return str(to_json(use_diff=False)).encode()
+
+
+def _json_default(value: object) -> object:
+    # PEFT configs hold sets (target_modules); PEFT itself saves them as lists.
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:

@@ -105,6 +105,9 @@ class FsspecStorage:
         target = self._path(path)
         try:
             self.fs.invalidate_cache(target)
+            # Object stores delete missing keys silently; the protocol says "not found".
+            if not self.fs.exists(target):
+                raise FileNotFoundError(target)
             self.fs.rm(target, recursive=recursive)
         except FileNotFoundError as e:
             raise StorageFileNotFoundError(f"{self.child_url(path)} does not exist") from e

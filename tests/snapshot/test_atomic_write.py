@@ -1,0 +1,96 @@
+"""A write that fails midway leaves nothing that reads as a snapshot."""
+
+from __future__ import annotations
+
+import pathlib
+from pathlib import Path
+
+import pytest
+from snapshot_testkit import assert_bits_equal, perturb, toy_weights
+
+from weightsync.errors import SnapshotNotFoundError, StorageError
+from weightsync.snapshot import MANIFEST_FILE, SnapshotStore, write_base, write_delta
+from weightsync.storage import LocalStorage, Storage
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FailingStorage:
+    """A real local storage whose `write_bytes` fails after `ok_writes` writes (a seam fault)."""
+
+    def __init__(self, inner: Storage, *, ok_writes: int, fail_remove: bool = False) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.ok_writes = ok_writes
+        self.fail_remove = fail_remove
+        self.written: list[str] = []
+
+    def write_bytes(self, path: str, data: bytes | memoryview) -> None:
+        if len(self.written) >= self.ok_writes:
+            raise StorageError(f"injected failure writing {path}")
+        self.inner.write_bytes(path, data)
+        self.written.append(path)
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        if self.fail_remove:
+            raise StorageError(f"injected failure removing {path}")
+        self.inner.remove(path, recursive=recursive)
+
+    def child_url(self, *parts: str) -> str:
+        return self.inner.child_url(*parts)
+
+    def exists(self, path: str) -> bool:
+        return self.inner.exists(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.inner.read_bytes(path)
+
+    def list_dir(self, path: str = "") -> list[str]:
+        return self.inner.list_dir(path)
+
+    def size_bytes(self, path: str) -> int:
+        return self.inner.size_bytes(path)
+
+    def local_path(self, path: str) -> pathlib.Path | None:
+        return self.inner.local_path(path)
+
+
+@pytest.mark.parametrize("ok_writes", [0, 2, 4, 5])
+def test_failed_base_write_is_cleaned_up(
+    tmp_path: Path, tiny_config: object, ok_writes: int
+) -> None:
+    failing = FailingStorage(LocalStorage(tmp_path), ok_writes=ok_writes)
+    with pytest.raises(StorageError, match="injected"):
+        write_base(failing, "b", toy_weights(), config=tiny_config)
+    assert MANIFEST_FILE not in " ".join(failing.written)
+    assert not (tmp_path / "b").exists()
+    assert SnapshotStore(tmp_path).list_snapshots() == []
+
+
+def test_failed_write_whose_cleanup_fails_is_still_not_a_snapshot(
+    tmp_path: Path, tiny_config: object
+) -> None:
+    weights = toy_weights()
+    failing = FailingStorage(LocalStorage(tmp_path), ok_writes=4, fail_remove=True)
+    with pytest.raises(StorageError, match="injected failure writing"):
+        write_base(failing, "b", weights, config=tiny_config)
+    assert len(list((tmp_path / "b").iterdir())) == 4  # the leftovers
+    store = SnapshotStore(tmp_path)
+    assert store.list_snapshots() == []
+    with pytest.raises(SnapshotNotFoundError, match="incomplete"):
+        store.fetch("b")
+    # A retry under the same identity replaces the leftovers.
+    write_base(tmp_path, "b", weights, config=tiny_config)
+    assert_bits_equal(store.materialize("b"), weights)
+
+
+def test_failed_delta_write_keeps_the_chain_intact(tmp_path: Path, tiny_config: object) -> None:
+    w0 = toy_weights()
+    w1 = perturb(w0, seed=1)
+    base = write_base(tmp_path, "b", w0, config=tiny_config)
+    failing = FailingStorage(LocalStorage(tmp_path), ok_writes=5)
+    with pytest.raises(StorageError):
+        write_delta(failing, "d", parent=base, old=w0, new=w1)
+    store = SnapshotStore(tmp_path)
+    assert store.list_snapshots() == ["b"]
+    assert store.verify("b").ok
