@@ -432,11 +432,18 @@ class DeploymentManager:
     # --- ledger and warmup -------------------------------------------------------
 
     def ledger(self, deployment_id: str | None) -> list[dict[str, Any]]:
-        """Every load the deployment recorded (oldest first)."""
+        """Every load the deployment recorded (per replica, oldest first), flattened."""
         url = self.hotload_url(deployment_id) + LEDGER_PATH
         body = self._http.get_json(url, headers=self.headers_for(deployment_id))
+        if isinstance(body, dict) and isinstance(body.get("replicas"), list):
+            # One list per replica: flatten, each entry naming its replica.
+            return [
+                {"replica_id": replica.get("replica_id"), **entry}
+                for replica in body["replicas"]
+                for entry in replica.get("entries") or []
+            ]
         if isinstance(body, dict):
-            entries = body.get("entries", body.get("ledger", body.get("replicas", [])))
+            entries = body.get("entries", [])
             return list(entries) if isinstance(entries, list) else [body]
         return list(body)
 

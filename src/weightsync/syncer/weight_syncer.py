@@ -27,6 +27,7 @@ from weightsync.syncer.timing import Stopwatch, SyncTiming
 if TYPE_CHECKING:
     from weightsync.deployment.manager import DeploymentManager, HotloadResult
     from weightsync.deployment.sampler import DeploymentSampler
+    from weightsync.trainer import TrainingClient
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class WeightSyncer:
     otherwise every method only saves.
     """
 
-    policy_client: Any
+    policy_client: TrainingClient
     deploy_mgr: DeploymentManager | None = None
     deployment_id: str | None = None
     base_model: str = ""
@@ -150,6 +151,9 @@ class WeightSyncer:
         """Make the next save a full base (e.g. after the deployment's storage changed)."""
         logger.info("WeightSyncer: delta chain reset; the next save is a base")
         self._force_base_next = True
+        client_reset = getattr(self.policy_client, "reset_delta_chain", None)
+        if callable(client_reset):
+            client_reset()  # the client frees the previous snapshot's bits too
 
     # --- public API ----------------------------------------------------------------
 
@@ -286,14 +290,21 @@ class WeightSyncer:
             time.sleep(min(poll_interval_s, remaining))
 
     def get_deployment_sampler(self, tokenizer: Any = None) -> DeploymentSampler:
-        """A `DeploymentSampler` for this syncer's deployment."""
+        """A `DeploymentSampler` for this syncer's deployment.
+
+        With `lora_rank > 0` it samples from the adapter loaded last; get a new one
+        after each sync.
+        """
         from weightsync.deployment.sampler import DeploymentSampler
 
         mgr, deployment_id = self._require_sync()
         headers = {**mgr.additional_headers, **mgr.headers_for(deployment_id)}
+        model = self.base_model or deployment_id
+        if self.lora_rank > 0 and self._deployed is not None:
+            model = self._deployed  # the deployment serves the adapter under its identity
         return DeploymentSampler(
             mgr.inference_url_for(deployment_id),
-            model=self.base_model or deployment_id,
+            model=model,
             api_key=mgr.api_key,
             tokenizer=tokenizer,
             additional_headers=headers,
@@ -373,6 +384,9 @@ class WeightSyncer:
         """Whether a delta saved now would apply onto what the deployment serves."""
         if serving is None:
             return False
+        if hasattr(self.policy_client, "last_snapshot"):
+            parent = self.policy_client.last_snapshot  # the client's own chain head
+            return parent is not None and serving == parent
         if self._last_saved is not None:
             return serving == self._last_saved
         session = self.session_id
@@ -462,8 +476,10 @@ class WeightSyncer:
         logger.info("deployment %s serves %s (verified)", deployment_id, identity)
         if self.warmup_after_hotload and self.warmup_max_retries > 0:
             with watch.phase("warmup"):
+                # A LoRA adapter is addressed by its identity; warm up that, not the base.
+                model = identity if self.lora_rank > 0 else self.base_model or deployment_id
                 timing.warmed_up = mgr.warmup(
-                    self.base_model or deployment_id,
+                    model,
                     max_retries=self.warmup_max_retries,
                     retry_interval_s=self.warmup_retry_interval_s,
                     deployment_id=deployment_id,

@@ -1,0 +1,91 @@
+"""Fixtures for the syncer tests: tiny real models, real clients, real local deployments."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from weightsync.deployment import DeploymentConfig, DeploymentManager
+from weightsync.toymodel import build_model, build_tokenizer, save_model_dir
+from weightsync.trainer import TrainingClient
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tok_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+@pytest.fixture(scope="module")
+def storage_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("snapshots")
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
+    """The untrained tiny model (seed 0) as a Hugging Face directory, in bf16."""
+    return save_model_dir(
+        build_model("tiny", seed=0),
+        tmp_path_factory.mktemp("base") / "tiny-base",
+        tokenizer_dir=tok_dir,
+    )
+
+
+@pytest.fixture(scope="module")
+def deploy_mgr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeploymentManager]:
+    mgr = DeploymentManager(registry_dir=tmp_path_factory.mktemp("registry"))
+    yield mgr
+    for info in mgr.list_deployments():
+        mgr.delete(info.deployment_id)
+    mgr.close()
+
+
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def start_deployment(
+    deploy_mgr: DeploymentManager, storage_dir: Path, base_model_dir: Path
+) -> Callable[..., str]:
+    """Start a local deployment serving the untrained base model; return its id."""
+
+    def start(**overrides: Any) -> str:
+        deployment_id = f"dep-{next(_ids)}"
+        config = dict(
+            deployment_id=deployment_id,
+            storage=str(storage_dir),
+            model_dir=str(base_model_dir),
+            model_name="tiny",
+            startup_timeout_s=240.0,
+        )
+        config.update(overrides)
+        deploy_mgr.create_or_get(DeploymentConfig(**config))
+        return deployment_id
+
+    return start
+
+
+@pytest.fixture
+def make_client(storage_dir: Path, tok_dir: Path) -> Callable[..., TrainingClient]:
+    def make(*, seed: int = 0, lora_rank: int = 0, lr: float = 1e-2) -> TrainingClient:
+        model = build_model("tiny", seed=seed)
+        model.train()
+        client = TrainingClient(
+            model, storage=str(storage_dir), lora_rank=lora_rank, tokenizer_dir=tok_dir
+        )
+        params = [p for p in client.model.parameters() if p.requires_grad]
+        client.optimizer = torch.optim.AdamW(params, lr=lr)
+        return client
+
+    return make
