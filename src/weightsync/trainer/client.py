@@ -36,6 +36,7 @@ from weightsync.storage import Storage, open_storage
 from weightsync.trainer import lora, state
 from weightsync.trainer.export import (
     ExportBuffers,
+    ExportPlan,
     export_copy,
     hf_config,
     num_bytes,
@@ -200,7 +201,7 @@ class TrainingClient:
         started = time.perf_counter()
         try:
             manifest = self._write(identity, kind)
-        except StorageError as e:
+        except OSError as e:  # StorageError, or a raw OSError from a third-party storage
             following = self.last_snapshot or "nothing (the next save is a base)"
             raise StorageError(
                 f"saving snapshot {identity!r} to {self.storage.url} failed: {e}; nothing was "
@@ -284,7 +285,7 @@ class TrainingClient:
             return self._write_base(
                 identity, merged, hf_config(self._base_model(), self.export_dtype)
             )
-        current = self._spare.fill(self._export_plan().sources)
+        current = self._spare.fill(self._export_plan(what=f"snapshot {identity!r}").sources)
         if kind == "base":
             manifest = self._write_base(identity, current, hf_config(self.model, self.export_dtype))
         else:
@@ -330,22 +331,25 @@ class TrainingClient:
         """A fresh CPU copy of what a snapshot saved now would hold (LoRA: the adapter)."""
         if self.is_lora:
             return export_copy(lora.adapter_tensors(self.model), self.export_dtype)
-        return export_copy(self._export_plan().sources, self.export_dtype)
+        return export_copy(self._export_plan(what="exported weights").sources, self.export_dtype)
 
-    def _export_plan(self) -> Any:
-        return plan_export(self.model.state_dict().items(), what=type(self.model).__name__)
+    def _export_plan(self, *, what: str) -> ExportPlan:
+        return plan_export(
+            self.model.state_dict().items(), what=f"{what} of {type(self.model).__name__}"
+        )
 
     def _base_model(self) -> Any:
         return cast(Any, self.model).get_base_model() if self.is_lora else self.model
 
-    def _base_sources(self) -> dict[str, torch.Tensor]:
+    def _base_sources(self, *, what: str) -> dict[str, torch.Tensor]:
         return plan_export(
-            lora.base_named_tensors(self.model), what=type(self._base_model()).__name__
+            lora.base_named_tensors(self.model),
+            what=f"{what} of {type(self._base_model()).__name__}",
         ).sources
 
     def _merged_weights(self, *, what: str) -> dict[str, torch.Tensor]:
         return lora.fold_adapter(
-            self._base_sources(),
+            self._base_sources(what=what),
             lora.adapter_tensors(self.model),
             lora.adapter_config_dict(self.model),
             dtype=self.export_dtype,
@@ -392,7 +396,7 @@ class TrainingClient:
         lora_base = None
         if self.is_lora:
             lora_base = LoraBase(
-                base_weights=self._base_sources(),
+                base_weights=self._base_sources(what=f"base weights for {identity!r}"),
                 config=hf_config(self._base_model(), self.export_dtype),
                 dtype=self.export_dtype,
                 tokenizer_dir=self.tokenizer_dir,

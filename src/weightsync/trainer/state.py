@@ -9,10 +9,13 @@ its fsspec writer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
 import re
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,6 +45,15 @@ _SESSION_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _single_process_quietly() -> Iterator[None]:
+    # DCP warns that it "assumes" a single process when none is initialized; here
+    # that is the documented intent, not a guess.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _writer(location: str, storage: Storage) -> StorageWriter:
@@ -78,10 +90,11 @@ def save_state(
     else:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
-    if "://" not in location:
-        pathlib.Path(location).mkdir(parents=True, exist_ok=True)
     try:
-        dcp_save(state, storage_writer=_writer(location, storage), no_dist=not _distributed())
+        if "://" not in location:
+            pathlib.Path(location).mkdir(parents=True, exist_ok=True)
+        with _single_process_quietly():
+            dcp_save(state, storage_writer=_writer(location, storage), no_dist=not _distributed())
     except (OSError, CheckpointException) as e:
         raise StorageError(
             f"cannot save resume state {identity!r} to {location}: {e}; check that the "
@@ -108,7 +121,8 @@ def load_state(
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
     try:
-        dcp_load(state, storage_reader=_reader(location, storage), no_dist=not _distributed())
+        with _single_process_quietly():
+            dcp_load(state, storage_reader=_reader(location, storage), no_dist=not _distributed())
     except (OSError, CheckpointException, RuntimeError) as e:
         what = "model and optimizer" if optimizer is not None else "model"
         raise InvalidInputError(
