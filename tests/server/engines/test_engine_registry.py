@@ -1,0 +1,42 @@
+"""The engine registry: names, the built-in torch engine, the lazily imported vLLM engine."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from weightsync.errors import InvalidInputError, UnsupportedOperationError
+from weightsync.server.engines import DEFAULT_ENGINE, get_engine, list_engines
+from weightsync.server.engines.torch_engine import TorchEngine
+
+
+def test_lists_both_engines_and_torch_is_the_default() -> None:
+    assert list_engines() == ["torch", "vllm"]
+    assert DEFAULT_ENGINE == "torch"
+
+
+def test_get_torch_engine_passes_options() -> None:
+    engine = get_engine("torch", prompt_cache_tokens=64, cache_block_tokens=8)
+    assert isinstance(engine, TorchEngine)
+    assert engine.name == "torch"
+    assert engine.tokenizer is None
+    assert engine.loaded_adapters() == []
+
+
+def test_unknown_engine_lists_the_known_ones() -> None:
+    with pytest.raises(InvalidInputError, match=r"unknown engine 'sglang'.*torch, vllm"):
+        get_engine("sglang")
+
+
+def test_bad_option_is_invalid_input() -> None:
+    with pytest.raises(InvalidInputError, match="invalid options for engine 'torch'"):
+        get_engine("torch", no_such_option=1)
+    with pytest.raises(InvalidInputError, match="block_tokens"):
+        get_engine("torch", cache_block_tokens=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_without_the_extra_says_how_to_install_it() -> None:
+    with pytest.raises(UnsupportedOperationError, match="scripts/install-vllm.sh"):
+        get_engine("vllm")
