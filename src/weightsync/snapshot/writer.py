@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as save_torch
 
 from weightsync.codec import (
     DEFAULT_CHECKSUM,
@@ -62,6 +61,7 @@ from weightsync.snapshot.manifest import (
     SnapshotKind,
     TensorEntry,
 )
+from weightsync.snapshot.safetensors_file import encode_safetensors, raw_tensor
 from weightsync.storage import Storage, open_storage
 
 logger = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def write_lora(
     with _new_snapshot(store, identity, checksum_format) as out:
         prepared = _prepare_all(adapter_tensors, identity)
         out.put(ADAPTER_CONFIG_FILE, _config_bytes(adapter_config))
-        out.put(ADAPTER_WEIGHTS_FILE, save_torch(prepared, metadata=_PT_METADATA), weights=True)
+        out.put(ADAPTER_WEIGHTS_FILE, _encode_torch(prepared), weights=True)
         return out.publish(
             kind="lora",
             parent=None,
@@ -341,7 +341,7 @@ def _put_weight_files(out: _DirWriter, prepared: Mapping[str, torch.Tensor]) -> 
     specs = {name: (tuple(t.shape), dtype_name(t.dtype)) for name, t in prepared.items()}
     out.put(SPEC_FILE, json_bytes(spec_doc(specs)))
     for file, names in plan.items():
-        data = save_torch({n: prepared[n] for n in names}, metadata=_PT_METADATA)
+        data = _encode_torch({n: prepared[n] for n in names})
         out.put(file, data, weights=True)
 
 
@@ -425,6 +425,10 @@ def _prepare_all(tensors: Mapping[str, torch.Tensor], identity: str) -> dict[str
             raise UnsupportedDtypeError(f"snapshot {identity!r}, tensor {name!r}: {e}") from e
         out[name] = t.detach().to("cpu").contiguous()
     return out
+
+
+def _encode_torch(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    return encode_safetensors({n: raw_tensor(t) for n, t in tensors.items()}, _PT_METADATA)
 
 
 def _entry(t: torch.Tensor, file: str, checksum_format: str) -> TensorEntry:
