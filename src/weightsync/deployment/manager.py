@@ -80,7 +80,7 @@ def hotload_outcome(status: dict[str, Any], identity: str) -> tuple[HotloadOutco
     for replica in replicas:
         state = replica.get("loading_state") or {}
         if state.get("stage") == "error" and state.get("target_snapshot_identity") == identity:
-            errors.append(f"replica {replica.get('replica_id')}: {state.get('error') or 'error'}")
+            errors.append(f"{_replica_name(replica)}: {state.get('error') or 'error'}")
     if errors:
         return "error", "; ".join(errors)
     pending = [
@@ -99,13 +99,18 @@ def hotload_outcome(status: dict[str, Any], identity: str) -> tuple[HotloadOutco
     return "ready", ""
 
 
+def _replica_name(replica: dict[str, Any]) -> str:
+    rid = str(replica.get("replica_id"))
+    return rid if rid.startswith("replica") else f"replica {rid}"
+
+
 def describe_status(status: dict[str, Any]) -> str:
     """One line per replica: what it serves, whether it is ready, what it is doing."""
     lines = []
     for replica in status.get("replicas") or []:
         state = replica.get("loading_state") or {}
         line = (
-            f"replica {replica.get('replica_id')}: serving "
+            f"{_replica_name(replica)}: serving "
             f"{replica.get('current_snapshot_identity')!r}, readiness={replica.get('readiness')}, "
             f"stage={state.get('stage')!r}"
         )
@@ -250,7 +255,7 @@ class DeploymentManager:
                 last = str(e)
             if time.monotonic() >= deadline:
                 raise HotloadTimeoutError(
-                    f"deployment {deployment_id!r} was not ready within {timeout_s:.0f}s; "
+                    f"deployment {deployment_id!r} was not ready within {timeout_s:g}s; "
                     f"last seen: {last}"
                 )
             time.sleep(poll_interval_s)
@@ -390,7 +395,7 @@ class DeploymentManager:
             if elapsed >= timeout_seconds:
                 raise HotloadTimeoutError(
                     f"deployment {deployment_id} did not finish loading {expected_identity!r} "
-                    f"within {timeout_seconds:.0f}s; it reports: {detail}. Raise the timeout "
+                    f"within {timeout_seconds:g}s; it reports: {detail}. Raise the timeout "
                     "for large models, or check the deployment's logs."
                 )
             time.sleep(min(poll_interval, max(0.0, timeout_seconds - elapsed)))

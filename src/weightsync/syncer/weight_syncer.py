@@ -284,7 +284,7 @@ class WeightSyncer:
             if remaining <= 0:
                 raise HotloadTimeoutError(
                     f"the hot-load manager of deployment {deployment_id!r} was not ready within "
-                    f"{timeout_s:.0f}s (last: {last}). Check that the deployment is running "
+                    f"{timeout_s:g}s (last: {last}). Check that the deployment is running "
                     "(DeploymentManager.get / `weightsync deploy status URL`) and its URL is right."
                 )
             time.sleep(min(poll_interval_s, remaining))
