@@ -4,6 +4,7 @@ Importing this package registers every built-in codec.
 """
 
 from weightsync.codec import full as _full  # noqa: F401  (registers itself)
+from weightsync.codec import wsdelta1 as _wsdelta1  # registers itself
 from weightsync.codec.base import Codec, Patch
 from weightsync.codec.checksums import (
     DEFAULT_CHECKSUM,
@@ -14,8 +15,8 @@ from weightsync.codec.checksums import (
 )
 from weightsync.codec.registry import get_codec, list_codecs, register_codec
 
-# The default codec's name; set by its module once it lands.
-DEFAULT_CODEC = "full"
+#: The codec a delta snapshot uses unless told otherwise (see docs/codecs.md).
+DEFAULT_CODEC = _wsdelta1.NAME
 
 __all__ = [
     "DEFAULT_CHECKSUM",

@@ -1,0 +1,97 @@
+"""The envelope shared by weightsync's delta codecs: header, shape check, checksum trailer.
+
+Every payload is `magic(4) version(1) dtype(1) ndim(1) dims(8*ndim) body
+xxh3_64(8)`, little-endian. The trailer covers every byte before it, so a
+flipped or truncated payload is caught before a single element is decoded
+(`SnapshotCorruptError`), and a payload decoded against a tensor of another
+shape or dtype is refused (`ChainError`) instead of yielding a wrong tensor.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import xxhash
+
+from weightsync.codec.bits import dtype_name
+from weightsync.errors import ChainError, InvalidInputError, SnapshotCorruptError
+
+FORMAT_VERSION = 1
+TRAILER_BYTES = 8
+# Stable on-disk codes; never renumber.
+DTYPE_CODES: dict[str, int] = {"BF16": 1, "F16": 2, "F32": 3, "F8_E4M3": 4, "F8_E5M2": 5}
+_CODE_NAMES = {v: k for k, v in DTYPE_CODES.items()}
+_FIXED = struct.Struct("<4sBBB")
+
+
+def check_pair(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate an encode call's inputs; return them as contiguous CPU tensors."""
+    if old.shape != new.shape or old.dtype != new.dtype:
+        raise InvalidInputError(
+            f"cannot encode a delta between {tuple(old.shape)} {old.dtype} and "
+            f"{tuple(new.shape)} {new.dtype}: shape and dtype must match"
+        )
+    dtype_name(new.dtype)  # raises UnsupportedDtypeError with the valid choices
+    if old.device.type != "cpu" or new.device.type != "cpu":
+        raise InvalidInputError("codecs encode CPU tensors; move them with .cpu() first")
+    return old.contiguous(), new.contiguous()
+
+
+def pack_header(magic: bytes, tensor: torch.Tensor) -> bytes:
+    code = DTYPE_CODES[dtype_name(tensor.dtype)]
+    dims = tuple(int(d) for d in tensor.shape)
+    return _FIXED.pack(magic, FORMAT_VERSION, code, len(dims)) + struct.pack(
+        f"<{len(dims)}Q", *dims
+    )
+
+
+def seal(parts: list[bytes | memoryview]) -> bytes:
+    """Join payload parts and append the xxh3_64 trailer."""
+    body = b"".join(parts)
+    return body + xxhash.xxh3_64_digest(body)[::-1]  # digest is big-endian; store LE
+
+
+def open_payload(
+    payload: bytes | memoryview, magic: bytes, old: torch.Tensor, codec: str
+) -> memoryview:
+    """Check trailer, magic, version, dtype and shape; return the body after the header."""
+    view = memoryview(payload).cast("B")
+    if len(view) < _FIXED.size + TRAILER_BYTES:
+        raise SnapshotCorruptError(
+            f"{codec} payload is truncated ({len(view)} bytes); re-fetch or re-save the snapshot"
+        )
+    content = view[:-TRAILER_BYTES]
+    if xxhash.xxh3_64_digest(content)[::-1] != bytes(view[-TRAILER_BYTES:]):
+        raise SnapshotCorruptError(
+            f"{codec} payload checksum mismatch ({len(view)} bytes): the payload is corrupt "
+            "or truncated; re-fetch or re-save the snapshot"
+        )
+    got_magic, version, code, ndim = _FIXED.unpack_from(content)
+    if got_magic != magic:
+        raise SnapshotCorruptError(
+            f"payload is not a {codec} payload (magic {bytes(got_magic)!r}, expected {magic!r}); "
+            "check the snapshot's compression_format"
+        )
+    if version != FORMAT_VERSION:
+        raise SnapshotCorruptError(
+            f"{codec} payload has format version {version}; this weightsync reads "
+            f"{FORMAT_VERSION} — upgrade weightsync"
+        )
+    offset = _FIXED.size + 8 * ndim
+    if len(content) < offset or code not in _CODE_NAMES:
+        raise SnapshotCorruptError(f"{codec} payload header is malformed")
+    dims = struct.unpack_from(f"<{ndim}Q", content, _FIXED.size)
+    if dims != tuple(old.shape) or _CODE_NAMES[code] != dtype_name(old.dtype):
+        raise ChainError(
+            f"{codec} payload encodes a {dims} {_CODE_NAMES[code]} tensor but the tensor to "
+            f"patch is {tuple(old.shape)} {dtype_name(old.dtype)}; apply the delta onto its "
+            "parent snapshot"
+        )
+    return content[offset:]
+
+
+def corrupt(codec: str, what: str) -> SnapshotCorruptError:
+    return SnapshotCorruptError(
+        f"{codec} payload is malformed ({what}); re-fetch or re-save the snapshot"
+    )

@@ -1,0 +1,269 @@
+"""`wsdelta1`: the default codec — sparse positions and ulp-step deltas, near the entropy bound.
+
+An RL optimizer step changes a few percent of the bf16 elements, mostly by one
+unit in the last place. The payload therefore codes *where* elements changed
+(gaps between changed positions) and *by how many steps* of an order-preserving
+integer key (`wsdelta_kernels`), never the new values themselves. See
+docs/codecs.md for the byte layout and the measurements behind each choice.
+
+Per chunk of `CHUNK_ELEMENTS` elements (chunks encode and decode in parallel
+threads, and bound the scratch memory):
+- symbols (zstd): one byte per change, `quotient<<2 | big<<1 | negative`, where
+  the gap to the previous change is `quotient * 2^k + low` and `big` marks a key
+  step of 2 or more; byte 255 adds 63 to the next quotient (escape);
+- low bits (raw): the `k` low bits of every gap, bit-packed; `k` is chosen per
+  chunk from its density so the quotient stays small;
+- big magnitudes (zstd): `|step| - 2` as LEB128 varints, for the ~10 % of
+  changes that are not ±1.
+Joining quotient, sign and the "big" flag into one byte keeps each symbol's
+entropy at several bits, so Huffman's whole-bit code lengths cost ~1 %, where
+coding the mostly-±1 steps as separate bytes would cost 10-30 %.
+A chunk with no change costs its table row; a chunk where the sparse code would
+not pay is stored dense (raw new bits).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import torch
+import zstandard
+
+from weightsync.codec import wsdelta_kernels as kernels
+from weightsync.codec.base import Codec, Patch
+from weightsync.codec.bits import bits, uint_dtype
+from weightsync.codec.framing import check_pair, corrupt, open_payload, pack_header, seal
+from weightsync.codec.registry import register_codec
+
+CHUNK_ELEMENTS = 1 << 22
+ZSTD_LEVEL = 1
+MAGIC = b"WSD1"
+NAME = "wsdelta1"
+
+ChunkMode = Literal[0, 1, 2]
+MODE_UNCHANGED: ChunkMode = 0
+MODE_SPARSE: ChunkMode = 1
+MODE_DENSE: ChunkMode = 2
+# Chunk table row: mode, k, num_changed, symbols bytes, low bytes, big bytes.
+_ROW = struct.Struct("<BBIIII")
+_COUNT = struct.Struct("<QI")  # chunk_elements, num_chunks
+
+_POOL: Executor | None = None
+
+
+def _pool() -> Executor:
+    global _POOL  # noqa: PLW0603  (one process-wide pool, created on first use)
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(
+            max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="wsdelta1"
+        )
+    return _POOL
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Chunk:
+    mode: ChunkMode
+    k: int
+    num_changed: int
+    streams: tuple[bytes, bytes, bytes]
+
+    def row(self) -> bytes:
+        return _ROW.pack(self.mode, self.k, self.num_changed, *(len(s) for s in self.streams))
+
+
+def choose_low_bits(count: int, num_changed: int) -> int:
+    """Low gap bits stored raw: keeps the mean quotient near 4 (well below the escape)."""
+    if num_changed == 0:
+        return 0
+    return max(0, int(math.log2(count / num_changed)) - 2)
+
+
+def _symbol_capacity(count: int, num_changed: int, k: int) -> int:
+    return num_changed + (count >> k) // kernels.ESCAPE_STEP + 16
+
+
+def _encode_chunk(old: np.ndarray, new: np.ndarray, start: int, stop: int) -> _Chunk:
+    count = stop - start
+    positions = _scratch("positions", count, np.int32)
+    m = int(kernels.find_changes(old, new, start, stop, positions))
+    if m == 0:
+        return _Chunk(mode=MODE_UNCHANGED, k=0, num_changed=0, streams=(b"", b"", b""))
+    k = choose_low_bits(count, m)
+    sym = _scratch("sym", _symbol_capacity(count, m, k), np.uint8)
+    low = _scratch("low", (m * k + 7) // 8 + 8, np.uint8)
+    big = _scratch("big", m * kernels.MAX_VARINT_BYTES, np.uint8)
+    width = old.dtype.itemsize * 8
+    ns, nl, nb = kernels.emit_sparse(old, new, start, positions, m, k, width, sym, low, big)
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    streams = (
+        compressor.compress(sym[:ns].data),
+        low[:nl].tobytes(),
+        compressor.compress(big[:nb].data) if nb else b"",
+    )
+    dense_bytes = count * old.dtype.itemsize
+    if sum(len(s) for s in streams) >= dense_bytes:
+        return _Chunk(
+            mode=MODE_DENSE, k=0, num_changed=count, streams=(new[start:stop].tobytes(), b"", b"")
+        )
+    return _Chunk(mode=MODE_SPARSE, k=k, num_changed=m, streams=streams)
+
+
+_THREAD = threading.local()
+
+
+def _scratch(name: str, size: int, dtype: type[np.generic]) -> np.ndarray:
+    """A per-thread reusable buffer of at least `size` elements: page faults on fresh
+    multi-MB buffers for every chunk would cost as much as the scan itself."""
+    buffer: np.ndarray | None = getattr(_THREAD, name, None)
+    if buffer is None or buffer.size < size:
+        buffer = np.empty(max(size, CHUNK_ELEMENTS), dtype=dtype)
+        setattr(_THREAD, name, buffer)
+    return buffer
+
+
+def _chunk_bounds(n: int) -> list[tuple[int, int]]:
+    return [(s, min(s + CHUNK_ELEMENTS, n)) for s in range(0, n, CHUNK_ELEMENTS)]
+
+
+T = TypeVar("T")
+
+
+def _map(func: Callable[..., T], items: list[tuple[Any, ...]]) -> list[T]:
+    """`func(*item)` for every item, in parallel threads when there is more than one."""
+    if len(items) <= 1:
+        return [func(*item) for item in items]
+    return list(_pool().map(lambda item: func(*item), items))
+
+
+@register_codec
+class WsDelta1Codec(Codec):
+    name = NAME
+    description = "sparse gap-coded positions + ulp-step deltas of order-preserving keys, zstd"
+
+    def encode(self, old: torch.Tensor, new: torch.Tensor) -> bytes:
+        old, new = check_pair(old, new)
+        old_bits, new_bits = bits(old), bits(new)
+        bounds = _chunk_bounds(old_bits.size)
+        chunks = _map(lambda s, e: _encode_chunk(old_bits, new_bits, s, e), bounds)
+        parts: list[bytes | memoryview] = [
+            pack_header(MAGIC, new),
+            _COUNT.pack(CHUNK_ELEMENTS, len(chunks)),
+        ]
+        parts.extend(c.row() for c in chunks)
+        for c in chunks:
+            parts.extend(c.streams)
+        return seal(parts)
+
+    def decode_patch(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:
+        body = open_payload(payload, MAGIC, old, NAME)
+        old_bits = bits(old.contiguous())
+        n = old_bits.size
+        rows, offset = _read_table(body, n)
+        total = sum(r[2] for r in rows)
+        positions = np.empty(total, dtype=np.int64)
+        values = np.empty(total, dtype=uint_dtype(old))
+        jobs = []
+        out_offset = 0
+        for index, row in enumerate(rows):
+            lengths = row[3:]
+            streams = []
+            for length in lengths:
+                streams.append(body[offset : offset + length])
+                offset += length
+            jobs.append((index * CHUNK_ELEMENTS, row, streams, out_offset))
+            out_offset += row[2]
+        if offset != len(body):
+            raise corrupt(NAME, f"{len(body) - offset} trailing bytes after the last chunk")
+
+        def run(start: int, row: tuple[int, ...], streams: list[memoryview], at: int) -> None:
+            _decode_chunk(
+                old_bits,
+                start=start,
+                stop=min(start + CHUNK_ELEMENTS, n),
+                row=row,
+                streams=streams,
+                positions=positions,
+                values=values,
+                at=at,
+            )
+
+        _map(run, jobs)
+        if total == n and all(r[0] == MODE_DENSE for r in rows):
+            return Patch(None, values)
+        return Patch(positions, values)
+
+
+def _read_table(body: memoryview, n: int) -> tuple[list[tuple[int, ...]], int]:
+    if len(body) < _COUNT.size:
+        raise corrupt(NAME, "missing chunk count")
+    chunk_elements, num_chunks = _COUNT.unpack_from(body)
+    if chunk_elements != CHUNK_ELEMENTS or num_chunks != len(_chunk_bounds(n)):
+        raise corrupt(NAME, f"chunking {num_chunks}x{chunk_elements} does not fit {n} elements")
+    offset = _COUNT.size
+    if len(body) < offset + num_chunks * _ROW.size:
+        raise corrupt(NAME, "truncated chunk table")
+    rows = [_ROW.unpack_from(body, offset + i * _ROW.size) for i in range(num_chunks)]
+    offset += num_chunks * _ROW.size
+    for i, (mode, k, m, *_) in enumerate(rows):
+        count = min(CHUNK_ELEMENTS, n - i * CHUNK_ELEMENTS)
+        if mode not in (MODE_UNCHANGED, MODE_SPARSE, MODE_DENSE) or m > count or k > 40:
+            raise corrupt(NAME, f"chunk {i} header (mode {mode}, {m} changes, k {k})")
+    if offset + sum(sum(r[3:]) for r in rows) != len(body):
+        raise corrupt(NAME, "chunk lengths do not add up to the payload size")
+    return rows, offset
+
+
+def _decode_chunk(
+    old: np.ndarray,
+    *,
+    start: int,
+    stop: int,
+    row: tuple[int, ...],
+    streams: list[memoryview],
+    positions: np.ndarray,
+    values: np.ndarray,
+    at: int,
+) -> None:
+    mode, k, m = row[0], row[1], row[2]
+    count = stop - start
+    if mode == MODE_UNCHANGED:
+        if m != 0 or any(len(s) for s in streams):
+            raise corrupt(NAME, f"unchanged chunk at element {start} carries data")
+        return
+    if mode == MODE_DENSE:
+        if m != count or len(streams[0]) != count * old.dtype.itemsize:
+            raise corrupt(NAME, f"dense chunk at element {start} has the wrong size")
+        positions[at : at + m] = np.arange(start, stop, dtype=np.int64)
+        values[at : at + m] = np.frombuffer(streams[0], dtype=old.dtype)
+        return
+    decompressor = zstandard.ZstdDecompressor()
+    try:
+        sym = np.frombuffer(
+            decompressor.decompress(streams[0], max_output_size=_symbol_capacity(count, m, k)),
+            dtype=np.uint8,
+        )
+        big = (
+            np.frombuffer(
+                decompressor.decompress(streams[2], max_output_size=m * kernels.MAX_VARINT_BYTES),
+                dtype=np.uint8,
+            )
+            if len(streams[2])
+            else np.empty(0, dtype=np.uint8)
+        )
+    except zstandard.ZstdError as e:
+        raise corrupt(NAME, f"chunk at element {start}: {e}") from e
+    low = np.frombuffer(streams[1], dtype=np.uint8)
+    width = old.dtype.itemsize * 8
+    status = kernels.decode_sparse(
+        sym, low, big, old, start, count, m, k, width, positions, values, at
+    )
+    if status != kernels.OK:
+        raise corrupt(NAME, f"chunk at element {start}: stream error {status}")

@@ -1,0 +1,232 @@
+"""numba kernels of `wsdelta1`: one pass over a chunk's bits, no float math.
+
+Keys: a float's sign-magnitude bits map to an unsigned integer that orders like
+the float (`-0` and `+0` adjacent), so a one-ulp move is a key difference of ±1
+whatever the sign. All arithmetic is int64 on `width`-bit keys, modulo 2^width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import numpy as np
+from numba import njit
+
+# A symbol is `quotient * 6 + magnitude_class * 2 + negative`, magnitude class
+# 0: step ±1, 1: ±2, 2: ±3 or more (the rest in the big stream); quotients
+# 0..41 fit one byte (symbols 0..251).
+CLASSES = 3
+ESCAPE = 255  # symbol: add ESCAPE_STEP to the gap quotient, read the next symbol
+ESCAPE_STEP = 42
+BIG_BASE = 3  # the big stream holds |step| - BIG_BASE
+SCAN_BLOCK = 16
+MAX_VARINT_BYTES = 5  # magnitudes are < 2^32
+
+# Decoder status codes (0 = ok).
+OK = 0
+ERR_SYMBOLS = 1
+ERR_POSITION = 2
+ERR_LOW_BITS = 3
+ERR_MAGNITUDE = 4
+ERR_TRAILING = 5
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _kernel(func: F) -> F:
+    """Compile with numba: cached on disk (compile once per install), GIL released
+    so chunks run in parallel threads."""
+    return cast(F, njit(cache=True, nogil=True)(func))
+
+
+@_kernel
+def _key(u: Any, sign: Any, mask: Any) -> Any:
+    if u & sign:
+        return mask - u
+    return u | sign
+
+
+@_kernel
+def _unkey(k: Any, sign: Any, mask: Any) -> Any:
+    if k & sign:
+        return k ^ sign
+    return mask - k
+
+
+@_kernel
+def find_changes(old: np.ndarray, new: np.ndarray, start: int, stop: int, out: np.ndarray) -> int:
+    """Write the chunk-relative positions where bits differ into `out`; return how many.
+
+    Blocks of `SCAN_BLOCK` elements are first OR-reduced (a loop LLVM vectorizes) so
+    the unchanged majority is skipped at memory speed; only blocks with a change
+    are scanned element by element (branch-free).
+    """
+    m = 0
+    i = start
+    while i + SCAN_BLOCK <= stop:
+        acc = 0
+        for j in range(i, i + SCAN_BLOCK):
+            acc |= old[j] ^ new[j]
+        if acc != 0:
+            for j in range(i, i + SCAN_BLOCK):
+                out[m] = j - start
+                m += old[j] != new[j]
+        i += SCAN_BLOCK
+    while i < stop:
+        out[m] = i - start
+        m += old[i] != new[i]
+        i += 1
+    return m
+
+
+@_kernel
+def emit_sparse(  # noqa: PLR0917  (numba kernels take positional arguments)
+    old: np.ndarray,
+    new: np.ndarray,
+    start: int,
+    positions: np.ndarray,
+    m: int,
+    k: int,
+    width: int,
+    sym: np.ndarray,
+    low: np.ndarray,
+    big: np.ndarray,
+) -> tuple[int, int, int]:
+    """Code `m` changes: joint symbols, raw low gap bits, varint big magnitudes.
+
+    Returns the lengths used in `sym`, `low` and `big`.
+    """
+    sign = np.int64(1) << (width - 1)
+    mask = (np.int64(1) << width) - 1
+    low_mask = (np.int64(1) << k) - 1
+    prev = np.int64(-1)
+    ns = 0
+    nb = 0
+    nl = 0
+    acc = np.uint64(0)
+    nacc = 0
+    for j in range(m):
+        p = np.int64(positions[j])
+        gap = p - prev - 1
+        prev = p
+        q = gap >> k
+        while q >= ESCAPE_STEP:
+            sym[ns] = ESCAPE
+            ns += 1
+            q -= ESCAPE_STEP
+        ko = _key(np.int64(old[start + p]), sign, mask)
+        kn = _key(np.int64(new[start + p]), sign, mask)
+        d = (kn - ko) & mask
+        negative = 0
+        if d > sign:
+            d = mask + 1 - d
+            negative = 1
+        cls: Any = d - 1
+        if d >= BIG_BASE:
+            cls = CLASSES - 1
+            v = d - BIG_BASE
+            while v >= 0x80:
+                big[nb] = (v & 0x7F) | 0x80
+                nb += 1
+                v >>= 7
+            big[nb] = v
+            nb += 1
+        sym[ns] = q * (2 * CLASSES) + cls * 2 + negative
+        ns += 1
+        if k > 0:
+            acc |= np.uint64(gap & low_mask) << np.uint64(nacc)
+            nacc += k
+            while nacc >= 8:
+                low[nl] = acc & np.uint64(0xFF)
+                nl += 1
+                acc >>= np.uint64(8)
+                nacc -= 8
+    if nacc > 0:
+        low[nl] = acc & np.uint64(0xFF)
+        nl += 1
+    return ns, nl, nb
+
+
+@_kernel
+def decode_sparse(  # noqa: PLR0917
+    sym: np.ndarray,
+    low: np.ndarray,
+    big: np.ndarray,
+    old: np.ndarray,
+    start: int,
+    count: int,
+    m: int,
+    k: int,
+    width: int,
+    pos_out: np.ndarray,
+    val_out: np.ndarray,
+    out_offset: int,
+) -> int:
+    """Inverse of `emit_sparse`; writes absolute positions and new bits. Returns a status."""
+    sign = np.int64(1) << (width - 1)
+    mask = (np.int64(1) << width) - 1
+    low_mask = np.uint64((np.int64(1) << k) - 1)
+    prev = np.int64(-1)
+    si = 0
+    bi = 0
+    li = 0
+    acc = np.uint64(0)
+    nacc = 0
+    nsym = sym.shape[0]
+    nbig = big.shape[0]
+    nlow = low.shape[0]
+    for j in range(m):
+        q = np.int64(0)
+        while True:
+            if si >= nsym:
+                return ERR_SYMBOLS
+            s = np.int64(sym[si])
+            si += 1
+            if s == ESCAPE:
+                q += ESCAPE_STEP
+                continue
+            break
+        if s >= ESCAPE_STEP * 2 * CLASSES:
+            return ERR_SYMBOLS
+        q += s // (2 * CLASSES)
+        cls = (s // 2) % CLASSES
+        lo = np.int64(0)
+        if k > 0:
+            while nacc < k:
+                if li >= nlow:
+                    return ERR_LOW_BITS
+                acc |= np.uint64(low[li]) << np.uint64(nacc)
+                li += 1
+                nacc += 8
+            lo = np.int64(acc & low_mask)
+            acc >>= np.uint64(k)
+            nacc -= k
+        p = prev + 1 + ((q << k) | lo)
+        if p >= count:
+            return ERR_POSITION
+        prev = p
+        d = cls + 1
+        if cls == CLASSES - 1:
+            v = np.int64(0)
+            shift = 0
+            while True:
+                if bi >= nbig or shift >= 7 * MAX_VARINT_BYTES:
+                    return ERR_MAGNITUDE
+                b = np.int64(big[bi])
+                bi += 1
+                v |= (b & 0x7F) << shift
+                shift += 7
+                if b < 0x80:
+                    break
+            d = v + BIG_BASE
+            if d > sign:
+                return ERR_MAGNITUDE
+        if s & 1:
+            d = -d
+        ko = _key(np.int64(old[start + p]), sign, mask)
+        pos_out[out_offset + j] = start + p
+        val_out[out_offset + j] = _unkey((ko + d) & mask, sign, mask)
+    if si != nsym or bi != nbig or li != nlow:
+        return ERR_TRAILING
+    return OK
