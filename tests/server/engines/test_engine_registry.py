@@ -38,5 +38,5 @@ def test_bad_option_is_invalid_input() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
 def test_vllm_without_the_extra_says_how_to_install_it() -> None:
-    with pytest.raises(UnsupportedOperationError, match="scripts/install-vllm.sh"):
+    with pytest.raises(UnsupportedOperationError, match=r"scripts/install-vllm\.sh"):
         get_engine("vllm")

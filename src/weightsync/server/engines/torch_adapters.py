@@ -50,6 +50,9 @@ class LoraAdapters:
             else:
                 self._peft.add_adapter(name, config)
         except (ValueError, TypeError, KeyError) as e:
+            if self._peft is not None:
+                # add_adapter records the config before injecting; forget the half-added one.
+                self._peft.peft_config.pop(name, None)
             raise InvalidInputError(
                 f"LoRA adapter {name!r} does not fit the loaded base model: {e}"
             ) from e
@@ -81,6 +84,8 @@ class LoraAdapters:
             raise UnsupportedOperationError("adapter bookkeeping is inconsistent")
         self._names.remove(name)
         if self._names:
+            # Point PEFT at a remaining adapter first: deleting the active one warns.
+            self._lora_model().set_adapter(self._names[0])
             self._peft.delete_adapter(name)
         else:
             # Removing the last adapter restores the plain modules (same base tensors).
