@@ -3,8 +3,12 @@
 Importing this package registers every built-in codec.
 """
 
-from weightsync.codec import full as _full  # noqa: F401  (registers itself)
-from weightsync.codec import wsdelta1 as _wsdelta1  # registers itself
+# Each codec module registers itself on import.
+from weightsync.codec import full as _full  # noqa: F401
+from weightsync.codec import gap_zstd as _gap_zstd  # noqa: F401
+from weightsync.codec import sparse_idx_val as _sparse_idx_val  # noqa: F401
+from weightsync.codec import wsdelta1 as _wsdelta1
+from weightsync.codec import xor_zstd as _xor_zstd  # noqa: F401
 from weightsync.codec.base import Codec, Patch
 from weightsync.codec.checksums import (
     DEFAULT_CHECKSUM,
