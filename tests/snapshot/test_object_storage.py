@@ -26,6 +26,7 @@ def store(request: pytest.FixtureRequest) -> SnapshotStore:
 
 
 def test_chain_round_trip(store: SnapshotStore, tiny_config: object, tmp_path: Path) -> None:
+    assert store.list_snapshots() == []  # the root does not exist yet
     w0 = toy_weights()
     w1 = perturb(w0, seed=1)
     w2 = perturb(w1, seed=2)

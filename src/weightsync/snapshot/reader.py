@@ -129,6 +129,11 @@ class FetchedSnapshot:
 
     def verify_patched(self, name: str, current: Mapping[str, torch.Tensor], patch: Patch) -> None:
         """Apply `patch` to a scratch copy of `current[name]` and check the manifest checksum."""
+        if name not in current:
+            raise ChainError(
+                f"delta {self.manifest.identity!r} patches tensor {name!r}, which the current "
+                "weights lack"
+            )
         scratch = current[name].detach().to("cpu").contiguous().clone()
         patch.apply_(scratch)
         verify_tensor(self.manifest, name, scratch)

@@ -58,11 +58,8 @@ def encode_safetensors(tensors: Mapping[str, RawTensor], metadata: Mapping[str, 
         offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     text += b" " * (-len(text) % _ALIGN_BYTES)
-    out = bytearray(len(text).to_bytes(_HEADER_LEN_BYTES, "little"))
-    out += text
-    for chunk in chunks:
-        out += chunk
-    return bytes(out)
+    # One join: the only copy of the tensor bytes made here.
+    return b"".join([len(text).to_bytes(_HEADER_LEN_BYTES, "little"), text, *chunks])
 
 
 def read_header(data: bytes, where: str) -> tuple[dict[str, Any], int]:
