@@ -23,8 +23,10 @@ SESSION = "0badcafe"
 PROMPT_IDS = [5, 17, 33, 8, 90, 41, 12, 77, 64, 3, 99, 21, 40, 41, 42, 43, 44, 45]
 
 
-def toy_model(seed: int = 0) -> Any:
-    return build_model("tiny", seed=seed, dtype=torch.bfloat16, initializer_range=INIT_RANGE)
+def toy_model(seed: int = 0, **overrides: Any) -> Any:
+    return build_model(
+        "tiny", seed=seed, dtype=torch.bfloat16, initializer_range=INIT_RANGE, **overrides
+    )
 
 
 def snapshot_tensors(model: Any) -> dict[str, torch.Tensor]:
@@ -69,15 +71,20 @@ class Chain:
         identity = f"{name}-{SESSION}"
         new = perturb(self.weights[parent], seed)
         self.manifests[identity] = write_delta(
-            self.root, identity, parent=self.manifests[parent], old=self.weights[parent],
-            new=new, **kwargs,
+            self.root,
+            identity,
+            parent=self.manifests[parent],
+            old=self.weights[parent],
+            new=new,
+            **kwargs,
         )
         self.weights[identity] = new
         return identity
 
 
-def reference_greedy(config: dict[str, Any], weights: dict[str, torch.Tensor],
-                     prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+def reference_greedy(
+    config: dict[str, Any], weights: dict[str, torch.Tensor], prompt: list[int], max_tokens: int
+) -> tuple[list[int], list[float]]:
     """Greedy tokens and their logprobs from a plain `transformers` model holding `weights`."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
@@ -101,9 +108,9 @@ def reference_greedy(config: dict[str, Any], weights: dict[str, torch.Tensor],
 
 
 @contextmanager
-def running_replica(config: ReplicaConfig) -> Iterator[tuple[str, Replica]]:
+def running_replica(config: ReplicaConfig, *, storage: Any = None) -> Iterator[tuple[str, Replica]]:
     """A started replica served by uvicorn in a thread on 127.0.0.1 (a free port)."""
-    replica = Replica(config)
+    replica = Replica(config, storage=storage)
     replica.start()
     server = ServerThread(create_app(replica))
     url = server.start()
@@ -111,3 +118,49 @@ def running_replica(config: ReplicaConfig) -> Iterator[tuple[str, Replica]]:
         yield url, replica
     finally:
         server.stop()
+
+
+def wait_loaded(client: Any, identity: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Poll the hot-load status until the load of `identity` ended; return the replica entry."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = client.get("/hot_load/v1/models/hot_load").json()["replicas"][0]
+        state = status["loading_state"]
+        if state["target_snapshot_identity"] == identity and state["stage"] in ("ready", "error"):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"load of {identity} did not finish: {status}")
+        time.sleep(0.02)
+
+
+def hot_load(client: Any, identity: str, parent: str | None = None, **extra: Any) -> Any:
+    body: dict[str, Any] = {"identity": identity, **extra}
+    if parent is not None:
+        body["incremental_snapshot_metadata"] = {"previous_snapshot_identity": parent}
+    return client.post("/hot_load/v1/models/hot_load", json=body)
+
+
+def greedy(client: Any, prompt: list[int], max_tokens: int = 8, **headers: str) -> dict[str, Any]:
+    r = client.post(
+        "/v1/completions",
+        json={
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "logprobs": 0,
+            "return_token_ids": True,
+        },
+        headers=headers,
+    )
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and torch.equal(a.contiguous().view(torch.int16), b.contiguous().view(torch.int16))
+    )

@@ -68,6 +68,9 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
     ] = None,
     transition: Annotated[str, typer.Option(help="async | sync")] = "async",
     engine: Annotated[str, typer.Option(help="Engine: torch | vllm.")] = "torch",
+    engine_threads: Annotated[
+        int | None, typer.Option(min=1, help="torch engine: intra-op threads per replica.")
+    ] = None,
     state_dir: Annotated[
         Path | None, typer.Option(help="Where ledgers live (default: per deployment, in tmp).")
     ] = None,
@@ -113,6 +116,7 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
                 api_key=api_key,
                 transition=transition,
                 engine=engine,
+                engine_threads=engine_threads,
                 state_dir=state_dir if parent_pid is not None else state_dir / replica_id,
                 model_name=model_name,
                 ready_file=ready_file,
@@ -143,6 +147,7 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
             ("--storage", storage),
             ("--snapshot", snapshot),
             ("--model-dir", model_dir),
+            ("--engine-threads", engine_threads),
             ("--snapshot-name", snapshot_name),
         ):
             if value is not None:
@@ -176,6 +181,7 @@ def _serve_replica(
     api_key: str | None,
     transition: str,
     engine: str,
+    engine_threads: int | None,
     state_dir: Path,
     model_name: str,
     ready_file: Path | None,
@@ -199,6 +205,7 @@ def _serve_replica(
         model_name=model_name,
         transition=transition,  # type: ignore[arg-type]
         engine=engine,
+        engine_options={} if engine_threads is None else {"num_threads": engine_threads},
         api_key=api_key,
         max_body_bytes=max_body_bytes,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from weightsync.errors import InvalidInputError
 from weightsync.identity import validate_identity
@@ -41,6 +41,8 @@ class ReplicaConfig:
     model_name: str = DEFAULT_MODEL_NAME
     transition: Transition = "async"
     engine: str = "torch"
+    #: Keyword options for the engine's constructor (e.g. {"num_threads": 1} for torch).
+    engine_options: dict[str, Any] = field(default_factory=dict)
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 

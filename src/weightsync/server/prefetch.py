@@ -98,9 +98,6 @@ class PrefetchingStorage:
         self.inner.remove(path, recursive=recursive)
 
     def local_path(self, path: str) -> Path | None:
-        # Reads must go through read_bytes so hinted files are served from memory.
-        if self.cached_paths():
-            return None
         return self.inner.local_path(path)
 
 

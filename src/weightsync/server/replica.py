@@ -65,7 +65,7 @@ from weightsync.server.sources import (
 from weightsync.server.swap_lock import SwapLock
 from weightsync.server.tokenizer import TextTokenizer, load_tokenizer
 from weightsync.snapshot import Manifest, SnapshotStore
-from weightsync.storage import open_storage
+from weightsync.storage import Storage, open_storage
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +102,19 @@ class Replica:
         *,
         engine: Engine | None = None,
         metrics: ReplicaMetrics | None = None,
+        storage: Storage | None = None,
     ) -> None:
+        """`engine`/`storage` default to the ones `config` names (tests inject wrappers)."""
         self.config = config
-        self.engine = engine if engine is not None else get_engine(config.engine)
+        self.engine = (
+            engine if engine is not None else get_engine(config.engine, **config.engine_options)
+        )
         self.metrics = metrics if metrics is not None else ReplicaMetrics(CollectorRegistry())
         self.storage: PrefetchingStorage | None = None
         self.store: SnapshotStore | None = None
-        if config.storage is not None:
-            self.storage = PrefetchingStorage(open_storage(config.storage))
+        if storage is not None or config.storage is not None:
+            inner = storage if storage is not None else open_storage(config.storage or "")
+            self.storage = PrefetchingStorage(inner)
             self.store = SnapshotStore(self.storage)
         self.ledger = Ledger(config.state_dir)
         self.tokenizer: TextTokenizer | None = None

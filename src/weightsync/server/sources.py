@@ -73,7 +73,6 @@ def read_model_dir(model_dir: Path, *, dtype: torch.dtype = torch.bfloat16) -> M
 #: Config keys that fix the architecture; a snapshot must agree on every one present.
 ARCHITECTURE_KEYS = (
     "model_type",
-    "architectures",
     "hidden_size",
     "intermediate_size",
     "num_hidden_layers",
@@ -89,6 +88,7 @@ def config_mismatches(served: dict[str, Any], incoming: dict[str, Any]) -> list[
     """Architecture keys on which two HF configs disagree, as `key: served != incoming`."""
     out = []
     for key in ARCHITECTURE_KEYS:
-        if key in served and key in incoming and served[key] != incoming[key]:
+        mine, theirs = served.get(key), incoming.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
             out.append(f"{key}: served {served[key]!r} != snapshot {incoming[key]!r}")
     return out
