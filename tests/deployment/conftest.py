@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from weightsync.deployment import DeploymentManager
+from weightsync.deployment import DeploymentConfig, DeploymentInfo, DeploymentManager
 from weightsync.toymodel import build_model, build_tokenizer
 from weightsync.trainer import TrainingClient
 
@@ -39,21 +39,37 @@ class Snapshots:
         }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def snapshots(tmp_path_factory: pytest.TempPathFactory) -> Snapshots:
     tok_dir = build_tokenizer(tmp_path_factory.mktemp("tok"))
     return Snapshots(tmp_path_factory.mktemp("storage"), tok_dir)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def registry_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("registry")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def manager(registry_dir: Path) -> Iterator[DeploymentManager]:
     mgr = DeploymentManager(registry_dir=registry_dir)
     yield mgr
     for info in mgr.list_deployments():
         mgr.delete(info.deployment_id)
     mgr.close()
+
+
+API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="session")
+def deployment(manager: DeploymentManager, snapshots: Snapshots) -> DeploymentInfo:
+    """The shared deployment `main` (one replica, API key `API_KEY`), started from the base."""
+    config = DeploymentConfig(
+        deployment_id="main",
+        storage=snapshots.storage,
+        snapshot=snapshots.base,
+        api_key=API_KEY,
+        model_name="tiny",
+    )
+    return manager.create_or_get(config)

@@ -5,23 +5,11 @@ from __future__ import annotations
 import psutil
 import pytest
 
+from conftest import API_KEY
 from weightsync.deployment import DeploymentConfig, DeploymentManager
 from weightsync.errors import DeploymentError, DeploymentHTTPError, HotloadRefusedError
 
 pytestmark = pytest.mark.timeout(300)
-API_KEY = "test-key-123"
-
-
-@pytest.fixture(scope="module")
-def deployment(manager, snapshots):
-    config = DeploymentConfig(
-        deployment_id="main",
-        storage=snapshots.storage,
-        snapshot=snapshots.base,
-        api_key=API_KEY,
-        model_name="tiny",
-    )
-    return manager.create_or_get(config)
 
 
 def test_create_or_get_is_idempotent_and_visible_from_another_manager(

@@ -27,12 +27,12 @@ def tokenizer(tok_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def storage_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("snapshots")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base_model_dir(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
     """The untrained tiny model (seed 0) as a Hugging Face directory, in bf16."""
     return save_model_dir(
@@ -42,7 +42,7 @@ def base_model_dir(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> P
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def deploy_mgr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeploymentManager]:
     mgr = DeploymentManager(registry_dir=tmp_path_factory.mktemp("registry"))
     yield mgr
@@ -54,7 +54,7 @@ def deploy_mgr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeploymentM
 _ids = itertools.count()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def start_deployment(
     deploy_mgr: DeploymentManager, storage_dir: Path, base_model_dir: Path
 ) -> Callable[..., str]:
@@ -89,3 +89,9 @@ def make_client(storage_dir: Path, tok_dir: Path) -> Callable[..., TrainingClien
         return client
 
     return make
+
+
+@pytest.fixture(scope="session")
+def shared_deployment(start_deployment: Callable[..., str]) -> str:
+    """One deployment for the tests whose trainers each start with a fresh base."""
+    return start_deployment()

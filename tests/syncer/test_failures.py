@@ -19,9 +19,9 @@ from weightsync.errors import (
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module")
-def deployment_id(start_deployment):
-    return start_deployment()
+@pytest.fixture
+def deployment_id(shared_deployment):
+    return shared_deployment
 
 
 def _syncer(client, deploy_mgr, deployment_id, **kwargs):

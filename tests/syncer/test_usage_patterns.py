@@ -25,9 +25,9 @@ MAX_TOKENS = 8
 LOGPROB_ATOL = 2e-2
 
 
-@pytest.fixture(scope="module")
-def deployment_id(start_deployment):
-    return start_deployment()
+@pytest.fixture
+def deployment_id(shared_deployment):
+    return shared_deployment
 
 
 def _syncer(client, deploy_mgr, deployment_id, **kwargs):

@@ -45,7 +45,7 @@ def _print_json(value: Any) -> None:
 def _status_table(status: dict[str, Any]) -> Table:
     table = Table(title="hot-load status")
     for column in ("replica", "serving", "ready", "stage", "target", "adapters", "error"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for replica in status.get("replicas") or []:
         state = replica.get("loading_state") or {}
         table.add_row(
@@ -97,14 +97,28 @@ def ledger(
         _print_json(result)
         return
     table = Table(title="ledger")
-    columns = sorted({key for entry in result for key in entry if not isinstance(entry[key], dict)})
-    preferred = [c for c in ("identity", "kind", "parent", "result", "pause_s") if c in columns]
-    columns = preferred + [c for c in columns if c not in preferred]
+    present = {key for entry in result for key in entry}
+    columns = [c for c in _LEDGER_COLUMNS if c in present]
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for entry in result:
-        table.add_row(*(str(entry.get(c, "")) for c in columns))
+        table.add_row(*(_cell(entry.get(c)) for c in columns))
     Console().print(table)
+
+
+# The ledger columns worth a glance; --json shows every field.
+_LEDGER_COLUMNS = (
+    "replica_id", "identity", "kind", "parent", "result", "pause_s", "total_s",
+    "bytes_fetched", "finished_at", "error",
+)  # fmt: skip
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 @deploy_app.command("hotload")
@@ -190,7 +204,7 @@ def list_local(
         return
     table = Table(title="local deployments")
     for column in ("deployment", "state", "url", "pid"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for info in infos:
         table.add_row(info.deployment_id, info.state, str(info.url or ""), str(info.pid or ""))
     Console().print(table)
