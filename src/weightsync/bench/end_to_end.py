@@ -73,7 +73,8 @@ def write_seed_model(
     its own parameters are not changed.
     """
     shutil.rmtree(out_dir, ignore_errors=True)
-    model.save_pretrained(out_dir, state_dict=trajectory.initial)  # type: ignore[operator]
+    # save_pretrained drops tied names from the dict it is given: hand it a copy.
+    model.save_pretrained(out_dir, state_dict=dict(trajectory.initial))  # type: ignore[operator]
     for f in tokenizer_dir.iterdir():
         if f.is_file() and f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copyfile(f, out_dir / f.name)

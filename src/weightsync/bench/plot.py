@@ -67,7 +67,7 @@ def write_chart(report: BenchReport, path: str | Path) -> Path:
             values = [float(getattr(e, part)) for e in report.end_to_end]
             ax.bar(names, values, bottom=bottom, label=part.removesuffix("_s"))
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-        ax.set_ylabel("seconds per sync (mean)")
+        ax.set_ylabel("seconds per sync (median)")
         ax.set_title("save_and_hotload, end to end")
         ax.tick_params(axis="x", rotation=30)
         ax.legend(fontsize=8)

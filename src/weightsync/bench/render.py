@@ -26,7 +26,7 @@ def human_bytes(n: float) -> str:
 
 def _table(title: str, markdown: bool) -> Table:
     return Table(
-        title=title,
+        title=f"**{title}**" if markdown else title,
         box=box.MARKDOWN if markdown else box.SIMPLE_HEAVY,
         title_justify="left",
         show_edge=markdown,
@@ -98,8 +98,8 @@ def report_tables(report: BenchReport, *, markdown: bool) -> list[Table]:
     if report.end_to_end:
         full = next((e for e in report.end_to_end if e.checkpoint_type == "base"), None)
         e2e = _table(
-            "End to end: save_and_hotload into a local deployment (mean per sync, first base "
-            "excluded)",
+            "End to end: save_and_hotload into a local deployment (median per sync, first "
+            "base excluded)",
             markdown,
         )
         for col in (

@@ -45,6 +45,9 @@ class CodecRow:
     encode_gbps: float
     decode_gbps: float
     lossless: bool
+    # What the same tensor set encodes to when nothing changed: the codec's
+    # fixed framing (measured for the default codec only; None elsewhere).
+    unchanged_bytes: int | None = None
 
     @property
     def x_smaller(self) -> float:
@@ -74,7 +77,10 @@ class SyncRow:
 
 @dataclass(frozen=True, kw_only=True)
 class EndToEndRow:
-    """One method synced end to end into a local deployment (first base excluded)."""
+    """One method synced end to end into a local deployment (first base excluded).
+
+    The per-sync properties are medians over `syncs`.
+    """
 
     method: str
     codec: str
@@ -87,33 +93,37 @@ class EndToEndRow:
     replica_peak_rss_bytes: int
     lossless: bool
 
-    def _mean(self, attr: str) -> float:
-        values = [float(getattr(s, attr)) for s in self.syncs]
-        return sum(values) / len(values) if values else 0.0
+    def _median(self, attr: str) -> float:
+        # The median: robust to one sync slowed by a neighbour on a shared machine.
+        values = sorted(float(getattr(s, attr)) for s in self.syncs)
+        if not values:
+            return 0.0
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
     @property
     def save_s(self) -> float:
-        return self._mean("save_s")
+        return self._median("save_s")
 
     @property
     def hotload_s(self) -> float:
-        return self._mean("hotload_s")
+        return self._median("hotload_s")
 
     @property
     def warmup_s(self) -> float:
-        return self._mean("warmup_s")
+        return self._median("warmup_s")
 
     @property
     def total_s(self) -> float:
-        return self._mean("total_s")
+        return self._median("total_s")
 
     @property
     def pause_s(self) -> float:
-        return self._mean("pause_s")
+        return self._median("pause_s")
 
     @property
     def payload_bytes(self) -> float:
-        return self._mean("payload_bytes")
+        return self._median("payload_bytes")
 
     @property
     def pause_fraction(self) -> float:
@@ -122,7 +132,7 @@ class EndToEndRow:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         for key in ("save_s", "hotload_s", "warmup_s", "total_s", "pause_s", "payload_bytes"):
-            out[f"mean_{key}"] = getattr(self, key)
+            out[f"median_{key}"] = getattr(self, key)
         out["pause_fraction"] = self.pause_fraction
         return out
 

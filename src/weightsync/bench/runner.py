@@ -2,14 +2,18 @@
 
 Phases (each bounded in memory: at most a few bf16 snapshots alive at once):
 
-1. per learning rate: train `steps_per_lr` AdamW steps from the same initial
-   weights, record each step's change statistics, and measure every method's
-   codec on the last step's snapshot pair;
-2. at the end-to-end learning rate (nearest to 1% changed unless given):
-   train `max(e2e_syncs, intervals)` steps once, measure the interval-sync
-   deltas (initial -> step N) and record the first `e2e_syncs` steps;
-3. replay those steps through every method end to end (`end_to_end.py`);
+1. at the end-to-end learning rate (the smallest unless given: the sparsest
+   updates, nearest to the ~1% changed the end-to-end target names): train
+   `max(steps_per_lr, e2e_syncs, intervals)` AdamW steps once — change
+   statistics and codecs on the first steps, interval-sync deltas (initial ->
+   step N), and a record of the first `e2e_syncs` steps;
+2. every other learning rate: `steps_per_lr` steps from the same initial
+   weights, change statistics per step, every method's codec on the last pair;
+3. replay the recorded steps through every method end to end (`end_to_end.py`);
 4. judge the targets.
+
+Optimizer steps dominate the run's time at the 0.6B shape (tens of seconds
+each on 2 cores), so no step is taken twice.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ import psutil
 import torch
 
 from weightsync.bench.codecs import measure_codec, measure_memcpy_gbps
-from weightsync.bench.config import E2E_TARGET_CHANGED_FRACTION, BenchConfig
+from weightsync.bench.config import BenchConfig
 from weightsync.bench.methods import Method, bench_methods
 from weightsync.bench.report import BenchReport, CodecRow, UpdateRow
 from weightsync.bench.rl_updates import build_bench_model, rl_snapshots
 from weightsync.bench.targets import evaluate_targets
 from weightsync.bench.trajectory import Trajectory, step_changes
-from weightsync.codec import DEFAULT_CODEC
+from weightsync.codec import DEFAULT_CODEC, get_codec
 from weightsync.codec.stats import change_stats
 
 logger = logging.getLogger(__name__)
@@ -65,12 +69,17 @@ def run_bench(config: BenchConfig, *, progress: Progress | None = None) -> Bench
     work_dir = Path(tempfile.mkdtemp(prefix="weightsync-bench-")) if own_work_dir else None
     work_dir = work_dir or Path(config.work_dir)  # type: ignore[arg-type]
     work_dir.mkdir(parents=True, exist_ok=True)
+    e2e_lr = config.e2e_lr if config.e2e_lr is not None else min(config.lrs)
     try:
+        trajectory = _train(
+            config, e2e_lr, methods=methods, report=report, say=say, trajectory=True
+        )
         for lr in config.lrs:
-            _measure_lr(config, lr, methods, report, say)
-        e2e_lr = config.e2e_lr or _nearest_to_target(report)
-        trajectory = _record_trajectory(config, e2e_lr, methods, report, say)
-        if config.end_to_end:
+            if lr != e2e_lr:
+                _train(config, lr, methods=methods, report=report, say=say, trajectory=False)
+        report.updates.sort(key=lambda u: (u.lr, u.step))
+        report.codecs.sort(key=lambda c: c.lr)  # stable: methods keep their order per lr
+        if config.end_to_end and trajectory is not None:
             _run_end_to_end(
                 config,
                 trajectory=trajectory,
@@ -149,6 +158,10 @@ def _codec_row(
     method: Method, old: Snapshot, new: Snapshot, *, lr: float, span: int, update: UpdateRow
 ) -> CodecRow:
     measured = measure_codec(method.codec, old, new)
+    unchanged = None
+    if method.codec == DEFAULT_CODEC:
+        codec = get_codec(method.codec)
+        unchanged = sum(len(codec.encode(t, t)) for t in old.values())
     return CodecRow(
         method=method.name,
         codec=method.codec,
@@ -161,27 +174,8 @@ def _codec_row(
         encode_gbps=measured.encode_gbps,
         decode_gbps=measured.decode_gbps,
         lossless=measured.lossless,
+        unchanged_bytes=unchanged,
     )
-
-
-def _measure_lr(
-    config: BenchConfig, lr: float, methods: list[Method], report: BenchReport, say: Progress
-) -> None:
-    previous: Snapshot | None = None
-    for step, snapshot in enumerate(_snapshots(config, lr, config.steps_per_lr)):
-        say(f"lr {lr:g}: optimizer step {step}/{config.steps_per_lr}")
-        if previous is None:
-            _describe_model(report, snapshot)
-        else:
-            update = _update_row(lr, step, previous, snapshot)
-            report.updates.append(update)
-            if step == config.steps_per_lr:
-                for method in methods:
-                    say(f"lr {lr:g}: codec {method.codec}")
-                    report.codecs.append(
-                        _codec_row(method, previous, snapshot, lr=lr, span=1, update=update)
-                    )
-        previous = snapshot
 
 
 def _describe_model(report: BenchReport, snapshot: Snapshot) -> None:
@@ -192,44 +186,57 @@ def _describe_model(report: BenchReport, snapshot: Snapshot) -> None:
     )
 
 
-def _nearest_to_target(report: BenchReport) -> float:
-    by_lr: dict[float, list[float]] = {}
-    for u in report.updates:
-        by_lr.setdefault(u.lr, []).append(u.changed_fraction)
-    return min(
-        by_lr,
-        key=lambda lr: abs(sum(by_lr[lr]) / len(by_lr[lr]) - E2E_TARGET_CHANGED_FRACTION),
-    )
+def _train(
+    config: BenchConfig,
+    lr: float,
+    *,
+    methods: list[Method],
+    report: BenchReport,
+    say: Progress,
+    trajectory: bool,
+) -> Trajectory | None:
+    """Train at `lr` from the initial weights and measure as the steps come.
 
-
-def _record_trajectory(
-    config: BenchConfig, lr: float, methods: list[Method], report: BenchReport, say: Progress
-) -> Trajectory:
-    """Train at `lr` once: interval-sync deltas, and the steps the e2e section replays."""
-    num_steps = max(config.e2e_syncs, *config.intervals)
+    Steps 1..`steps_per_lr` each give an update row; the last of them gives a
+    codec row per method. With `trajectory`, training continues to
+    `config.trajectory_steps`: every delta method is measured on the interval
+    deltas (initial -> step N), and the first `e2e_syncs` steps are recorded
+    for the end-to-end replay. At most three snapshots are alive at once.
+    """
+    num_steps = config.trajectory_steps if trajectory else config.steps_per_lr
+    keep_previous_until = max(config.steps_per_lr, config.e2e_syncs if trajectory else 0)
     delta_methods = [m for m in methods if not m.is_full_reload]
-    trajectory: Trajectory | None = None
+    recorded: Trajectory | None = None
+    initial: Snapshot | None = None
     previous: Snapshot | None = None
     for step, snapshot in enumerate(_snapshots(config, lr, num_steps)):
-        say(f"trajectory lr {lr:g}: optimizer step {step}/{num_steps}")
-        if trajectory is None:
-            trajectory = Trajectory(lr=lr, initial=snapshot)
-        elif previous is not None and step <= config.e2e_syncs:
-            trajectory.steps.append(step_changes(previous, snapshot))
-        if step in config.intervals and trajectory is not None:
-            update = _update_row(lr, step, trajectory.initial, snapshot)
-            for method in delta_methods:
-                say(f"interval {step} steps: codec {method.codec}")
-                report.intervals.append(
-                    _codec_row(
-                        method, trajectory.initial, snapshot, lr=lr, span=step, update=update
+        say(f"lr {lr:g}: optimizer step {step}/{num_steps}")
+        if initial is None:
+            initial = snapshot
+            _describe_model(report, snapshot)
+            if trajectory:
+                recorded = Trajectory(lr=lr, initial=snapshot)
+        if previous is not None and step <= config.steps_per_lr:
+            update = _update_row(lr, step, previous, snapshot)
+            report.updates.append(update)
+            if step == config.steps_per_lr:
+                for method in methods:
+                    say(f"lr {lr:g}: codec {method.codec}")
+                    report.codecs.append(
+                        _codec_row(method, previous, snapshot, lr=lr, span=1, update=update)
                     )
+        if recorded is not None and previous is not None and step <= config.e2e_syncs:
+            recorded.steps.append(step_changes(previous, snapshot))
+        if recorded is not None and step in config.intervals:
+            span_update = _update_row(lr, step, initial, snapshot)
+            for method in delta_methods:
+                say(f"interval of {step} steps: codec {method.codec}")
+                report.intervals.append(
+                    _codec_row(method, initial, snapshot, lr=lr, span=step, update=span_update)
                 )
-        # Only the last snapshot is needed for the next step's changes.
-        previous = snapshot if step < config.e2e_syncs else None
-    if trajectory is None:
-        raise RuntimeError("rl_snapshots yielded nothing")  # unreachable: it yields >= 1 item
-    return trajectory
+        # The previous snapshot is only needed while per-step changes are measured.
+        previous = snapshot if step < keep_previous_until else None
+    return recorded
 
 
 def _run_end_to_end(

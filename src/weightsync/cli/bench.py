@@ -53,7 +53,9 @@ def bench(  # noqa: PLR0917  (Typer maps parameters to options)
     ] = 3,
     e2e_lr: Annotated[
         float | None,
-        typer.Option(help="learning rate of the end-to-end updates (default: nearest to 1%)"),
+        typer.Option(
+            help="lr of the end-to-end and interval updates (default: the smallest of --lrs)"
+        ),
     ] = None,
     codecs: Annotated[
         str | None,
@@ -69,7 +71,7 @@ def bench(  # noqa: PLR0917  (Typer maps parameters to options)
     engine: Annotated[str, typer.Option(help="deployment engine: torch or vllm")] = "torch",
     seed: Annotated[int, typer.Option(help="seed of the model and the updates")] = 0,
     batch: Annotated[int, typer.Option(help="sequences per optimizer step")] = 4,
-    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 64,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 16,
     work_dir: Annotated[
         Path | None, typer.Option(help="scratch directory for snapshots (default: a temp dir)")
     ] = None,
