@@ -139,3 +139,15 @@ def test_weights_checksums_match_a_snapshot_manifest(model: Any, tmp_path: Path)
     assert checksums["model.norm.weight"] == checksum_tensor(
         manifest.checksum_format, tensors["model.norm.weight"]
     )
+
+
+def test_a_failed_load_keeps_the_served_model(model: Any) -> None:
+    engine = TorchEngine()
+    tensors = snapshot_tensors(model)
+    engine.load_base(model.config.to_dict(), tensors)
+    bigger = model_config("tiny", num_hidden_layers=3).to_dict()
+    with pytest.raises(InvalidInputError, match="missing"):
+        engine.load_base(bigger, tensors)
+    live = engine.named_weights()
+    assert set(live) == set(tensors)
+    assert all(torch.equal(_bits(live[n]), _bits(t)) for n, t in tensors.items())

@@ -7,6 +7,7 @@ The vLLM engine is imported only when asked for, so the core never needs vllm.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -28,13 +29,27 @@ def _torch_engine() -> type[Engine]:
     return TorchEngine
 
 
+def _vllm_installed() -> bool:
+    # A regular package with an origin: a bare `vllm/` directory on sys.path (e.g.
+    # tests/vllm) would otherwise pass as an empty namespace package.
+    try:
+        spec = importlib.util.find_spec("vllm")
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.origin is not None
+
+
 def _vllm_engine() -> type[Engine]:
+    install = "install the vllm extra with scripts/install-vllm.sh, or use the 'torch' engine"
+    if not _vllm_installed():
+        raise UnsupportedOperationError(
+            f"the 'vllm' engine needs vllm, which is not installed; {install}"
+        )
     try:
         module = importlib.import_module("weightsync.server.engines.vllm_engine")
     except ImportError as e:
         raise UnsupportedOperationError(
-            f"the 'vllm' engine is not available ({e}); install the vllm extra with "
-            "scripts/install-vllm.sh, or use the 'torch' engine"
+            f"the 'vllm' engine is not available ({e}); {install}"
         ) from e
     engine_class: type[Engine] = module.VllmEngine
     return engine_class
