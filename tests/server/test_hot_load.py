@@ -178,3 +178,24 @@ def test_restart_recovers_last_verified_snapshot(serve, chain: Chain, tmp_path) 
     assert_serves(client2, replica2, chain, D2)
     entries = client2.get("/hot_load/v1/ledger").json()["replicas"][0]["entries"]
     assert entries[-1]["identity"] == D2 and entries[-1]["recovered"] is True
+
+
+def test_live_weight_checksums_prove_what_is_served(serve, chain: Chain) -> None:
+    from weightsync.codec import checksum_tensor
+
+    client, _ = serve()
+    assert wait_loaded(client, BASE)["current_snapshot_identity"] == BASE
+    assert hot_load(client, D1, BASE).status_code == 200
+    wait_loaded(client, D1)
+    for fmt in ("xxh3_64", "alder32"):
+        doc = client.get("/hot_load/v1/weights", params={"checksum_format": fmt}).json()
+        entry = doc["replicas"][0]
+        assert entry["current_snapshot_identity"] == D1
+        expected = {n: checksum_tensor(fmt, t) for n, t in chain.weights[D1].items()}
+        assert entry["checksums"] == expected
+        # Different from the base's weights: the delta really moved them.
+        base_sums = {n: checksum_tensor(fmt, t) for n, t in chain.weights[BASE].items()}
+        assert entry["checksums"] != base_sums
+    r = client.get("/hot_load/v1/weights", params={"checksum_format": "md5"})
+    assert r.status_code == 400
+    assert "xxh3_64" in r.text

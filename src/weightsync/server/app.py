@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from weightsync import __version__
+from weightsync.codec import DEFAULT_CHECKSUM
 from weightsync.server.http_errors import install_error_handlers
 from weightsync.server.metrics import CONTENT_TYPE_LATEST
 from weightsync.server.middleware import GuardMiddleware, MetricsMiddleware
@@ -25,6 +26,7 @@ HOT_LOAD_PATH = "/hot_load/v1/models/hot_load"
 HINT_PATH = "/hot_load/v1/models/hot_load/hint"
 LEDGER_PATH = "/hot_load/v1/ledger"
 LEDGER_RESET_PATH = "/hot_load/v1/ledger/reset"
+WEIGHTS_PATH = "/hot_load/v1/weights"
 
 
 def create_app(replica: Replica, *, close_replica_on_shutdown: bool = True) -> FastAPI:
@@ -67,6 +69,11 @@ def create_app(replica: Replica, *, close_replica_on_shutdown: bool = True) -> F
     @app.post(HINT_PATH)
     def hot_load_hint(body: HintRequest) -> dict[str, Any]:
         return {"replicas": [replica.hint(body)]}
+
+    @app.get(WEIGHTS_PATH)
+    def weights(checksum_format: str = DEFAULT_CHECKSUM) -> dict[str, Any]:
+        """Checksums of the live weights, computed now: proof of what the replica serves."""
+        return {"replicas": [replica.weights_checksums(checksum_format)]}
 
     @app.get(LEDGER_PATH)
     def ledger() -> dict[str, Any]:

@@ -34,7 +34,13 @@ from prometheus_client import CollectorRegistry
 
 from weightsync import __version__
 from weightsync.errors import DeploymentError
-from weightsync.server.app import HINT_PATH, HOT_LOAD_PATH, LEDGER_PATH, LEDGER_RESET_PATH
+from weightsync.server.app import (
+    HINT_PATH,
+    HOT_LOAD_PATH,
+    LEDGER_PATH,
+    LEDGER_RESET_PATH,
+    WEIGHTS_PATH,
+)
 from weightsync.server.http_errors import error_response, install_error_handlers
 from weightsync.server.metrics import CONTENT_TYPE_LATEST, HttpMetrics
 from weightsync.server.middleware import GuardMiddleware, MetricsMiddleware
@@ -289,6 +295,11 @@ def create_gateway_app(
     @app.post(HINT_PATH)
     async def hint(request: Request) -> JSONResponse:
         return merged(await fan_out("POST", HINT_PATH, request, body=await request.body()))
+
+    @app.get(WEIGHTS_PATH)
+    async def weights(request: Request) -> JSONResponse:
+        query = f"?{request.url.query}" if request.url.query else ""
+        return merged(await fan_out("GET", WEIGHTS_PATH + query, request))
 
     @app.get(LEDGER_PATH)
     async def ledger(request: Request) -> JSONResponse:

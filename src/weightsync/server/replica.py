@@ -636,6 +636,25 @@ class Replica:
         with self._swap_lock.shared():
             yield self._current or ""
 
+    # --- live weights ---------------------------------------------------------
+
+    def weights_checksums(self, checksum_format: str) -> dict[str, Any]:
+        """Checksums of the weights this replica computes with right now, per tensor.
+
+        Taken under the shared side of the swap lock, so the identity and the
+        checksums describe the same weights (no swap can interleave).
+        """
+        fmt = canonical_checksum_name(checksum_format)
+        with self._swap_lock.shared():
+            identity = self._current
+            checksums = self.engine.weights_checksums(fmt)
+        return {
+            "replica_id": self.config.replica_id,
+            "current_snapshot_identity": identity,
+            "checksum_format": fmt,
+            "checksums": checksums,
+        }
+
     # --- ledger -------------------------------------------------------------
 
     def ledger_entries(self) -> list[dict[str, Any]]:
