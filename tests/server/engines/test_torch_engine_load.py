@@ -151,3 +151,17 @@ def test_a_failed_load_keeps_the_served_model(model: Any) -> None:
     live = engine.named_weights()
     assert set(live) == set(tensors)
     assert all(torch.equal(_bits(live[n]), _bits(t)) for n, t in tensors.items())
+
+
+def test_mixed_dtypes_keep_the_snapshot_bits(model: Any) -> None:
+    tensors = snapshot_tensors(model)
+    tensors["model.norm.weight"] = (tensors["model.norm.weight"].float() + 1e-4).contiguous()
+    engine = TorchEngine()
+    engine.load_base(model.config.to_dict(), tensors)
+    live = engine.named_weights()
+    assert live["model.norm.weight"].dtype == torch.float32  # not rounded to bf16
+    assert torch.equal(live["model.norm.weight"], tensors["model.norm.weight"])
+    assert live["model.norm.weight"].data_ptr() == (
+        engine._require_loaded().model.model.norm.weight.data_ptr()
+    )
+    assert live["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
