@@ -1,0 +1,116 @@
+"""A vLLM worker extension: the few calls weightsync makes inside vLLM's worker.
+
+vLLM mixes this class into its worker (`worker_extension_cls`) and reaches the
+methods through `collective_rpc`. It only uses the worker's own in-place reload
+path (`reload_weights`), which re-runs vLLM's per-layer post-processing (on CPU:
+re-packing linear weights for oneDNN/sgl kernels), so what serves afterwards is
+exactly what a fresh start from the same checkpoint would serve.
+
+This module must import without vLLM (it is type-checked and linted with the
+rest of weightsync), so vLLM is only imported inside the methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+logger = logging.getLogger(__name__)
+
+#: What `weightsync_reload` accepts: (name, tensor) pairs when the worker runs in
+#: the engine's process, or safetensors bytes when the call crosses a process.
+WeightsPayload = bytes | list[tuple[str, torch.Tensor]]
+
+
+class WeightsyncWorkerExtension:
+    """Mixed into vLLM's worker class; every method name starts with `weightsync_`."""
+
+    # Attributes of vLLM's worker this extension relies on (declared for mypy).
+    model_runner: Any
+
+    def weightsync_reload(self, payload: WeightsPayload) -> int:
+        """Reload these checkpoint-format tensors in place; return how many were given.
+
+        Every tensor of each vLLM layer touched must be given (e.g. q, k and v for
+        the fused qkv projection): vLLM re-processes a layer only once all of its
+        checkpoint tensors have arrived, and keeps untouched layers as they are.
+        """
+        from vllm.config import set_current_vllm_config
+
+        weights = _as_pairs(payload)
+        model = self.model_runner.get_model()
+        # The CPU kernels' dispatch reads the current vLLM config.
+        with set_current_vllm_config(self.model_runner.vllm_config):
+            self.model_runner.reload_weights(
+                weights_iterator=iter(weights), is_checkpoint_format=True
+            )
+            _reprocess_tied_modules(model, {name for name, _ in weights})
+        return len(weights)
+
+    def weightsync_model_info(self) -> dict[str, Any]:
+        """The loaded model's class, fused-module mapping and parameter names/shapes."""
+        model = self.model_runner.get_model()
+        return {
+            "model_class": type(model).__name__,
+            "packed_modules_mapping": dict(getattr(model, "packed_modules_mapping", {}) or {}),
+            "parameters": {
+                name: (tuple(p.shape), str(p.dtype)) for name, p in model.named_parameters()
+            },
+        }
+
+    def weightsync_read_back(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Copies of the vLLM parameters named exactly like these checkpoint tensors.
+
+        Only parameters that vLLM keeps in checkpoint layout can be compared bit
+        for bit; the caller skips names missing here or whose shape differs
+        (fused or re-packed weights).
+        """
+        params = dict(self.model_runner.get_model().named_parameters())
+        return {
+            name: params[name].detach().to("cpu", copy=True)
+            for name in names
+            if name in params and params[name].numel() > 0
+        }
+
+
+def _reprocess_tied_modules(model: torch.nn.Module, loaded_names: set[str]) -> None:
+    """Re-run post-processing of modules that share a reloaded module's weight.
+
+    With tied embeddings, `lm_head` shares `embed_tokens.weight` but is never
+    loaded itself, so vLLM's reload skips its post-processing; on CPU that step
+    packs the weight into the GEMM kernel's own copy, which would keep serving
+    the old embedding. Re-running it re-packs from the (updated) shared weight.
+    """
+    modules = dict(model.named_modules())
+    loaded_ptrs = set()
+    for name in loaded_names:
+        module_name, _, param_name = name.rpartition(".")
+        module = modules.get(module_name)
+        param = getattr(module, param_name, None) if module is not None else None
+        if isinstance(param, torch.Tensor) and param.numel() > 0:
+            loaded_ptrs.add(param.data_ptr())
+    if not loaded_ptrs:
+        return
+    loaded_modules = {name.rpartition(".")[0] for name in loaded_names}
+    for module_name, module in modules.items():
+        weight = getattr(module, "weight", None)
+        quant_method = getattr(module, "quant_method", None)
+        if (
+            module_name not in loaded_modules
+            and isinstance(weight, torch.Tensor)
+            and weight.numel() > 0
+            and weight.data_ptr() in loaded_ptrs
+            and quant_method is not None
+        ):
+            logger.debug("re-processing %s (shares a reloaded weight)", module_name)
+            quant_method.process_weights_after_loading(module)
+
+
+def _as_pairs(payload: WeightsPayload) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return list(load_safetensors(bytes(payload)).items())
+    return list(payload)

@@ -1,0 +1,60 @@
+"""Shared helpers for the vLLM engine tests: a tie-robust reference check via transformers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from weightsync.server.engines.base import GenerateResult
+from weightsync.toymodel import build_model
+
+#: The toy size vLLM's CPU attention accepts (head size a multiple of 32).
+MODEL_SIZE = "small"
+#: |vLLM logprob - reference logprob| allowed: vLLM computes in bf16 with its own
+#: kernels, the reference in fp32 from the same bf16 weights. Measured <= 0.006 on
+#: this model; serving stale or partly updated weights moves logprobs by > 0.1.
+LOGPROB_TOL = 0.03
+
+PROMPTS: list[list[int]] = [
+    list(range(5, 45)),  # longer than one KV block (32 tokens): exercises the prefix cache
+    [40, 41, 42],
+    [70, 3, 90, 17, 17, 60, 61, 62, 63, 64] * 4,
+]
+
+
+def reference_model(weights: Mapping[str, torch.Tensor]) -> Any:
+    """A transformers model (fp32 compute) holding exactly these bf16 weights."""
+    model = build_model(MODEL_SIZE, seed=0)
+    state = {name: t.float() for name, t in weights.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert set(missing) <= {"lm_head.weight"}, missing
+    model.tie_weights()
+    return model.eval()
+
+
+def check_against_reference(
+    model: Any, prompt: list[int], result: GenerateResult, *, tol: float = LOGPROB_TOL
+) -> None:
+    """Teacher-force vLLM's greedy tokens through the reference and compare.
+
+    Every token vLLM chose must be the reference's argmax up to `tol` (a near
+    tie may go either way in bf16), and every logprob must match within `tol`.
+    """
+    assert result.logprobs is not None
+    assert len(result.token_ids) == len(result.logprobs) > 0
+    ids = torch.tensor([prompt + result.token_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    for i, (token, got) in enumerate(zip(result.token_ids, result.logprobs, strict=True)):
+        row = logprobs[len(prompt) - 1 + i]
+        want = float(row[token])
+        best = float(row.max())
+        assert best - want <= tol, (
+            f"step {i}: vLLM chose {token} ({want:.4f}) but the reference prefers "
+            f"{int(row.argmax())} ({best:.4f})"
+        )
+        assert abs(got - want) <= tol, f"step {i}: logprob {got:.4f} vs reference {want:.4f}"
