@@ -1,7 +1,5 @@
-"""vLLM engine tests: skipped unless vLLM is installed (scripts/test-vllm.sh installs it)."""
+"""vLLM engine tests: each module skips itself unless vLLM is installed.
 
-from __future__ import annotations
-
-import pytest
-
-pytest.importorskip("vllm", reason="the vllm extra is not installed (scripts/install-vllm.sh)")
+`scripts/test-vllm.sh` installs the extra into `.venv-vllm` and runs them; the main
+`.venv` (no vLLM) skips them.
+"""
