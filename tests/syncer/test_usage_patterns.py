@@ -95,9 +95,16 @@ def test_interval_sync_every_n_steps(make_client, deploy_mgr, deployment_id, tok
             synced.append(syncer.save_and_hotload(f"step-{step:05d}"))
             assert syncer.last_timing.checkpoint_type == ("base" if len(synced) == 1 else "delta")
     assert synced == [f"step-00001-{client.session_id}", f"step-00003-{client.session_id}"]
+    # get_sampling_client(name) syncs the current weights first.
+    train_step(client, tokenizer)
+    sampler = syncer.get_sampling_client("final", tokenizer=tokenizer)
+    final = f"final-{client.session_id}"
+    assert syncer.deployed_snapshot == final
+    assert sampler.sample(prompt_token_ids=[5, 6, 7], max_tokens=2)[0].snapshot_identity == final
+    synced.append(final)
     manifest = client.store.read_manifest(synced[1])
     assert manifest.kind == "delta" and manifest.parent == synced[0]
-    _check_serves_trainer_weights(syncer, client, tokenizer, synced[1])
+    _check_serves_trainer_weights(syncer, client, tokenizer, synced[2])
 
 
 def test_split_save_then_warmup_then_hotload(make_client, deploy_mgr, deployment_id, tokenizer):
@@ -116,7 +123,15 @@ def test_split_save_then_warmup_then_hotload(make_client, deploy_mgr, deployment
     delta = syncer.save_only("split-00001", checkpoint_type="delta")
     assert syncer.hotload(delta, checkpoint_type="delta") is True
     assert syncer.last_timing.pause_s is not None
-    _check_serves_trainer_weights(syncer, client, tokenizer, delta)
+    greedy = _check_serves_trainer_weights(syncer, client, tokenizer, delta)
+    # Without a tokenizer, messages go to the chat endpoint: same tokens, same snapshot.
+    [chat] = syncer.get_deployment_sampler().sample(
+        messages=PROMPT, max_tokens=MAX_TOKENS, temperature=0.0
+    )
+    assert chat.snapshot_identity == delta
+    assert chat.token_ids == greedy.token_ids
+    assert chat.logprobs == pytest.approx(greedy.logprobs, abs=1e-4)
+    assert chat.text == tokenizer.decode(chat.token_ids, skip_special_tokens=True)
 
 
 def test_dcp_resume_first_load_is_a_base(make_client, deploy_mgr, deployment_id, tokenizer):
