@@ -93,7 +93,7 @@ def _symbol_capacity(count: int, num_changed: int, k: int) -> int:
 def _encode_chunk(old: np.ndarray, new: np.ndarray, start: int, stop: int) -> _Chunk:
     count = stop - start
     positions = _scratch("positions", count, np.int32)
-    m = int(kernels.find_changes(old, new, start, stop, positions))
+    m = _find_changes(old, new, start, stop, positions)
     if m == 0:
         return _Chunk(mode=MODE_UNCHANGED, k=0, num_changed=0, streams=(b"", b"", b""))
     k = choose_low_bits(count, m)
@@ -127,6 +127,24 @@ def _scratch(name: str, size: int, dtype: type[np.generic]) -> np.ndarray:
         buffer = np.empty(max(size, CHUNK_ELEMENTS), dtype=dtype)
         setattr(_THREAD, name, buffer)
     return buffer
+
+
+def _find_changes(old: np.ndarray, new: np.ndarray, start: int, stop: int, out: np.ndarray) -> int:
+    """Chunk-relative positions where bits differ, written to `out`; returns how many."""
+    itemsize = old.dtype.itemsize
+    lanes = 8 // itemsize
+    whole = (stop - start) // lanes * lanes
+    old_words, new_words = old[start : start + whole], new[start : start + whole]
+    m = 0
+    scanned = start
+    if whole and old_words.ctypes.data % 8 == 0 and new_words.ctypes.data % 8 == 0:
+        m = int(
+            kernels.find_changes_words(
+                old_words.view(np.uint64), new_words.view(np.uint64), lanes, 8 * itemsize, out
+            )
+        )
+        scanned = start + whole
+    return int(kernels.find_changes(old, new, scanned, stop, start, out, m))
 
 
 def _chunk_bounds(n: int) -> list[tuple[int, int]]:
