@@ -16,6 +16,12 @@ import typer
 from weightsync.cli import app
 from weightsync.errors import WeightSyncError
 from weightsync.server.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MODEL_NAME, default_state_root
+from weightsync.server.fetch_policy import (
+    DEFAULT_FETCH_ATTEMPTS,
+    DEFAULT_FETCH_BACKOFF_S,
+    DEFAULT_FETCH_TIMEOUT_S,
+    FetchPolicy,
+)
 
 logger = logging.getLogger("weightsync.serve")
 
@@ -83,6 +89,15 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
     max_body_bytes: Annotated[int, typer.Option(help="Request body limit.")] = (
         DEFAULT_MAX_BODY_BYTES
     ),
+    fetch_attempts: Annotated[
+        int, typer.Option(min=1, help="Tries per storage read during a hot-load (1 = no retry).")
+    ] = DEFAULT_FETCH_ATTEMPTS,
+    fetch_backoff_s: Annotated[
+        float, typer.Option(min=0.0, help="Wait before the first retry (doubles each retry).")
+    ] = DEFAULT_FETCH_BACKOFF_S,
+    fetch_timeout_s: Annotated[
+        float, typer.Option(min=0.001, help="A hot-load's fetch stage fails after this long.")
+    ] = DEFAULT_FETCH_TIMEOUT_S,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
     log_format: Annotated[str, typer.Option(help="text | json")] = "text",
     replica_id: Annotated[str, typer.Option(hidden=True)] = "replica-0",
@@ -121,6 +136,9 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
                 model_name=model_name,
                 ready_file=ready_file,
                 max_body_bytes=max_body_bytes,
+                fetch=FetchPolicy(
+                    attempts=fetch_attempts, backoff_s=fetch_backoff_s, timeout_s=fetch_timeout_s
+                ),
                 log_level=log_level,
                 replica_id=replica_id,
                 parent_pid=parent_pid,
@@ -138,6 +156,12 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
             model_name,
             "--max-body-bytes",
             str(max_body_bytes),
+            "--fetch-attempts",
+            str(fetch_attempts),
+            "--fetch-backoff-s",
+            str(fetch_backoff_s),
+            "--fetch-timeout-s",
+            str(fetch_timeout_s),
             "--log-level",
             log_level,
             "--log-format",
@@ -186,6 +210,7 @@ def _serve_replica(
     model_name: str,
     ready_file: Path | None,
     max_body_bytes: int,
+    fetch: FetchPolicy,
     log_level: str,
     replica_id: str,
     parent_pid: int | None,
@@ -194,6 +219,7 @@ def _serve_replica(
     from weightsync.server.config import ReplicaConfig
     from weightsync.server.replica import Replica
     from weightsync.server.runner import bind_socket, serve
+    from weightsync.server.stage_hooks import stall_hook_from_env
 
     config = ReplicaConfig(
         storage=storage,
@@ -208,10 +234,12 @@ def _serve_replica(
         engine_options={} if engine_threads is None else {"num_threads": engine_threads},
         api_key=api_key,
         max_body_bytes=max_body_bytes,
+        fetch=fetch,
     )
     sock = bind_socket(host, port)  # bind first: a taken port fails before the model loads
     if parent_pid is not None:
         _watch_parent(parent_pid)
-    replica = Replica(config)
+    # The fault-matrix tests' stall hook; the environment is read here, at the CLI edge.
+    replica = Replica(config, on_stage=stall_hook_from_env(os.environ))
     replica.start()
     serve(create_app(replica), sock, ready_file=ready_file, log_level=log_level)

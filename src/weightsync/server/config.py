@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from weightsync.errors import InvalidInputError
 from weightsync.identity import validate_identity
+from weightsync.server.fetch_policy import FetchPolicy
 
 Transition = Literal["async", "sync"]
 TRANSITIONS: tuple[Transition, ...] = ("async", "sync")
@@ -45,6 +46,8 @@ class ReplicaConfig:
     engine_options: dict[str, Any] = field(default_factory=dict)
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Retries of transient storage errors and the time limit of a load's fetch stage.
+    fetch: FetchPolicy = field(default_factory=FetchPolicy)
 
     def __post_init__(self) -> None:
         if (self.snapshot is None) == (self.model_dir is None):

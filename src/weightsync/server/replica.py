@@ -23,6 +23,8 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ from weightsync.errors import (
     ChainError,
     DeploymentError,
     HotloadRefusedError,
+    HotloadTimeoutError,
     InvalidInputError,
     SnapshotCorruptError,
     SwapInProgressError,
@@ -46,6 +49,7 @@ from weightsync.identity import validate_identity
 from weightsync.server.config import ReplicaConfig
 from weightsync.server.engines import get_engine
 from weightsync.server.engines.base import CacheScope, Engine, StepGuard
+from weightsync.server.fetch_policy import RetryingStorage
 from weightsync.server.ledger import Ledger, LedgerEntry, LoadKind, utc_now
 from weightsync.server.metrics import ReplicaMetrics
 from weightsync.server.prefetch import PrefetchingStorage
@@ -62,9 +66,10 @@ from weightsync.server.sources import (
     has_tokenizer,
     read_model_dir,
 )
+from weightsync.server.stage_hooks import StageHook
 from weightsync.server.swap_lock import SwapLock
 from weightsync.server.tokenizer import TextTokenizer, load_tokenizer
-from weightsync.snapshot import Manifest, SnapshotStore
+from weightsync.snapshot import FetchedSnapshot, Manifest, SnapshotStore
 from weightsync.storage import Storage, open_storage
 
 logger = logging.getLogger(__name__)
@@ -103,8 +108,13 @@ class Replica:
         engine: Engine | None = None,
         metrics: ReplicaMetrics | None = None,
         storage: Storage | None = None,
+        on_stage: StageHook | None = None,
     ) -> None:
-        """`engine`/`storage` default to the ones `config` names (tests inject wrappers)."""
+        """`engine`/`storage` default to the ones `config` names (tests inject wrappers).
+
+        `on_stage(stage, identity)` is called from the loader thread as each hot-load
+        stage begins (see `stage_hooks`).
+        """
         self.config = config
         self.engine = (
             engine if engine is not None else get_engine(config.engine, **config.engine_options)
@@ -114,7 +124,7 @@ class Replica:
         self.store: SnapshotStore | None = None
         if storage is not None or config.storage is not None:
             inner = storage if storage is not None else open_storage(config.storage or "")
-            self.storage = PrefetchingStorage(inner)
+            self.storage = PrefetchingStorage(RetryingStorage(inner, config.fetch))
             self.store = SnapshotStore(self.storage)
         self.ledger = Ledger(config.state_dir)
         self.tokenizer: TextTokenizer | None = None
@@ -131,6 +141,7 @@ class Replica:
         self._degraded: str | None = None
         self._last_load: LoadReport | None = None
         self._loader: threading.Thread | None = None
+        self._on_stage = on_stage
 
     # --- startup ------------------------------------------------------------
 
@@ -443,6 +454,32 @@ class Replica:
             self._stage = stage
             self._progress = progress
 
+    def _reached(self, stage: Stage, identity: str) -> None:
+        """Tell the `on_stage` hook (if any) that the load of `identity` began `stage`."""
+        if self._on_stage is not None:
+            self._on_stage(stage, identity)
+
+    def _fetch(self, store: SnapshotStore, identity: str) -> FetchedSnapshot:
+        """`store.fetch(identity)`, failing after the fetch policy's `timeout_s`.
+
+        A read that never returns (a hung connection) cannot be interrupted; its
+        thread is left behind and its result discarded, so the load still ends,
+        loudly, in `error` while the replica keeps serving.
+        """
+        self._reached("fetching", identity)
+        timeout_s = self.config.fetch.timeout_s
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fetch-{identity}")
+        try:
+            return pool.submit(store.fetch, identity).result(timeout=timeout_s)
+        except FutureTimeoutError as e:
+            raise HotloadTimeoutError(
+                f"fetching snapshot {identity!r} from {store.storage.url} did not finish within "
+                f"{timeout_s:g}s (fetch timeout); replica {self.config.replica_id} keeps serving "
+                f"{self._current!r} — check the storage, or raise --fetch-timeout-s"
+            ) from e
+        finally:
+            pool.shutdown(wait=False)
+
     def _run_load(self, manifest: Manifest, policy: CacheResetPolicy) -> None:
         report = LoadReport(identity=manifest.identity, kind=manifest.kind, result="error")
         started_at, started = utc_now(), time.perf_counter()
@@ -513,11 +550,12 @@ class Replica:
     def _load_lora(self, manifest: Manifest, report: LoadReport) -> None:
         store = self._require_store()
         t0 = time.perf_counter()
-        fetched = store.fetch(manifest.identity)
+        fetched = self._fetch(store, manifest.identity)
         report.bytes_fetched = sum(len(b) for b in fetched.files.values())
         t1 = time.perf_counter()
         report.fetch_s = t1 - t0
         self._set_stage("decoding")
+        self._reached("decoding", manifest.identity)
         tensors = fetched.tensors()  # verified against the manifest's checksums
         report.decode_s = time.perf_counter() - t1
         self._set_stage("swapping")
@@ -530,12 +568,13 @@ class Replica:
         store = self._require_store()
         identity = manifest.identity
         t0 = time.perf_counter()
-        fetched = store.fetch(identity)
+        fetched = self._fetch(store, identity)
         report.bytes_fetched = sum(len(b) for b in fetched.files.values())
         t1 = time.perf_counter()
         report.fetch_s = t1 - t0
         live = self.engine.named_weights()
         self._set_stage("decoding", {"done": 0, "total": len(manifest.tensors)})
+        self._reached("decoding", identity)
         patches: dict[str, Patch]
         if manifest.kind == "base":
             # Same architecture (checked at POST): write the new bits densely in place.
@@ -547,6 +586,7 @@ class Replica:
         t2 = time.perf_counter()
         report.decode_s = t2 - t1
         if manifest.kind == "delta":
+            self._reached("verifying", identity)
             for i, (name, patch) in enumerate(patches.items()):
                 self._set_stage("verifying", {"done": i, "total": len(patches)})
                 fetched.verify_patched(name, live, patch)
@@ -554,6 +594,7 @@ class Replica:
         t3 = time.perf_counter()
         report.verify_s = t3 - t2
         self._set_stage("swapping")
+        self._reached("swapping", identity)
         previous = self._current
         with self._swap_lock.exclusive():
             t4 = time.perf_counter()
@@ -567,6 +608,7 @@ class Replica:
             t5 = time.perf_counter()
         report.drain_s, report.pause_s = t4 - t3, t5 - t4
         del patches
+        self._reached("checking", identity)
         mismatched = self._post_swap_mismatches(manifest)
         report.check_s = time.perf_counter() - t5
         if mismatched:
