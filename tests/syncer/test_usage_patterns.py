@@ -15,7 +15,8 @@ from syncer_helpers import (
     train_step,
 )
 
-from weightsync import WeightSyncer
+from weightsync import DEFAULT_CHECKSUM, WeightSyncer
+from weightsync.codec import checksum_tensor
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -75,6 +76,13 @@ def test_on_policy_sync_every_step(make_client, deploy_mgr, deployment_id, token
         assert timing.total_s >= timing.save_s + timing.hotload_s + timing.warmup_s
         assert timing.warmed_up is True and timing.pause_s is not None
         assert timing.payload_bytes > 0 and timing.full_bytes > 0
+        # Lossless: every served tensor's checksum is the trainer's bf16 export's.
+        expected = {
+            name: checksum_tensor(DEFAULT_CHECKSUM, t)
+            for name, t in client.exported_weights().items()
+        }
+        served = deploy_mgr.weights_checksums(deployment_id, checksum_format=DEFAULT_CHECKSUM)
+        assert served and all(checksums == expected for checksums in served.values())
         greedy = _check_serves_trainer_weights(syncer, client, tokenizer, identity)
         if previous is not None:
             assert greedy.logprobs != previous.logprobs  # the new weights really serve

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 HOTLOAD_PATH = "/hot_load/v1/models/hot_load"
 LEDGER_PATH = "/hot_load/v1/ledger"
+WEIGHTS_PATH = "/hot_load/v1/weights"
 ResetPromptCache = bool | Literal["all", "none", "new_session"]
 HotloadOutcome = Literal["ready", "error", "pending"]
 
@@ -433,6 +434,23 @@ class DeploymentManager:
             status=result.status,
             pause_s=result.pause_s,
         )
+
+    def weights_checksums(
+        self, deployment_id: str | None, *, checksum_format: str | None = None
+    ) -> dict[str, dict[str, str]]:
+        """Per replica, the checksum of every live weight tensor, computed by the replica now.
+
+        Compare with `checksum_tensor(fmt, t)` of `TrainingClient.exported_weights()` to
+        prove bit for bit what the deployment serves.
+        """
+        url = self.hotload_url(deployment_id) + WEIGHTS_PATH
+        if checksum_format is not None:
+            url += f"?checksum_format={checksum_format}"
+        body = self._http.get_json(url, headers=self.headers_for(deployment_id))
+        return {
+            str(replica.get("replica_id")): dict(replica.get("checksums") or {})
+            for replica in body.get("replicas") or []
+        }
 
     # --- ledger and warmup -------------------------------------------------------
 
