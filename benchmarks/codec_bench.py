@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per lr")
     parser.add_argument("--codecs", default=",".join(list_codecs()))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timings are best of this many")
     parser.add_argument("--sweep-elements", type=int, default=1 << 23)
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -67,7 +68,9 @@ def main() -> None:
             if step == args.steps and previous is not None:
                 stats = change_stats(previous, snapshot)
                 for codec in codecs:
-                    m = measure_codec(codec, previous, snapshot, threads=args.threads)
+                    m = measure_codec(
+                        codec, previous, snapshot, threads=args.threads, repeats=args.repeats
+                    )
                     row = {
                         "lr": lr,
                         **stats.to_json(),
