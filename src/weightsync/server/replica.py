@@ -586,6 +586,7 @@ class Replica:
         t2 = time.perf_counter()
         report.decode_s = t2 - t1
         if manifest.kind == "delta":
+            self._set_stage("verifying", {"done": 0, "total": len(patches)})
             self._reached("verifying", identity)
             for i, (name, patch) in enumerate(patches.items()):
                 self._set_stage("verifying", {"done": i, "total": len(patches)})
