@@ -166,6 +166,11 @@ class VllmEngine(Engine):
 
         if not tensors:
             raise InvalidInputError("a base needs at least one tensor")
+        if not config.get("architectures"):
+            raise InvalidInputError(
+                "the model config has no 'architectures'; vLLM picks the model class from it "
+                "(e.g. ['Qwen3ForCausalLM']) — save the model with save_pretrained"
+            )
         host = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
         dtype = _model_dtype(host)
         if self.work_root is not None:
