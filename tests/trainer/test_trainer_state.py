@@ -123,3 +123,22 @@ def test_saving_state_to_storage_that_cannot_be_written(tmp_path: Path, model: A
     with pytest.raises(StorageError) as failure:
         client.save_state("blocked")
     assert f"blocked-{client.session_id}" in str(failure.value)
+
+
+def test_a_lora_client_resumes_its_adapter_and_optimizer_exactly(tmp_path: Path) -> None:
+    def lora_client() -> tuple[TrainingClient, torch.optim.Optimizer]:
+        client = TrainingClient(build_model("tiny", seed=0), storage=tmp_path, lora_rank=2)
+        client.model.train()
+        trainable = [p for p in client.model.parameters() if p.requires_grad]
+        client.optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+        return client, client.optimizer
+
+    client, optimizer = lora_client()
+    for step in range(2):
+        train_step(client.model, optimizer, seed=step)
+    location = client.save_state("adapter")
+    expected = [train_step(client.model, optimizer, seed=s) for s in (50, 51)]
+
+    resumed, resumed_optimizer = lora_client()
+    resumed.load_state_with_optimizer(location)
+    assert [train_step(resumed.model, resumed_optimizer, seed=s) for s in (50, 51)] == expected
