@@ -124,6 +124,7 @@ class Rig:
         self.references: dict[str, dict[str, torch.Tensor]] = {}
         self.configs: dict[str, dict[str, Any]] = {}
         self._greedy_cache: dict[str, list[int]] = {}
+        self.api_key: str | None = None
 
     # --- parts -----------------------------------------------------------------
 
@@ -141,9 +142,14 @@ class Rig:
         replica.start()
         self.stack.callback(self.faults.clear)  # release hung reads before the replica closes
         server = ServerThread(create_app(replica))
-        self.url = server.start()
+        url = server.start()
         self.stack.callback(server.stop)
         self.replica = replica
+        self.attach(url)
+
+    def attach(self, url: str) -> None:
+        """Observe the deployment at `url` (a replica in a thread, or a process)."""
+        self.url = url
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
         self.http = self.stack.enter_context(
             httpx.Client(base_url=self.url, timeout=60, headers=headers)
@@ -155,15 +161,21 @@ class Rig:
         self.configs[START_IDENTITY] = start.config.to_dict()
 
     def trainer(
-        self, *, seed: int = 0, **syncer_options: Any
+        self,
+        *,
+        seed: int = 0,
+        mgr: DeploymentManager | None = None,
+        deployment_id: str = "faults",
+        **syncer_options: Any,
     ) -> tuple[TrainingClient, WeightSyncer]:
-        """A training client on the same storage and a syncer to this replica."""
+        """A training client on the same storage and a syncer to this replica (or `mgr`'s)."""
         client = TrainingClient(
             build_model("tiny", seed=seed), storage=str(self.root / "store"),
             tokenizer_dir=self.tokenizer_dir,
         )  # fmt: skip
-        mgr = DeploymentManager(base_url=self.url, api_key=self.api_key, stop_on_exit=False)
-        self.stack.callback(mgr.close)
+        if mgr is None:
+            mgr = DeploymentManager(base_url=self.url, api_key=self.api_key, stop_on_exit=False)
+            self.stack.callback(mgr.close)
         options: dict[str, Any] = dict(
             hotload_timeout=30,
             warmup_retry_interval_s=0.05,
@@ -172,7 +184,7 @@ class Rig:
         )
         options.update(syncer_options)
         syncer = WeightSyncer(
-            policy_client=client, deploy_mgr=mgr, deployment_id="faults", **options
+            policy_client=client, deploy_mgr=mgr, deployment_id=deployment_id, **options
         )
         return client, syncer
 
