@@ -232,7 +232,11 @@ def _read_table(body: memoryview, n: int) -> tuple[list[tuple[int, ...]], int]:
     offset += num_chunks * _ROW.size
     for i, (mode, k, m, *_) in enumerate(rows):
         count = min(CHUNK_ELEMENTS, n - i * CHUNK_ELEMENTS)
-        if mode not in (MODE_UNCHANGED, MODE_SPARSE, MODE_DENSE) or m > count or k > 40:
+        if (
+            mode not in (MODE_UNCHANGED, MODE_SPARSE, MODE_DENSE)
+            or m > count
+            or k > CHUNK_ELEMENTS.bit_length()
+        ):
             raise corrupt(NAME, f"chunk {i} header (mode {mode}, {m} changes, k {k})")
     if offset + sum(sum(r[3:]) for r in rows) != len(body):
         raise corrupt(NAME, "chunk lengths do not add up to the payload size")

@@ -209,8 +209,10 @@ def decode_sparse(  # noqa: PLR0917
             lo = np.int64(acc & low_mask)
             acc >>= np.uint64(k)
             nacc -= k
+        if q > count:
+            return ERR_POSITION
         p = prev + 1 + ((q << k) | lo)
-        if p >= count:
+        if p >= count or p <= prev:
             return ERR_POSITION
         prev = p
         d = cls + 1
