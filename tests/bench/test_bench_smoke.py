@@ -107,6 +107,8 @@ def test_end_to_end_rows(smoke_run: tuple[dict, str, bytes]) -> None:
         assert math.isclose(
             r["median_total_s"], sum(s["total_s"] for s in r["syncs"]) / 2, rel_tol=1e-9
         )
+    # Both methods synced the same recorded steps.
+    assert full["changed_fraction"] == default["changed_fraction"] > 0
     assert {s["checkpoint_type"] for s in full["syncs"]} == {"base"}
     assert {s["checkpoint_type"] for s in default["syncs"]} == {"delta"}
     # A base carries every tensor; a delta of a few percent changed is smaller.

@@ -167,6 +167,8 @@ def run_method(
         codec=method.codec,
         checkpoint_type=method.checkpoint_type,
         lr=trajectory.lr,
+        changed_fraction=sum(trajectory.changed_fraction(s) for s in range(1, num_syncs + 1))
+        / num_syncs,
         syncs=timings,
         first_sync=first,
         trainer_peak_rss_bytes=rss.trainer_peak_bytes,

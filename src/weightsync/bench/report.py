@@ -86,6 +86,7 @@ class EndToEndRow:
     codec: str
     checkpoint_type: str
     lr: float
+    changed_fraction: float  # mean over the synced steps
     syncs: list[SyncRow]
     first_sync: SyncRow
     trainer_peak_rss_bytes: int

@@ -277,4 +277,5 @@ def _run_end_to_end(
             )
     finally:
         del model
+        shutil.rmtree(seed_dir, ignore_errors=True)
         gc.collect()
