@@ -70,7 +70,7 @@ def _table(rows: list[list[str]], title: str) -> Table:
 
 @app.command()
 def demo(  # noqa: PLR0917  (one parameter per CLI option)
-    steps: Annotated[int, typer.Option(help="Training steps (one optimizer step each).")] = 30,
+    steps: Annotated[int, typer.Option(help="Training steps (one optimizer step each).")] = 40,
     model_size: Annotated[
         str, typer.Option("--model-size", help="tiny | small | medium | 0.6b")
     ] = "small",

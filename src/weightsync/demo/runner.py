@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 class DemoConfig:
     """Knobs of the demo; the defaults finish in a few minutes on 2 CPU cores."""
 
-    steps: int = 30
+    steps: int = 40
     model_size: str = "small"
     learning_rate: float = 2e-3
     sync_interval: int = 1
