@@ -196,3 +196,21 @@ def test_s3_storage_paths_use_the_url_scheme(
     assert base.path == f"{s3_bucket_url}/{base.snapshot_name}"
     assert delta.path.startswith("s3://")
     assert_bit_equal(client.store.materialize(delta.snapshot_name), client.exported_weights())
+
+
+def test_export_plan_ties_only_identical_views() -> None:
+    from weightsync.trainer.export import plan_export
+
+    fused = torch.randn(6, 4)
+    plan = plan_export(
+        [
+            ("q", fused[:2]),
+            ("k", fused[2:4]),  # same storage, disjoint: two weights
+            ("q_again", fused[:2]),  # identical view: a tie, dropped
+            ("empty_a", torch.empty(0)),
+            ("empty_b", torch.empty(0)),  # no memory: never a tie
+        ],
+        what="test",
+    )
+    assert plan.names == ["q", "k", "empty_a", "empty_b"]
+    assert plan.dropped_ties == {"q_again": "q"}

@@ -83,6 +83,10 @@ class ExportPlan:
         return list(self.sources)
 
 
+# A storage by its device and base address.
+_StorageKey = tuple[str, int]
+
+
 def plan_export(named_tensors: Iterable[tuple[str, torch.Tensor]], *, what: str) -> ExportPlan:
     """Remove tied duplicates (keeping the first name) and refuse what cannot be exported.
 
@@ -93,14 +97,19 @@ def plan_export(named_tensors: Iterable[tuple[str, torch.Tensor]], *, what: str)
     """
     sources: dict[str, torch.Tensor] = {}
     dropped: dict[str, str] = {}
-    # (storage pointer, offset, shape, stride) -> kept name; identical views are ties.
-    views: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
-    # storage pointer -> names using it, to catch partial overlaps.
-    storages: dict[int, list[str]] = {}
+    # (storage, offset, dtype, shape, stride) -> kept name; identical views are ties.
+    views: dict[tuple[_StorageKey, int, torch.dtype, tuple[int, ...], tuple[int, ...]], str] = {}
+    # storage -> names using it, to catch partial overlaps.
+    storages: dict[_StorageKey, list[str]] = {}
     for name, tensor in named_tensors:
         _check_exportable(name, tensor, what=what)
-        ptr = tensor.untyped_storage().data_ptr()
-        key = (ptr, int(tensor.storage_offset()), tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() == 0:  # holds no memory, so it can alias nothing
+            sources[name] = tensor
+            continue
+        offset = int(tensor.storage_offset())
+        # The storage's base address, without materializing a storage object per tensor.
+        ptr = (str(tensor.device), tensor.data_ptr() - offset * tensor.element_size())
+        key = (ptr, offset, tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
         if key in views:
             dropped[name] = views[key]
             continue
