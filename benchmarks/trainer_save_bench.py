@@ -95,7 +95,8 @@ def main() -> None:
         model = build_model(args.size, seed=0)
         model.train()
         num_params = sum(p.numel() for p in model.parameters())
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        # foreach=False: no temporary copies of every parameter (RAM is the limit here).
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, foreach=False)
         for step in range(args.warmup_steps):
             _adamw_step(model, optimizer, seed=step, seq_len=args.seq_len)
 
