@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from typing import Protocol
 
 import blake3 as blake3_lib
 import crc32c as crc32c_lib
@@ -73,6 +74,44 @@ def checksum_bytes(name: str, data: Buffer | np.ndarray) -> str:
 def checksum_tensor(name: str, tensor: torch.Tensor) -> str:
     """Hex checksum of a tensor's raw little-endian bits (contiguous CPU tensor)."""
     return checksum_bytes(name, bits(tensor.contiguous()).view(np.uint8))
+
+
+class Hasher(Protocol):
+    """An incremental checksum: `update` over consecutive pieces, then `hexdigest`."""
+
+    def update(self, data: Buffer) -> object: ...
+
+    def hexdigest(self) -> str: ...
+
+
+class _Running32:
+    """adler32 / crc32c: a running 32-bit value carried from piece to piece."""
+
+    def __init__(self, step: Callable[[Buffer, int], int], start: int) -> None:
+        self._step = step
+        self._value = start
+
+    def update(self, data: Buffer) -> None:
+        self._value = self._step(data, self._value)
+
+    def hexdigest(self) -> str:
+        return f"{self._value & 0xFFFFFFFF:08x}"
+
+
+def checksum_hasher(name: str) -> Hasher:
+    """A hasher whose digest over consecutive pieces equals `checksum_bytes` of the whole.
+
+    Lets a caller checksum data it never holds in one buffer (e.g. a tensor with a
+    patch applied, chunk by chunk).
+    """
+    resolved = canonical_checksum_name(name)
+    if resolved == "xxh3_64":
+        return xxhash.xxh3_64()
+    if resolved == "adler32":
+        return _Running32(zlib.adler32, 1)
+    if resolved == "crc32c":
+        return _Running32(crc32c_lib.crc32c, 0)
+    return blake3_lib.blake3(max_threads=blake3_lib.blake3.AUTO)
 
 
 def _as_buffer(data: Buffer | np.ndarray) -> Buffer:

@@ -31,7 +31,11 @@ from weightsync.errors import (
 )
 from weightsync.identity import validate_identity
 from weightsync.snapshot import materialize as _materialize
-from weightsync.snapshot.checks import verify_file, verify_tensor, verify_tensors
+from weightsync.snapshot.checks import (
+    verify_file,
+    verify_patched_tensor,
+    verify_tensors,
+)
 from weightsync.snapshot.delta_shard import decode_delta_shard
 from weightsync.snapshot.layout import ADAPTER_CONFIG_FILE, CONFIG_FILE, TOKENIZER_MARKERS
 from weightsync.snapshot.manifest import MANIFEST_FILE, Manifest
@@ -134,9 +138,8 @@ class FetchedSnapshot:
                 f"delta {self.manifest.identity!r} patches tensor {name!r}, which the current "
                 "weights lack"
             )
-        scratch = current[name].detach().to("cpu").contiguous().clone()
-        patch.apply_(scratch)
-        verify_tensor(self.manifest, name, scratch)
+        # Chunk by chunk: no scratch copy of the tensor (see verify_patched_tensor).
+        verify_patched_tensor(self.manifest, name, current[name], patch)
 
 
 class SnapshotStore:
