@@ -67,3 +67,52 @@ def test_verify_patched_tensor_refuses_bad_positions(positions) -> None:
     with pytest.raises(SnapshotCorruptError):
         verify_patched_tensor(_manifest(old, "xxh3_64"), "w", old, Patch(pos, values),
                               chunk_elements=64)  # fmt: skip
+
+
+CHILD = """
+import json, resource, sys
+import numpy as np, torch
+from weightsync.codec import Patch
+from weightsync.codec.bits import bits
+from weightsync.snapshot.checks import verify_patched_tensor
+from weightsync.snapshot.manifest import Manifest, TensorEntry
+rng = np.random.default_rng(0)
+old = torch.from_numpy(rng.integers(0, 1 << 16, 1 << 25, dtype=np.uint16)).view(torch.bfloat16)
+positions = np.unique(rng.integers(0, old.numel(), old.numel() // 100))
+values = rng.integers(0, 1 << 16, positions.size, dtype=np.uint16)
+entry = TensorEntry(shape=tuple(old.shape), dtype="BF16", file="f", checksum=sys.argv[1],
+                    num_changed=None)
+manifest = Manifest(format_version=1, identity="s-1", kind="delta", parent="b-1", base="b-1",
+                    compression_format="full", checksum_format="xxh3_64", tensors={"w": entry},
+                    files={}, session_id=None, created_at="", stats={})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+verify_patched_tensor(manifest, "w", old, Patch(positions, values), chunk_elements=1 << 20)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"grew_kib": after - before, "tensor_kib": old.numel() * 2 // 1024}))
+"""
+
+
+def test_verifying_a_delta_allocates_a_chunk_not_a_tensor(tmp_path) -> None:
+    """The memory property in small, in a fresh process: checking a patched 64 MiB tensor
+    raises the process's peak RSS by about a chunk, not by a copy of the tensor."""
+    import json
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)  # the child's tensor and patch, built the same way
+    new = torch.from_numpy(rng.integers(0, 1 << 16, 1 << 25, dtype=np.uint16)).view(torch.bfloat16)
+    positions = np.unique(rng.integers(0, new.numel(), new.numel() // 100))
+    values = rng.integers(0, 1 << 16, positions.size, dtype=np.uint16)
+    Patch(positions, values).apply_(new)
+    expected = checksum_tensor("xxh3_64", new)
+    del new
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, expected],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["grew_kib"] < report["tensor_kib"] / 4, report
