@@ -92,6 +92,9 @@ class Observation:
     serves_reference_of: str | None  # identity whose reference checksums + completion match
     ledger_last: dict[str, Any] | None
     ledger_ok: list[str] = field(default_factory=list)
+    test: str = field(
+        default_factory=lambda: os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+    )
 
 
 def record(observation: Observation) -> None:
