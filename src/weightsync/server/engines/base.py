@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from weightsync.codec import Patch, checksum_tensor
-from weightsync.errors import UnsupportedOperationError
+from weightsync.errors import InvalidInputError, UnsupportedOperationError
 
 CacheScope = Literal["all", "shared"]
 
@@ -49,6 +49,36 @@ class GenerateResult:
     #: Identity of the snapshot that produced each generated token (same length as token_ids).
     token_snapshots: list[str] = field(default_factory=list)
     num_cached_prompt_tokens: int = 0
+
+
+def check_generate_request(
+    request: GenerateRequest, *, vocab_size: int, max_positions: int | None
+) -> None:
+    """Reject a request no engine can serve (empty or out-of-vocabulary prompt, bad knobs).
+
+    Adapter names are engine-specific and checked by each engine.
+    """
+    prompt = request.prompt_token_ids
+    if not prompt:
+        raise InvalidInputError("the prompt is empty; send at least one token")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidInputError(
+            f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})"
+        )
+    if max_positions is not None and len(prompt) >= max_positions:
+        raise InvalidInputError(
+            f"the prompt has {len(prompt)} tokens; this model takes fewer than "
+            f"{max_positions} (prompt and output together)"
+        )
+    if request.max_tokens < 0:
+        raise InvalidInputError(f"max_tokens must be >= 0, got {request.max_tokens}")
+    if not request.temperature >= 0.0:
+        raise InvalidInputError(f"temperature must be >= 0, got {request.temperature}")
+    if not 0.0 < request.top_p <= 1.0:
+        raise InvalidInputError(f"top_p must be in (0, 1], got {request.top_p}")
+    if request.logprobs is not None and request.logprobs < 0:
+        raise InvalidInputError(f"logprobs must be >= 0 or None, got {request.logprobs}")
 
 
 #: Held around each decoding step; yields the snapshot identity serving that step.

@@ -46,6 +46,7 @@ from weightsync.server.engines.base import (
     GenerateRequest,
     GenerateResult,
     StepGuard,
+    check_generate_request,
 )
 
 logger = logging.getLogger(__name__)
@@ -520,27 +521,9 @@ def _cached_block_count(engine: Any) -> int:
 
 
 def _validate_request(request: GenerateRequest, loaded: _Loaded) -> None:
-    prompt = request.prompt_token_ids
-    if not prompt:
-        raise InvalidInputError("the prompt is empty; send at least one token")
-    bad = [t for t in prompt if not 0 <= t < loaded.vocab_size]
-    if bad:
-        raise InvalidInputError(
-            f"prompt token ids {bad[:5]} are outside the vocabulary [0, {loaded.vocab_size})"
-        )
-    if len(prompt) >= loaded.max_model_len:
-        raise InvalidInputError(
-            f"the prompt has {len(prompt)} tokens; this deployment takes fewer than "
-            f"{loaded.max_model_len} (prompt and output together)"
-        )
-    if request.max_tokens < 0:
-        raise InvalidInputError(f"max_tokens must be >= 0, got {request.max_tokens}")
-    if not request.temperature >= 0.0:
-        raise InvalidInputError(f"temperature must be >= 0, got {request.temperature}")
-    if not 0.0 < request.top_p <= 1.0:
-        raise InvalidInputError(f"top_p must be in (0, 1], got {request.top_p}")
-    if request.logprobs is not None and request.logprobs < 0:
-        raise InvalidInputError(f"logprobs must be >= 0 or None, got {request.logprobs}")
+    check_generate_request(
+        request, vocab_size=loaded.vocab_size, max_positions=loaded.max_model_len
+    )
     if request.adapter is not None:
         raise InvalidInputError(
             f"unknown LoRA adapter {request.adapter!r}: the vllm engine serves no adapters "
