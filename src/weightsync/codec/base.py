@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from weightsync.codec.bits import bits
+from weightsync.codec.patch_kernels import swap_in
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,8 @@ class Patch:
             undo = Patch(None, view.copy())
             view[:] = self.values
             return undo
-        undo = Patch(self.positions, view[self.positions])
-        view[self.positions] = self.values
-        return undo
+        replaced = swap_in(view, self.positions, self.values)
+        return Patch(self.positions, replaced)
 
 
 class Codec(ABC):
