@@ -26,45 +26,43 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
 from weightsync.codec import Patch, canonical_checksum_name, checksum_tensor, get_codec
-from weightsync.codec.bits import bits, dtype_name
+from weightsync.codec.bits import bits
 from weightsync.errors import (
-    ChainError,
     DeploymentError,
     HotloadRefusedError,
     HotloadTimeoutError,
     InvalidInputError,
     SnapshotCorruptError,
     SwapInProgressError,
-    UnsupportedOperationError,
     WeightSyncError,
 )
 from weightsync.identity import validate_identity
+from weightsync.server.admission import check_admissible
 from weightsync.server.config import ReplicaConfig
 from weightsync.server.engines import get_engine
 from weightsync.server.engines.base import CacheScope, Engine, StepGuard
 from weightsync.server.fetch_policy import RetryingStorage
-from weightsync.server.ledger import Ledger, LedgerEntry, LoadKind, utc_now
+from weightsync.server.ledger import Ledger, LedgerEntry, utc_now
+from weightsync.server.load_report import LoadReport
 from weightsync.server.metrics import ReplicaMetrics
 from weightsync.server.prefetch import PrefetchingStorage
 from weightsync.server.schemas import (
     CacheResetPolicy,
     HintRequest,
     HotLoadRequest,
-    IncrementalSnapshotMetadata,
     cache_reset_policy,
 )
 from weightsync.server.sources import (
-    ModelWeights,
-    config_mismatches,
     has_tokenizer,
     read_model_dir,
+    read_start_weights,
 )
 from weightsync.server.stage_hooks import StageHook
 from weightsync.server.swap_lock import SwapLock
@@ -78,24 +76,6 @@ Stage = Literal[
     "idle", "fetching", "decoding", "verifying", "swapping", "checking", "ready", "error"
 ]
 LOADING_STAGES: tuple[Stage, ...] = ("fetching", "decoding", "verifying", "swapping", "checking")
-
-
-@dataclass(kw_only=True)
-class LoadReport:
-    """Timings and size of one load (status `last_load`, ledger, metrics)."""
-
-    identity: str
-    kind: LoadKind
-    result: Literal["ok", "error"]
-    fetch_s: float = 0.0
-    decode_s: float = 0.0
-    verify_s: float = 0.0
-    drain_s: float = 0.0
-    pause_s: float = 0.0
-    check_s: float = 0.0
-    total_s: float = 0.0
-    bytes_fetched: int = 0
-    cache_entries_dropped: int = 0
 
 
 class Replica:
@@ -153,12 +133,12 @@ class Replica:
             logger.info(
                 "recovering %s (%s) from the ledger %s", last.identity, last.kind, self.ledger.path
             )
-            weights = self._read_start_weights(last.identity, last.source)
+            weights = read_start_weights(self.store, last.identity, last.source)
             self.recovered_from_ledger = True
             identity, kind, parent, source = last.identity, last.kind, last.parent, last.source
         elif self.config.snapshot is not None:
             identity = self.config.snapshot
-            weights = self._read_start_weights(identity, self._require_store().storage.url)
+            weights = read_start_weights(self.store, identity, self._require_store().storage.url)
             manifest = self._require_store().read_manifest(identity)
             kind, parent, source = manifest.kind, manifest.parent, self._require_store().storage.url
         else:
@@ -202,25 +182,6 @@ class Replica:
             kind,
             ", recovered from ledger" if self.recovered_from_ledger else "",
             total_s,
-        )
-
-    def _read_start_weights(self, identity: str, source: str) -> ModelWeights:
-        store = self.store
-        if store is None or (Path(source).is_dir() and not store.exists(identity)):
-            return read_model_dir(Path(source))
-        manifest = store.read_manifest(identity)
-        if manifest.kind == "lora":
-            raise InvalidInputError(
-                f"snapshot {identity!r} is a LoRA adapter; start from a base (or delta) snapshot "
-                "and hot-load the adapter"
-            )
-        tensors = store.materialize(identity)
-        chain = store.chain(identity)
-        tokenizer_dir = store.local_tokenizer_dir(chain[0].identity)
-        return ModelWeights(
-            config=store.read_config(identity),
-            tensors=tensors,
-            tokenizer_dir=tokenizer_dir if has_tokenizer(tokenizer_dir) else None,
         )
 
     def _load_adapter_now(self, identity: str) -> None:
@@ -296,7 +257,16 @@ class Replica:
             return early
         store = self._require_store()
         manifest = store.read_manifest(identity)
-        self._check_acceptable(manifest, meta)
+        check_admissible(
+            manifest,
+            meta,
+            replica_id=self.config.replica_id,
+            current=self._current,
+            requires_base=self.ledger.requires_base,
+            engine=self.engine,
+            served_config=self._model_config,
+            read_snapshot_config=lambda: store.read_config(manifest.identity),
+        )
         with self._state:
             # Re-check under the lock: another POST may have started a load meanwhile.
             early = self._idempotent_answer_locked(identity)
@@ -333,90 +303,6 @@ class Replica:
         if identity == self._current or identity in self.engine.loaded_adapters():
             return self._answer("already_serving", identity)
         return None
-
-    def _check_acceptable(
-        self, manifest: Manifest, meta: IncrementalSnapshotMetadata | None
-    ) -> None:
-        identity = manifest.identity
-        fmt = canonical_checksum_name(manifest.checksum_format)
-        if (
-            meta is not None
-            and meta.checksum_format is not None
-            and canonical_checksum_name(meta.checksum_format) != fmt
-        ):
-            raise InvalidInputError(
-                f"checksum_format {meta.checksum_format!r} does not match snapshot "
-                f"{identity!r}, which uses {manifest.checksum_format!r}"
-            )
-        if manifest.kind == "delta":
-            codec = get_codec(manifest.compression_format or "")
-            if meta is not None and meta.compression_format not in (None, codec.name):
-                raise InvalidInputError(
-                    f"compression_format {meta.compression_format!r} does not match snapshot "
-                    f"{identity!r}, which uses {codec.name!r}"
-                )
-            self._check_parent(manifest, meta)
-        elif meta is not None:
-            raise HotloadRefusedError(
-                f"snapshot {identity!r} is a {manifest.kind}, but the request carries "
-                "incremental_snapshot_metadata; send a base or adapter without it"
-            )
-        if manifest.kind == "lora":
-            if type(self.engine).load_adapter is Engine.load_adapter:
-                raise UnsupportedOperationError(
-                    f"engine {self.engine.name!r} cannot load LoRA snapshot {identity!r}; "
-                    "use the torch engine"
-                )
-            return
-        self._check_same_model(manifest)
-
-    def _check_parent(self, manifest: Manifest, meta: IncrementalSnapshotMetadata | None) -> None:
-        identity, current = manifest.identity, self._current
-        if self.ledger.requires_base:
-            raise HotloadRefusedError(
-                f"delta {identity!r} refused: the ledger was reset, so only a base is "
-                "accepted next; save and hot-load a base snapshot"
-            )
-        if current is None:
-            raise HotloadRefusedError(
-                f"delta {identity!r} refused: replica {self.config.replica_id} serves nothing "
-                "yet; hot-load a base first"
-            )
-        claimed = meta.previous_snapshot_identity if meta is not None else manifest.parent
-        for what, parent in (("previous_snapshot_identity", claimed), ("parent", manifest.parent)):
-            if parent != current:
-                raise HotloadRefusedError(
-                    f"delta {identity!r} refused: its {what} is {parent!r} but replica "
-                    f"{self.config.replica_id} serves {current!r}; hot-load the chain in order "
-                    "or start a new chain with a base (WeightSyncer.reset_delta_chain)"
-                )
-
-    def _check_same_model(self, manifest: Manifest) -> None:
-        identity = manifest.identity
-        problems = config_mismatches(
-            self._model_config, self._require_store().read_config(identity)
-        )
-        live = self.engine.named_weights()
-        missing = sorted(set(live) - set(manifest.tensors))
-        extra = sorted(set(manifest.tensors) - set(live))
-        if missing:
-            problems.append(f"tensors missing from the snapshot: {', '.join(missing[:5])}")
-        if extra:
-            problems.append(f"tensors the served model lacks: {', '.join(extra[:5])}")
-        for name, entry in manifest.tensors.items():
-            tensor = live.get(name)
-            if tensor is None:
-                continue
-            if tuple(entry.shape) != tuple(tensor.shape) or entry.dtype != dtype_name(tensor.dtype):
-                problems.append(
-                    f"{name}: served {tuple(tensor.shape)} {dtype_name(tensor.dtype)} != "
-                    f"snapshot {tuple(entry.shape)} {entry.dtype}"
-                )
-        if problems:
-            raise ChainError(
-                f"snapshot {identity!r} does not match the served model "
-                f"({'; '.join(problems[:8])}); start a deployment of that model instead"
-            )
 
     def _require_store(self) -> SnapshotStore:
         if self.store is None:

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from weightsync.errors import InvalidInputError, SnapshotCorruptError
+from weightsync.snapshot import SnapshotStore
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _TIED_HEAD = "lm_head.weight"
@@ -92,3 +93,23 @@ def config_mismatches(served: dict[str, Any], incoming: dict[str, Any]) -> list[
         if mine is not None and theirs is not None and mine != theirs:
             out.append(f"{key}: served {served[key]!r} != snapshot {incoming[key]!r}")
     return out
+
+
+def read_start_weights(store: SnapshotStore | None, identity: str, source: str) -> ModelWeights:
+    """The weights a replica starts from: a snapshot of `store` (materialized), or a model dir."""
+    if store is None or (Path(source).is_dir() and not store.exists(identity)):
+        return read_model_dir(Path(source))
+    manifest = store.read_manifest(identity)
+    if manifest.kind == "lora":
+        raise InvalidInputError(
+            f"snapshot {identity!r} is a LoRA adapter; start from a base (or delta) snapshot "
+            "and hot-load the adapter"
+        )
+    tensors = store.materialize(identity)
+    chain = store.chain(identity)
+    tokenizer_dir = store.local_tokenizer_dir(chain[0].identity)
+    return ModelWeights(
+        config=store.read_config(identity),
+        tensors=tensors,
+        tokenizer_dir=tokenizer_dir if has_tokenizer(tokenizer_dir) else None,
+    )

@@ -1,0 +1,137 @@
+"""What a replica admits: the checks a hot-load request passes before any work starts.
+
+A refused request changes nothing: the replica keeps serving what it had. A delta
+must apply onto exactly what the replica serves (its parent, by identity); after a
+ledger reset only a base is admitted; a base must be the same model (config,
+tensor names, shapes, dtypes) as the one served; a LoRA adapter needs an engine
+that loads adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from weightsync.codec import canonical_checksum_name, get_codec
+from weightsync.codec.bits import dtype_name
+from weightsync.errors import (
+    ChainError,
+    HotloadRefusedError,
+    InvalidInputError,
+    UnsupportedOperationError,
+)
+from weightsync.server.engines.base import Engine
+from weightsync.server.schemas import IncrementalSnapshotMetadata
+from weightsync.server.sources import config_mismatches
+from weightsync.snapshot import Manifest
+
+
+def check_admissible(
+    manifest: Manifest,
+    meta: IncrementalSnapshotMetadata | None,
+    *,
+    replica_id: str,
+    current: str | None,
+    requires_base: bool,
+    engine: Engine,
+    served_config: Mapping[str, Any],
+    read_snapshot_config: Callable[[], Mapping[str, Any]],
+) -> None:
+    """Raise (4xx categories) unless the replica can load `manifest` now.
+
+    `read_snapshot_config` is called only once the cheaper checks passed.
+    """
+    identity = manifest.identity
+    fmt = canonical_checksum_name(manifest.checksum_format)
+    if (
+        meta is not None
+        and meta.checksum_format is not None
+        and canonical_checksum_name(meta.checksum_format) != fmt
+    ):
+        raise InvalidInputError(
+            f"checksum_format {meta.checksum_format!r} does not match snapshot "
+            f"{identity!r}, which uses {manifest.checksum_format!r}"
+        )
+    if manifest.kind == "delta":
+        codec = get_codec(manifest.compression_format or "")
+        if meta is not None and meta.compression_format not in (None, codec.name):
+            raise InvalidInputError(
+                f"compression_format {meta.compression_format!r} does not match snapshot "
+                f"{identity!r}, which uses {codec.name!r}"
+            )
+        _check_parent(
+            manifest, meta, replica_id=replica_id, current=current, requires_base=requires_base
+        )
+    elif meta is not None:
+        raise HotloadRefusedError(
+            f"snapshot {identity!r} is a {manifest.kind}, but the request carries "
+            "incremental_snapshot_metadata; send a base or adapter without it"
+        )
+    if manifest.kind == "lora":
+        if type(engine).load_adapter is Engine.load_adapter:
+            raise UnsupportedOperationError(
+                f"engine {engine.name!r} cannot load LoRA snapshot {identity!r}; "
+                "use the torch engine"
+            )
+        return
+    _check_same_model(manifest, engine, served_config, read_snapshot_config())
+
+
+def _check_parent(
+    manifest: Manifest,
+    meta: IncrementalSnapshotMetadata | None,
+    *,
+    replica_id: str,
+    current: str | None,
+    requires_base: bool,
+) -> None:
+    identity = manifest.identity
+    if requires_base:
+        raise HotloadRefusedError(
+            f"delta {identity!r} refused: the ledger was reset, so only a base is "
+            "accepted next; save and hot-load a base snapshot"
+        )
+    if current is None:
+        raise HotloadRefusedError(
+            f"delta {identity!r} refused: replica {replica_id} serves nothing "
+            "yet; hot-load a base first"
+        )
+    claimed = meta.previous_snapshot_identity if meta is not None else manifest.parent
+    for what, parent in (("previous_snapshot_identity", claimed), ("parent", manifest.parent)):
+        if parent != current:
+            raise HotloadRefusedError(
+                f"delta {identity!r} refused: its {what} is {parent!r} but replica "
+                f"{replica_id} serves {current!r}; hot-load the chain in order "
+                "or start a new chain with a base (WeightSyncer.reset_delta_chain)"
+            )
+
+
+def _check_same_model(
+    manifest: Manifest,
+    engine: Engine,
+    served_config: Mapping[str, Any],
+    snapshot_config: Mapping[str, Any],
+) -> None:
+    identity = manifest.identity
+    problems = config_mismatches(dict(served_config), dict(snapshot_config))
+    live = engine.named_weights()
+    missing = sorted(set(live) - set(manifest.tensors))
+    extra = sorted(set(manifest.tensors) - set(live))
+    if missing:
+        problems.append(f"tensors missing from the snapshot: {', '.join(missing[:5])}")
+    if extra:
+        problems.append(f"tensors the served model lacks: {', '.join(extra[:5])}")
+    for name, entry in manifest.tensors.items():
+        tensor = live.get(name)
+        if tensor is None:
+            continue
+        if tuple(entry.shape) != tuple(tensor.shape) or entry.dtype != dtype_name(tensor.dtype):
+            problems.append(
+                f"{name}: served {tuple(tensor.shape)} {dtype_name(tensor.dtype)} != "
+                f"snapshot {tuple(entry.shape)} {entry.dtype}"
+            )
+    if problems:
+        raise ChainError(
+            f"snapshot {identity!r} does not match the served model "
+            f"({'; '.join(problems[:8])}); start a deployment of that model instead"
+        )
