@@ -63,6 +63,8 @@ def swap_in(view: np.ndarray, positions: np.ndarray, values: np.ndarray) -> np.n
     outside `view` raises `IndexError` and leaves `view` unchanged.
     """
     if positions.size < KERNEL_MIN_ELEMENTS:
+        if positions.size and (int(positions.min()) < 0 or int(positions.max()) >= view.size):
+            raise IndexError(f"patch positions are outside the tensor's {view.size} elements")
         old: np.ndarray = view[positions]
         view[positions] = values
         return old
