@@ -42,3 +42,13 @@ def test_out_of_range_positions_raise_instead_of_writing_outside() -> None:
     with pytest.raises(IndexError, match="outside"):
         swap_in(view, negative, values)
     assert not view.any()
+
+
+def test_warm_up_compiles_every_width_without_touching_real_data() -> None:
+    from weightsync.codec.patch_kernels import warm_up
+
+    warm_up()  # idempotent; a replica calls it while starting
+    view = np.arange(KERNEL_MIN_ELEMENTS, dtype=np.uint32)
+    old = swap_in(view, np.arange(KERNEL_MIN_ELEMENTS, dtype=np.int64), view[::-1].copy())
+    assert np.array_equal(old, np.arange(KERNEL_MIN_ELEMENTS, dtype=np.uint32))
+    assert np.array_equal(view, np.arange(KERNEL_MIN_ELEMENTS, dtype=np.uint32)[::-1])

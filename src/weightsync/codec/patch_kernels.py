@@ -19,8 +19,9 @@ from numba import njit
 
 #: Patches smaller than this use numpy (no JIT compile for tiny tensors).
 KERNEL_MIN_ELEMENTS = 1 << 16
-#: Elements per slice handed to one thread.
-_SLICE_ELEMENTS = 1 << 22
+#: Changed elements per slice handed to one thread: small enough that a single
+#: tensor's patch (often ~100K changes) is spread over both cores.
+_SLICE_ELEMENTS = 1 << 16
 
 _POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="patch")
 
@@ -82,3 +83,15 @@ def swap_in(view: np.ndarray, positions: np.ndarray, values: np.ndarray) -> np.n
         list(_POOL.map(lambda b: _restore_slice(view, positions, old, b[0], b[1]), bounds))
         raise IndexError(f"{bad} patch positions are outside the tensor's {view.size} elements")
     return old
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's on-disk cache) the kernels for every bit width.
+
+    The first call otherwise costs ~0.3 s, which would land inside the first
+    delta's serving pause; a replica calls this while it starts.
+    """
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        view = np.zeros(KERNEL_MIN_ELEMENTS, dtype=dtype)
+        positions = np.arange(KERNEL_MIN_ELEMENTS, dtype=np.int64)
+        swap_in(view, positions, np.ones(KERNEL_MIN_ELEMENTS, dtype=dtype))

@@ -32,7 +32,13 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
-from weightsync.codec import Patch, canonical_checksum_name, checksum_tensor, get_codec
+from weightsync.codec import (
+    Patch,
+    canonical_checksum_name,
+    checksum_tensor,
+    get_codec,
+    patch_kernels,
+)
 from weightsync.codec.bits import bits
 from weightsync.errors import (
     DeploymentError,
@@ -129,6 +135,8 @@ class Replica:
         """Load the starting weights: the ledger's last verified snapshot, else the start source."""
         last, adapters = (None, []) if self.ledger.requires_base else self.ledger.recovery_plan()
         started = time.perf_counter()
+        # Compile the in-place patch kernels now, not inside the first delta's pause.
+        patch_kernels.warm_up()
         if last is not None:
             logger.info(
                 "recovering %s (%s) from the ledger %s", last.identity, last.kind, self.ledger.path
