@@ -1,4 +1,4 @@
-"""The record of one hot-load: timings, pause and bytes (status, ledger, metrics)."""
+"""One hot-load: its stages, and its record of timings, pause and bytes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from weightsync.server.ledger import LoadKind
+
+#: The hot-load state machine's stages (drawn in `replica.py`).
+Stage = Literal[
+    "idle", "fetching", "decoding", "verifying", "swapping", "checking", "ready", "error"
+]
+LOADING_STAGES: tuple[Stage, ...] = ("fetching", "decoding", "verifying", "swapping", "checking")
 
 
 @dataclass(kw_only=True)

@@ -14,6 +14,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from weightsync.identity import validate_identity
+from weightsync.snapshot import SnapshotStore
 from weightsync.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -102,3 +104,19 @@ class PrefetchingStorage:
 
 
 __all__ = ["DEFAULT_PREFETCH_MAX_BYTES", "PrefetchingStorage"]
+
+
+def hint_snapshot(
+    store: SnapshotStore, storage: PrefetchingStorage, identity: str, files: list[str] | None
+) -> tuple[str, list[str]]:
+    """Queue `files` of snapshot `identity` (all its payload files when None) for read-ahead.
+
+    Returns the validated identity and the file names now queued.
+    """
+    identity = validate_identity(identity)
+    names = files if files is not None else list(store.read_manifest(identity).files)
+    paths = []
+    for name in names:
+        validate_identity(name, what="file name")
+        paths.append(f"{identity}/{name}")
+    return identity, [p.split("/", 1)[1] for p in storage.hint(paths)]

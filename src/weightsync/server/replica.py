@@ -28,7 +28,7 @@ from concurrent.futures import TimeoutError as FutureTimeoutError
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -56,9 +56,9 @@ from weightsync.server.engines import get_engine
 from weightsync.server.engines.base import CacheScope, Engine, StepGuard
 from weightsync.server.fetch_policy import RetryingStorage
 from weightsync.server.ledger import Ledger, LedgerEntry, utc_now
-from weightsync.server.load_report import LoadReport
+from weightsync.server.load_report import LOADING_STAGES, LoadReport, Stage
 from weightsync.server.metrics import ReplicaMetrics
-from weightsync.server.prefetch import PrefetchingStorage
+from weightsync.server.prefetch import PrefetchingStorage, hint_snapshot
 from weightsync.server.schemas import (
     CacheResetPolicy,
     HintRequest,
@@ -77,11 +77,6 @@ from weightsync.snapshot import FetchedSnapshot, Manifest, SnapshotStore
 from weightsync.storage import Storage, open_storage
 
 logger = logging.getLogger(__name__)
-
-Stage = Literal[
-    "idle", "fetching", "decoding", "verifying", "swapping", "checking", "ready", "error"
-]
-LOADING_STAGES: tuple[Stage, ...] = ("fetching", "decoding", "verifying", "swapping", "checking")
 
 
 class Replica:
@@ -324,22 +319,11 @@ class Replica:
 
     def hint(self, request: HintRequest) -> dict[str, Any]:
         """Start reading a snapshot's files ahead of its hot-load."""
-        identity = validate_identity(request.identity)
         store = self._require_store()
-        names = request.files
-        if names is None:
-            names = list(store.read_manifest(identity).files)
-        paths = []
-        for name in names:
-            validate_identity(name, what="file name")
-            paths.append(f"{identity}/{name}")
-        assert self.storage is not None  # set together with self.store
-        queued = self.storage.hint(paths)
-        return {
-            "replica_id": self.config.replica_id,
-            "identity": identity,
-            "queued_files": [p.split("/", 1)[1] for p in queued],
-        }
+        if self.storage is None:  # set together with self.store
+            raise InvalidInputError("this replica has no storage to read ahead from")
+        identity, queued = hint_snapshot(store, self.storage, request.identity, request.files)
+        return {"replica_id": self.config.replica_id, "identity": identity, "queued_files": queued}
 
     # --- hot-load: the background run ---------------------------------------
 
