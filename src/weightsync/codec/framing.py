@@ -5,14 +5,21 @@ xxh3_64(8)`, little-endian. The trailer covers every byte before it, so a
 flipped or truncated payload is caught before a single element is decoded
 (`SnapshotCorruptError`), and a payload decoded against a tensor of another
 shape or dtype is refused (`ChainError`) instead of yielding a wrong tensor.
+
+Compressed streams inside a payload are decompressed only through
+`decompress_zstd_capped` / `decompress_zlib_capped`: the output is bounded by
+what the manifest says the tensor holds, never by the size a frame declares,
+so a 65 KB frame that claims 2 GiB is refused after at most the cap is written.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 
 import torch
 import xxhash
+import zstandard
 
 from weightsync.codec.bits import dtype_name
 from weightsync.errors import ChainError, InvalidInputError, SnapshotCorruptError
@@ -94,4 +101,101 @@ def open_payload(
 def corrupt(codec: str, what: str) -> SnapshotCorruptError:
     return SnapshotCorruptError(
         f"{codec} payload is malformed ({what}); re-fetch or re-save the snapshot"
+    )
+
+
+def _bomb(what: str, max_output_bytes: int) -> SnapshotCorruptError:
+    return SnapshotCorruptError(
+        f"{what} decompresses to more than {max_output_bytes} bytes, all that the tensor can "
+        "hold: refused without decoding past that (the payload is corrupt or hostile); re-save "
+        "the snapshot"
+    )
+
+
+def _short(what: str, got: int, expected: int) -> SnapshotCorruptError:
+    return SnapshotCorruptError(
+        f"{what} decompresses to {got} bytes, expected {expected} (truncated or corrupt); "
+        "re-fetch or re-save the snapshot"
+    )
+
+
+def decompress_zstd_capped(
+    data: bytes | bytearray | memoryview, max_output_bytes: int, *, what: str, exact: bool = False
+) -> bytes:
+    """Decompress zstd `data` (one or more frames) into at most `max_output_bytes` bytes.
+
+    Streams: at most the cap plus one byte is ever produced, whatever size a frame
+    header declares. More output than the cap, a malformed stream, or (with
+    `exact=True`) less output than the cap is a `SnapshotCorruptError` naming `what`.
+    A stream cut short yields fewer bytes, so callers that know the size pass `exact`.
+    """
+    if max_output_bytes < 0:
+        raise InvalidInputError(f"max_output_bytes must be >= 0, got {max_output_bytes}")
+    view = memoryview(data).cast("B")
+    try:
+        declared = zstandard.frame_content_size(view) if len(view) >= 4 else -1
+    except zstandard.ZstdError as e:
+        raise SnapshotCorruptError(
+            f"{what} is not a zstd stream ({e}); re-fetch or re-save the snapshot"
+        ) from e
+    if declared > max_output_bytes:  # refused without decoding a byte
+        raise _bomb(what, max_output_bytes)
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(view, read_across_frames=True) as reader:
+            out = reader.read(max_output_bytes + 1)
+            while len(out) <= max_output_bytes:
+                more = reader.read(max_output_bytes + 1 - len(out))
+                if not more:
+                    break
+                out += more
+    except zstandard.ZstdError as e:
+        raise SnapshotCorruptError(
+            f"{what} is not a valid zstd stream ({e}); re-fetch or re-save the snapshot"
+        ) from e
+    if len(out) > max_output_bytes:
+        raise _bomb(what, max_output_bytes)
+    if exact and len(out) != max_output_bytes:
+        raise _short(what, len(out), max_output_bytes)
+    return out
+
+
+def decompress_zlib_capped(
+    data: bytes | bytearray | memoryview,
+    max_output_bytes: int,
+    *,
+    what: str,
+    exact: bool = False,
+    wbits: int = zlib.MAX_WBITS,
+) -> bytes:
+    """`decompress_zstd_capped` for one zlib (or, by `wbits`, raw deflate / gzip) stream.
+
+    A stream that does not end, or is followed by other bytes, is refused too.
+    """
+    if max_output_bytes < 0:
+        raise InvalidInputError(f"max_output_bytes must be >= 0, got {max_output_bytes}")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(data, max_output_bytes + 1)
+    except zlib.error as e:
+        raise SnapshotCorruptError(
+            f"{what} is not a valid zlib stream ({e}); re-fetch or re-save the snapshot"
+        ) from e
+    if len(out) > max_output_bytes:
+        raise _bomb(what, max_output_bytes)
+    if not inflater.eof:
+        raise _short(what, len(out), max_output_bytes) if exact else corrupt_stream(what)
+    if inflater.unused_data:
+        raise SnapshotCorruptError(
+            f"{what} has {len(inflater.unused_data)} bytes after its zlib stream; re-fetch or "
+            "re-save the snapshot"
+        )
+    if exact and len(out) != max_output_bytes:
+        raise _short(what, len(out), max_output_bytes)
+    return out
+
+
+def corrupt_stream(what: str) -> SnapshotCorruptError:
+    return SnapshotCorruptError(
+        f"{what} ends before its compressed stream does (truncated); re-fetch or re-save the "
+        "snapshot"
     )

@@ -15,7 +15,14 @@ import zstandard
 
 from weightsync.codec.base import Codec, Patch
 from weightsync.codec.bits import bits
-from weightsync.codec.framing import check_pair, corrupt, open_payload, pack_header, seal
+from weightsync.codec.framing import (
+    check_pair,
+    corrupt,
+    decompress_zstd_capped,
+    open_payload,
+    pack_header,
+    seal,
+)
 from weightsync.codec.registry import register_codec
 from weightsync.codec.sparse_idx_val import check_positions
 
@@ -60,19 +67,20 @@ class GapZstdCodec(Codec):
         if count > old_bits.size or _COUNTS.size + gaps_bytes > len(body):
             raise corrupt(NAME, f"{count} changes, {gaps_bytes} gap bytes")
         gap_dtype = _gap_dtype(old_bits.size)
-        decompressor = zstandard.ZstdDecompressor()
         split = _COUNTS.size + gaps_bytes
-        try:
-            gaps = decompressor.decompress(
-                body[_COUNTS.size : split], max_output_size=max(1, count * gap_dtype.itemsize)
-            )
-            values = decompressor.decompress(
-                body[split:], max_output_size=max(1, count * old_bits.itemsize)
-            )
-        except zstandard.ZstdError as e:
-            raise corrupt(NAME, str(e)) from e
-        if len(gaps) != count * gap_dtype.itemsize or len(values) != count * old_bits.itemsize:
-            raise corrupt(NAME, f"stream sizes do not match {count} changes")
+        # Both streams are bounded by the change count, itself bounded by the tensor.
+        gaps = decompress_zstd_capped(
+            body[_COUNTS.size : split],
+            count * gap_dtype.itemsize,
+            what=f"{NAME} gap stream of {count} changes",
+            exact=True,
+        )
+        values = decompress_zstd_capped(
+            body[split:],
+            count * old_bits.itemsize,
+            what=f"{NAME} value stream of {count} changes",
+            exact=True,
+        )
         positions = np.cumsum(np.frombuffer(gaps, dtype=gap_dtype), dtype=np.int64)
         check_positions(positions, old_bits.size, NAME)
         return Patch(positions, np.frombuffer(values, dtype=old_bits.dtype).copy())

@@ -40,7 +40,14 @@ import zstandard
 from weightsync.codec import wsdelta_kernels as kernels
 from weightsync.codec.base import Codec, Patch
 from weightsync.codec.bits import bits, uint_dtype
-from weightsync.codec.framing import check_pair, corrupt, open_payload, pack_header, seal
+from weightsync.codec.framing import (
+    check_pair,
+    corrupt,
+    decompress_zstd_capped,
+    open_payload,
+    pack_header,
+    seal,
+)
 from weightsync.codec.registry import register_codec
 
 CHUNK_ELEMENTS = 1 << 22
@@ -266,22 +273,24 @@ def _decode_chunk(
         positions[at : at + m] = np.arange(start, stop, dtype=np.int64)
         values[at : at + m] = np.frombuffer(streams[0], dtype=old.dtype)
         return
-    decompressor = zstandard.ZstdDecompressor()
-    try:
-        sym = np.frombuffer(
-            decompressor.decompress(streams[0], max_output_size=_symbol_capacity(count, m, k)),
+    # The chunk's row bounds both streams: a frame claiming more is refused unread.
+    where = f"{NAME} chunk at element {start}"
+    sym = np.frombuffer(
+        decompress_zstd_capped(
+            streams[0], _symbol_capacity(count, m, k), what=f"{where}: symbol stream"
+        ),
+        dtype=np.uint8,
+    )
+    big = (
+        np.frombuffer(
+            decompress_zstd_capped(
+                streams[2], m * kernels.MAX_VARINT_BYTES, what=f"{where}: magnitude stream"
+            ),
             dtype=np.uint8,
         )
-        big = (
-            np.frombuffer(
-                decompressor.decompress(streams[2], max_output_size=m * kernels.MAX_VARINT_BYTES),
-                dtype=np.uint8,
-            )
-            if len(streams[2])
-            else np.empty(0, dtype=np.uint8)
-        )
-    except zstandard.ZstdError as e:
-        raise corrupt(NAME, f"chunk at element {start}: {e}") from e
+        if len(streams[2])
+        else np.empty(0, dtype=np.uint8)
+    )
     low = np.frombuffer(streams[1], dtype=np.uint8)
     width = old.dtype.itemsize * 8
     status = kernels.decode_sparse(

@@ -12,7 +12,13 @@ import zstandard
 
 from weightsync.codec.base import Codec, Patch
 from weightsync.codec.bits import bits
-from weightsync.codec.framing import check_pair, corrupt, open_payload, pack_header, seal
+from weightsync.codec.framing import (
+    check_pair,
+    decompress_zstd_capped,
+    open_payload,
+    pack_header,
+    seal,
+)
 from weightsync.codec.registry import register_codec
 
 NAME = "xor-zstd"
@@ -34,12 +40,5 @@ class XorZstdCodec(Codec):
     def decode_patch(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:
         body = open_payload(payload, MAGIC, old, NAME)
         old_bits = bits(old.contiguous())
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(
-                body, max_output_size=max(old_bits.nbytes, 1)
-            )
-        except zstandard.ZstdError as e:
-            raise corrupt(NAME, str(e)) from e
-        if len(raw) != old_bits.nbytes:
-            raise corrupt(NAME, f"{len(raw)} XOR bytes for a {old_bits.nbytes}-byte tensor")
+        raw = decompress_zstd_capped(body, old_bits.nbytes, what=f"{NAME} XOR stream", exact=True)
         return Patch(None, np.bitwise_xor(old_bits, np.frombuffer(raw, dtype=old_bits.dtype)))
