@@ -6,6 +6,7 @@ import pytest
 
 from weightsync.errors import InvalidIdentityError, InvalidInputError
 from weightsync.identity import (
+    MAX_IDENTITY_BYTES,
     MAX_IDENTITY_CHARS,
     is_session_id,
     new_session_id,
@@ -16,7 +17,14 @@ from weightsync.identity import (
 
 @pytest.mark.parametrize(
     "identity",
-    ["step-00001-1a2b3c4d", "base", "a.b_c-d", "x" * MAX_IDENTITY_CHARS, "snapshot@v1"],
+    [
+        "step-00001-1a2b3c4d",
+        "base",
+        "a.b_c-d",
+        "x" * MAX_IDENTITY_CHARS,
+        "snapshot@v1",
+        "é" * (MAX_IDENTITY_BYTES // 2),  # exactly the byte limit
+    ],
 )
 def test_valid_identities_are_returned_unchanged(identity: str) -> None:
     assert validate_identity(identity) == identity
@@ -32,6 +40,8 @@ def test_valid_identities_are_returned_unchanged(identity: str) -> None:
         ("a/b", "separator"),
         ("a\\b", "separator"),
         ("x" * (MAX_IDENTITY_CHARS + 1), "characters"),
+        ("é" * 200, "400 UTF-8 bytes"),  # 200 characters, but no filesystem segment fits
+        ("步" * 67, "201 UTF-8 bytes"),
         ("step\x00", "control"),
         ("step\n1", "control"),
         ("step\u202e1", "control"),  # right-to-left override (format character)
@@ -66,3 +76,10 @@ def test_session_identity_qualifies_and_validates() -> None:
     assert session_identity("step-00042", "0a1b2c3d") == "step-00042-0a1b2c3d"
     with pytest.raises(InvalidIdentityError, match="snapshot name"):
         session_identity("a/b", "0a1b2c3d")
+
+
+def test_a_huge_identity_is_not_echoed_whole() -> None:
+    with pytest.raises(InvalidIdentityError) as excinfo:
+        validate_identity("x" * 100_000)
+    message = str(excinfo.value)
+    assert "100000 characters" in message and len(message) < 600
