@@ -91,6 +91,11 @@ class StorageFileNotFoundError(StorageError, FileNotFoundError):
     """A file or directory does not exist in storage."""
 
 
+class StoragePathError(StorageError, InvalidInputError):
+    """A path cannot name a file of this storage (too long or invalid there, or it resolves
+    outside the storage root): bad input, never retried as a transient error."""
+
+
 class UnsupportedOperationError(WeightSyncError, RuntimeError):
     """The component cannot do this (e.g. an engine without LoRA support)."""
 
