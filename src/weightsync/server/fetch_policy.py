@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from weightsync.errors import InvalidInputError, StorageError, StorageFileNotFoundError
+from weightsync.errors import (
+    InvalidInputError,
+    StorageError,
+    StorageFileNotFoundError,
+    StoragePathError,
+)
 from weightsync.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -32,7 +37,8 @@ DEFAULT_FETCH_TIMEOUT_S = 600.0
 class FetchPolicy:
     """Retries of one storage read, and the time limit of a load's whole fetch stage."""
 
-    #: Tries per read (1 = no retry). Only `StorageError`s other than "not found" are retried.
+    #: Tries per read (1 = no retry). Only transient `StorageError`s are retried: never
+    #: "not found" nor a path the storage cannot hold (`StoragePathError`, bad input).
     attempts: int = DEFAULT_FETCH_ATTEMPTS
     #: Wait before the first retry; doubled for each further one.
     backoff_s: float = DEFAULT_FETCH_BACKOFF_S
@@ -52,7 +58,9 @@ class RetryingStorage:
     """A `Storage` whose reads retry transient `StorageError`s (see `FetchPolicy`).
 
     A missing file is not retried: snapshots are immutable and their manifest is
-    written last, so a file the manifest names and storage lacks stays missing.
+    written last, so a file the manifest names and storage lacks stays missing. Nor
+    is a path the storage cannot hold (too long, invalid, leaving the root): asking
+    again cannot make it valid, and it is the caller's mistake, not the storage's.
     """
 
     def __init__(self, inner: Storage, policy: FetchPolicy) -> None:
@@ -65,7 +73,7 @@ class RetryingStorage:
         for attempt in range(1, self.policy.attempts + 1):
             try:
                 return call()
-            except StorageFileNotFoundError:
+            except (StorageFileNotFoundError, StoragePathError):
                 raise
             except StorageError as e:
                 if attempt == self.policy.attempts:

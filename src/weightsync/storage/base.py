@@ -2,15 +2,24 @@
 
 Paths are `/`-separated and relative to the root. Every write is atomic: a reader
 sees either the previous bytes or the new ones, never a partial file. Missing
-files raise `StorageFileNotFoundError`; other failures `StorageError`, naming the URL.
+files raise `StorageFileNotFoundError`; a path the backend cannot hold (too long,
+invalid there, or leaving the root) `StoragePathError` (bad input, never retried);
+other failures `StorageError`, naming the URL.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import pathlib
 from typing import Protocol, runtime_checkable
 
-from weightsync.errors import InvalidInputError
+from weightsync.errors import (
+    InvalidInputError,
+    StorageError,
+    StorageFileNotFoundError,
+    StoragePathError,
+)
 
 
 @runtime_checkable
@@ -62,3 +71,20 @@ def split_path(path: str, *, url: str) -> list[str]:
                 "paths must stay under the storage root"
             )
     return parts
+
+
+# errno values that say the path itself is wrong, not that the storage failed.
+_MISSING_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR})
+_BAD_PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL, errno.EILSEQ})
+
+
+def classify_os_error(error: OSError, action: str, target: str | os.PathLike[str]) -> StorageError:
+    """The storage error for an `OSError` on `target`: missing, a bad path, or other."""
+    if isinstance(error, FileNotFoundError) or error.errno in _MISSING_ERRNOS:
+        return StorageFileNotFoundError(f"{os.fspath(target)} does not exist")
+    if error.errno in _BAD_PATH_ERRNOS:
+        return StoragePathError(
+            f"cannot {action} {os.fspath(target)}: {error.strerror or error}; the name is not "
+            "a valid path on this storage (check the identity and file name)"
+        )
+    return StorageError(f"cannot {action} {os.fspath(target)}: {error}")

@@ -12,8 +12,8 @@ from typing import Any
 
 import fsspec
 
-from weightsync.errors import StorageError, StorageFileNotFoundError
-from weightsync.storage.base import split_path
+from weightsync.errors import StorageError
+from weightsync.storage.base import classify_os_error, split_path
 from weightsync.storage.local_storage import is_temp_name
 
 # Filesystems where one PUT makes an object appear whole (no rename needed or offered).
@@ -52,16 +52,14 @@ class FsspecStorage:
             self.fs.invalidate_cache(target)
             return bool(self.fs.exists(target))
         except OSError as e:
-            raise StorageError(f"cannot check {self.child_url(path)}: {e}") from e
+            raise classify_os_error(e, "check", self.child_url(path)) from e
 
     def read_bytes(self, path: str) -> bytes:
         target = self._path(path)
         try:
             return bytes(self.fs.cat_file(target))
-        except FileNotFoundError as e:
-            raise StorageFileNotFoundError(f"{self.child_url(path)} does not exist") from e
         except OSError as e:
-            raise StorageError(f"cannot read {self.child_url(path)}: {e}") from e
+            raise classify_os_error(e, "read", self.child_url(path)) from e
 
     def write_bytes(self, path: str, data: bytes | memoryview) -> None:
         target = self._path(path)
@@ -76,17 +74,15 @@ class FsspecStorage:
             self.fs.pipe_file(tmp, payload)
             self.fs.mv(tmp, target)
         except OSError as e:
-            raise StorageError(f"cannot write {self.child_url(path)}: {e}") from e
+            raise classify_os_error(e, "write", self.child_url(path)) from e
 
     def list_dir(self, path: str = "") -> list[str]:
         target = self._path(path)
         try:
             self.fs.invalidate_cache(target)
             entries = self.fs.ls(target, detail=False)
-        except FileNotFoundError as e:
-            raise StorageFileNotFoundError(f"{self.child_url(path)} does not exist") from e
         except OSError as e:
-            raise StorageError(f"cannot list {self.child_url(path)}: {e}") from e
+            raise classify_os_error(e, "list", self.child_url(path)) from e
         names = {str(entry).rstrip("/").rpartition("/")[2] for entry in entries}
         names.discard("")
         return sorted(n for n in names if not is_temp_name(n))
@@ -96,10 +92,8 @@ class FsspecStorage:
         try:
             self.fs.invalidate_cache(target)
             return int(self.fs.size(target))
-        except FileNotFoundError as e:
-            raise StorageFileNotFoundError(f"{self.child_url(path)} does not exist") from e
         except OSError as e:
-            raise StorageError(f"cannot stat {self.child_url(path)}: {e}") from e
+            raise classify_os_error(e, "stat", self.child_url(path)) from e
 
     def remove(self, path: str, *, recursive: bool = False) -> None:
         target = self._path(path)
@@ -109,10 +103,8 @@ class FsspecStorage:
             if not self.fs.exists(target):
                 raise FileNotFoundError(target)
             self.fs.rm(target, recursive=recursive)
-        except FileNotFoundError as e:
-            raise StorageFileNotFoundError(f"{self.child_url(path)} does not exist") from e
         except OSError as e:
-            raise StorageError(f"cannot remove {self.child_url(path)}: {e}") from e
+            raise classify_os_error(e, "remove", self.child_url(path)) from e
 
     def local_path(self, path: str) -> pathlib.Path | None:
         return None

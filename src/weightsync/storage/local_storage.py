@@ -1,4 +1,11 @@
-"""Local-directory storage: temp file in the same directory, fsync, `os.replace`."""
+"""Local-directory storage: temp file in the same directory, fsync, `os.replace`.
+
+Every path is resolved (symlinks followed) and must stay inside the root: a link
+in the storage directory that points at `/etc` is refused like `..` is. Errors
+are classified: a missing file is `StorageFileNotFoundError`, a name the
+filesystem cannot hold (too long, a symlink loop) `StoragePathError` (bad input),
+anything else `StorageError`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,8 @@ import pathlib
 import secrets
 import shutil
 
-from weightsync.errors import StorageError, StorageFileNotFoundError
-from weightsync.storage.base import split_path
+from weightsync.errors import StoragePathError
+from weightsync.storage.base import classify_os_error, split_path
 
 _TMP_SUFFIX = ".tmp"
 
@@ -29,23 +36,45 @@ class LocalStorage:
     def __repr__(self) -> str:
         return f"LocalStorage({self.url!r})"
 
-    def _path(self, path: str) -> pathlib.Path:
-        return self.root.joinpath(*split_path(path, url=self.url))
+    def _path(self, path: str, *, follow_last: bool = True) -> pathlib.Path:
+        """The path under the root, refused if it resolves (through symlinks) outside it.
+
+        With `follow_last=False` only its parent must (removing a link removes the link).
+        """
+        target = self.root.joinpath(*split_path(path, url=self.url))
+        try:
+            resolved = (target if follow_last else target.parent).resolve()
+            root = self.root.resolve()
+        except OSError as e:
+            raise classify_os_error(e, "resolve", target) from e
+        if resolved != root and not resolved.is_relative_to(root):
+            raise StoragePathError(
+                f"storage path {path!r} under {self.url} resolves to {resolved}, outside the "
+                "storage root (a symlink leads out); weightsync reads and writes only inside it"
+            )
+        return target
 
     def child_url(self, *parts: str) -> str:
-        return self._path("/".join(parts)).as_posix()
+        return self.root.joinpath(*split_path("/".join(parts), url=self.url)).as_posix()
 
     def exists(self, path: str) -> bool:
-        return self._path(path).exists()
+        target = self._path(path)
+        try:
+            target.stat()
+        except FileNotFoundError:
+            return False
+        except NotADirectoryError:
+            return False
+        except OSError as e:
+            raise classify_os_error(e, "check", target) from e
+        return True
 
     def read_bytes(self, path: str) -> bytes:
         target = self._path(path)
         try:
             return target.read_bytes()
-        except FileNotFoundError as e:
-            raise StorageFileNotFoundError(f"{target} does not exist") from e
         except OSError as e:
-            raise StorageError(f"cannot read {target}: {e}") from e
+            raise classify_os_error(e, "read", target) from e
 
     def write_bytes(self, path: str, data: bytes | memoryview) -> None:
         target = self._path(path)
@@ -60,31 +89,27 @@ class LocalStorage:
             tmp.replace(target)
             _fsync_dir(target.parent)
         except OSError as e:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise StorageError(f"cannot write {target}: {e}") from e
+            raise classify_os_error(e, "write", target) from e
 
     def list_dir(self, path: str = "") -> list[str]:
         target = self._path(path)
         try:
             names = [p.name for p in target.iterdir()]
-        except FileNotFoundError as e:
-            raise StorageFileNotFoundError(f"{target} does not exist") from e
         except OSError as e:
-            raise StorageError(f"cannot list {target}: {e}") from e
+            raise classify_os_error(e, "list", target) from e
         return sorted(n for n in names if not is_temp_name(n))
 
     def size_bytes(self, path: str) -> int:
         target = self._path(path)
         try:
             return target.stat().st_size
-        except FileNotFoundError as e:
-            raise StorageFileNotFoundError(f"{target} does not exist") from e
         except OSError as e:
-            raise StorageError(f"cannot stat {target}: {e}") from e
+            raise classify_os_error(e, "stat", target) from e
 
     def remove(self, path: str, *, recursive: bool = False) -> None:
-        target = self._path(path)
+        target = self._path(path, follow_last=False)
         try:
             if target.is_dir() and not target.is_symlink():
                 if recursive:
@@ -93,10 +118,8 @@ class LocalStorage:
                     target.rmdir()
             else:
                 target.unlink()
-        except FileNotFoundError as e:
-            raise StorageFileNotFoundError(f"{target} does not exist") from e
         except OSError as e:
-            raise StorageError(f"cannot remove {target}: {e}") from e
+            raise classify_os_error(e, "remove", target) from e
 
     def local_path(self, path: str) -> pathlib.Path | None:
         return self._path(path)
