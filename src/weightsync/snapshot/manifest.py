@@ -1,8 +1,10 @@
 """The manifest `weightsync.json`: what a snapshot is, and the checksums that prove it.
 
-A manifest is parsed strictly: an unknown `format_version`, a missing or mistyped
-field, or an unknown kind is a `SnapshotCorruptError` naming the snapshot, so a
-reader never acts on a manifest it does not fully understand.
+A manifest is parsed strictly: an unknown `format_version` (`true` is not `1`),
+a missing or mistyped field (a string where an int belongs, a negative size), or
+an unknown kind is a `SnapshotCorruptError` naming the snapshot and the key, so
+a reader never acts on a manifest it does not fully understand. A manifest is
+at most `MAX_MANIFEST_BYTES`, checked before it is read.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from weightsync.identity import validate_identity
 MANIFEST_FILE = "weightsync.json"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = frozenset({FORMAT_VERSION})
+#: A manifest larger than this is refused unread: ~250 bytes per tensor fits 200 000
+#: tensors, far beyond any checkpoint, while a parse costs ~5x its size in memory.
+MAX_MANIFEST_BYTES = 64 * 1024**2
 
 SnapshotKind = Literal["base", "delta", "lora"]
 SNAPSHOT_KINDS: tuple[SnapshotKind, ...] = ("base", "delta", "lora")
@@ -94,9 +99,12 @@ class Manifest:
         return (json.dumps(doc, indent=2, ensure_ascii=True) + "\n").encode("ascii")
 
     @classmethod
-    def from_json_bytes(cls, data: bytes, *, identity: str) -> Manifest:
+    def from_json_bytes(
+        cls, data: bytes, *, identity: str, max_bytes: int = MAX_MANIFEST_BYTES
+    ) -> Manifest:
         """Parse and validate; `identity` is the directory the manifest was read from."""
         where = f"manifest of snapshot {identity!r}"
+        check_manifest_size(len(data), identity=identity, max_bytes=max_bytes)
         try:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -104,6 +112,16 @@ class Manifest:
         if not isinstance(doc, dict):
             raise SnapshotCorruptError(f"{where} must be a JSON object")
         return _parse(doc, identity=identity, where=where)
+
+
+def check_manifest_size(size_bytes: int, *, identity: str, max_bytes: int) -> None:
+    """Refuse a manifest over `max_bytes` (before reading it, when the size is known)."""
+    if size_bytes > max_bytes:
+        raise SnapshotCorruptError(
+            f"manifest of snapshot {identity!r} ({identity}/{MANIFEST_FILE}) is {size_bytes} "
+            f"bytes, over the limit of {max_bytes}; a real manifest is ~250 bytes per tensor — "
+            "the snapshot is corrupt or hostile (re-save it)"
+        )
 
 
 def _tensor_doc(e: TensorEntry) -> dict[str, Any]:
@@ -120,7 +138,8 @@ def _tensor_doc(e: TensorEntry) -> dict[str, Any]:
 
 def _parse(doc: dict[str, Any], *, identity: str, where: str) -> Manifest:
     version = doc.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
+    # `True == 1` in Python: a bool must not pass for the version number.
+    if isinstance(version, bool) or version not in SUPPORTED_FORMAT_VERSIONS:
         raise SnapshotCorruptError(
             f"{where} has format_version {version!r}; this weightsync reads "
             f"{sorted(SUPPORTED_FORMAT_VERSIONS)} (upgrade weightsync to read newer snapshots)"
@@ -164,10 +183,7 @@ def _parse(doc: dict[str, Any], *, identity: str, where: str) -> Manifest:
     if kind == "base" and base != identity:
         raise SnapshotCorruptError(f"{where} is a base but its base field is {base!r}")
     files = {
-        name: FileEntry(
-            size_bytes=_get(entry, "size_bytes", int, f"{where}, file {name!r}"),
-            checksum=_get(entry, "checksum", str, f"{where}, file {name!r}"),
-        )
+        name: _parse_file(entry, where=f"{where}, file {name!r}")
         for name, entry in _get_dict(doc, "files", where).items()
     }
     for name in files:
@@ -192,14 +208,25 @@ def _parse(doc: dict[str, Any], *, identity: str, where: str) -> Manifest:
     )
 
 
+def _parse_file(entry: object, *, where: str) -> FileEntry:
+    if not isinstance(entry, dict):
+        raise SnapshotCorruptError(f"{where} must be a JSON object, got {type(entry).__name__}")
+    size = _get(entry, "size_bytes", int, where)
+    if size < 0:
+        raise SnapshotCorruptError(f"{where}: field 'size_bytes' is negative ({size})")
+    return FileEntry(size_bytes=size, checksum=_get(entry, "checksum", str, where))
+
+
 def _parse_tensor(
     entry: object, *, kind: str, files: dict[str, FileEntry], where: str
 ) -> TensorEntry:
     if not isinstance(entry, dict):
-        raise SnapshotCorruptError(f"{where} must be a JSON object")
+        raise SnapshotCorruptError(f"{where} must be a JSON object, got {type(entry).__name__}")
     shape = _get(entry, "shape", list, where)
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise SnapshotCorruptError(f"{where} has a malformed shape {shape!r}")
+        raise SnapshotCorruptError(
+            f"{where}: field 'shape' must be a list of non-negative ints, got {shape!r:.80}"
+        )
     dtype = _get(entry, "dtype", str, where)
     if kind != "lora" and dtype not in SUPPORTED_DTYPES:
         raise SnapshotCorruptError(
@@ -208,13 +235,19 @@ def _parse_tensor(
     file = _get(entry, "file", str, where)
     if file not in files:
         raise SnapshotCorruptError(f"{where} lives in {file!r}, which the manifest does not list")
-    return TensorEntry(
+    tensor = TensorEntry(
         shape=tuple(shape),
         dtype=dtype,
         file=file,
         checksum=_get(entry, "checksum", str, where),
         num_changed=_get_optional(entry, "num_changed", int, where),
     )
+    if tensor.num_changed is not None and not 0 <= tensor.num_changed <= tensor.num_elements:
+        raise SnapshotCorruptError(
+            f"{where}: field 'num_changed' is {tensor.num_changed}, outside 0.."
+            f"{tensor.num_elements} (the tensor's elements)"
+        )
+    return tensor
 
 
 def _check_file_name(name: str, where: str) -> None:
@@ -227,6 +260,8 @@ def _check_file_name(name: str, where: str) -> None:
 
 
 def _get(doc: dict[str, Any], key: str, typ: type, where: str) -> Any:
+    if not isinstance(doc, dict):
+        raise SnapshotCorruptError(f"{where} must be a JSON object, got {type(doc).__name__}")
     if key not in doc:
         raise SnapshotCorruptError(f"{where} lacks the field {key!r}")
     value = doc[key]

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load as load_torch
 
@@ -38,11 +41,20 @@ from weightsync.snapshot.checks import (
 )
 from weightsync.snapshot.delta_shard import decode_delta_shard
 from weightsync.snapshot.layout import ADAPTER_CONFIG_FILE, CONFIG_FILE, TOKENIZER_MARKERS
-from weightsync.snapshot.manifest import MANIFEST_FILE, Manifest
+from weightsync.snapshot.manifest import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    check_manifest_size,
+)
 from weightsync.storage import Storage, open_storage
 
 # Payload files are read concurrently: object stores answer many GETs at once.
 _READ_THREADS = 8
+#: Parsed manifests kept per store, at most this many and this many bytes of manifest
+#: (a parsed manifest takes ~5x its file's size in memory).
+MANIFEST_CACHE_ENTRIES = 8
+MANIFEST_CACHE_BYTES = 64 * 1024**2
 
 
 @dataclass
@@ -145,8 +157,20 @@ class FetchedSnapshot:
 class SnapshotStore:
     """The snapshots under one storage root."""
 
-    def __init__(self, storage: Storage | str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        storage: Storage | str | os.PathLike[str],
+        *,
+        max_manifest_bytes: int = MAX_MANIFEST_BYTES,
+    ) -> None:
+        """`max_manifest_bytes`: a larger manifest is refused before it is read."""
         self.storage: Storage = open_storage(storage)
+        self.max_manifest_bytes = max_manifest_bytes
+        # identity -> (xxh3 of the manifest's bytes, parsed manifest), least recently used
+        # first. Hashing the bytes is ~100x cheaper than parsing them, and unlike a size
+        # or a timestamp it cannot miss a snapshot deleted and re-saved under its name.
+        self._manifests: OrderedDict[str, tuple[bytes, int, Manifest]] = OrderedDict()
+        self._manifests_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"SnapshotStore({self.storage.url!r})"
@@ -167,10 +191,17 @@ class SnapshotStore:
         return self.storage.child_url(validate_identity(identity))
 
     def read_manifest(self, identity: str) -> Manifest:
-        """Parse and validate the manifest; `SnapshotNotFoundError` if there is none."""
+        """Parse and validate the manifest; `SnapshotNotFoundError` if there is none.
+
+        Its size is checked first (over `max_manifest_bytes`: `SnapshotCorruptError`,
+        nothing read); bytes already parsed are not parsed again (the last few kept).
+        """
         validate_identity(identity)
+        path = _manifest_path(identity)
         try:
-            data = self.storage.read_bytes(_manifest_path(identity))
+            size = self.storage.size_bytes(path)
+            check_manifest_size(size, identity=identity, max_bytes=self.max_manifest_bytes)
+            data = self.storage.read_bytes(path)
         except StorageFileNotFoundError as e:
             incomplete = self.storage.exists(identity)
             detail = (
@@ -182,7 +213,23 @@ class SnapshotStore:
                 f"no snapshot {identity!r} in {self.storage.url}: {detail}; "
                 "list the snapshots with `weightsync snapshot list`"
             ) from e
-        return Manifest.from_json_bytes(data, identity=identity)
+        digest = xxhash.xxh3_128_digest(data)
+        with self._manifests_lock:
+            cached = self._manifests.get(identity)
+            if cached is not None and cached[0] == digest:
+                self._manifests.move_to_end(identity)
+                return cached[2]
+        manifest = Manifest.from_json_bytes(
+            data, identity=identity, max_bytes=self.max_manifest_bytes
+        )
+        with self._manifests_lock:
+            self._manifests[identity] = (digest, len(data), manifest)
+            self._manifests.move_to_end(identity)
+            while len(self._manifests) > MANIFEST_CACHE_ENTRIES or (
+                sum(size for _, size, _ in self._manifests.values()) > MANIFEST_CACHE_BYTES
+            ):
+                self._manifests.popitem(last=False)
+        return manifest
 
     def read_file(self, manifest: Manifest, name: str) -> bytes:
         """One file of a snapshot, checked against its manifest entry."""
