@@ -2,9 +2,12 @@
 
 A refused request changes nothing: the replica keeps serving what it had. A delta
 must apply onto exactly what the replica serves (its parent, by identity); after a
-ledger reset only a base is admitted; a base must be the same model (config,
-tensor names, shapes, dtypes) as the one served; a LoRA adapter needs an engine
-that loads adapters.
+ledger reset only a base is admitted; a base (or delta) must be the same model as
+the one served: every config key that changes outputs (`rms_norm_eps`,
+`rope_theta`, `eos_token_id`, ... — see `sources.config_mismatches`), tensor
+names, shapes, dtypes; a differing one is refused naming the keys (the replica
+never rebuilds its model on a hot-load). A LoRA adapter needs an engine that
+loads adapters.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from weightsync.errors import (
     UnsupportedOperationError,
 )
 from weightsync.server.engines.base import Engine
-from weightsync.server.schemas import IncrementalSnapshotMetadata
 from weightsync.server.sources import config_mismatches
 from weightsync.snapshot import Manifest
+from weightsync.wire import IncrementalSnapshotMetadata
 
 
 def check_admissible(

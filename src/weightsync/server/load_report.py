@@ -1,26 +1,46 @@
-"""One hot-load: its stages, and its record of timings, pause and bytes."""
+"""One load: its stages, and its record (what, from where, result, timings, pause, bytes).
+
+The record is the single description of a load: `LoadPipeline` fills it, status
+reports it as `last_load`, and the ledger stores it whole (`LedgerEntry.load`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
-from weightsync.server.ledger import LoadKind
-
-#: The hot-load state machine's stages (drawn in `replica.py`).
+#: The hot-load state machine's stages (drawn in `load_pipeline.py`).
 Stage = Literal[
     "idle", "fetching", "decoding", "verifying", "swapping", "checking", "ready", "error"
 ]
 LOADING_STAGES: tuple[Stage, ...] = ("fetching", "decoding", "verifying", "swapping", "checking")
 
+LoadKind = Literal["base", "delta", "lora"]
+LoadResult = Literal["ok", "error"]
+#: Where a load's weights were read from: a snapshot storage, or a Hugging Face model directory.
+SourceKind = Literal["storage", "model_dir"]
+#: Fields of `LoadReport` that are seconds (one per stage, plus the whole load).
+TIMING_FIELDS = ("fetch_s", "decode_s", "verify_s", "drain_s", "pause_s", "check_s", "total_s")
+
 
 @dataclass(kw_only=True)
 class LoadReport:
-    """Timings and size of one load (status `last_load`, ledger, metrics)."""
+    """One load attempt: identity, origin, result and error, per-stage seconds and bytes.
+
+    `source` is the storage URL (`source_kind="storage"`) or the model directory
+    (`"model_dir"`); `weights_fingerprint` is the checksum of the per-tensor
+    checksums of a model directory's weights, so a restart can tell it is unchanged.
+    """
 
     identity: str
     kind: LoadKind
-    result: Literal["ok", "error"]
+    parent: str | None = None
+    source: str = ""
+    source_kind: SourceKind = "storage"
+    result: LoadResult = "error"
+    error: str | None = None
+    started_at: str = ""
+    finished_at: str = ""
     fetch_s: float = 0.0
     decode_s: float = 0.0
     verify_s: float = 0.0
@@ -30,3 +50,14 @@ class LoadReport:
     total_s: float = 0.0
     bytes_fetched: int = 0
     cache_entries_dropped: int = 0
+    reset_prompt_cache: str | None = None
+    weights_fingerprint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> LoadReport:
+        """The record `to_json` wrote (unknown keys, from a newer version, are ignored)."""
+        known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
+        return cls(**known)

@@ -1,4 +1,4 @@
-"""Where a replica's starting weights come from: a Hugging Face model directory.
+"""Where a replica's weights come from: a Hugging Face model directory, or snapshots, verified.
 
 Only safetensors and JSON are read (never pickle), floating tensors are cast
 to bf16 like every snapshot, and a tied `lm_head.weight` duplicate is dropped,
@@ -8,6 +8,9 @@ so a model directory yields exactly the tensors a base snapshot of it holds.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +19,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from weightsync.errors import InvalidInputError, SnapshotCorruptError
-from weightsync.snapshot import SnapshotStore
+from weightsync.codec import checksum_bytes, checksum_tensor
+from weightsync.errors import DeploymentError, InvalidInputError, SnapshotCorruptError
+from weightsync.server.load_report import LoadReport
+from weightsync.server.tokenizer import TextTokenizer, load_tokenizer
+from weightsync.snapshot import Manifest, SnapshotStore
+from weightsync.snapshot.layout import TOKENIZER_MARKERS, is_tokenizer_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+FINGERPRINT_CHECKSUM = "xxh3_64"
 _TIED_HEAD = "lm_head.weight"
 _TIED_EMBEDDING = "model.embed_tokens.weight"
 
@@ -71,45 +79,147 @@ def read_model_dir(model_dir: Path, *, dtype: torch.dtype = torch.bfloat16) -> M
     )
 
 
-#: Config keys that fix the architecture; a snapshot must agree on every one present.
-ARCHITECTURE_KEYS = (
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "vocab_size",
-    "tie_word_embeddings",
+#: Config keys that describe the file, not the model: they never change an output.
+NON_OUTPUT_CONFIG_KEYS = frozenset(
+    {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "use_cache"}
 )
 
 
-def config_mismatches(served: dict[str, Any], incoming: dict[str, Any]) -> list[str]:
-    """Architecture keys on which two HF configs disagree, as `key: served != incoming`."""
+def config_mismatches(served: Mapping[str, Any], incoming: Mapping[str, Any]) -> list[str]:
+    """Keys both HF configs set to different values, as `key: served X != snapshot Y`.
+
+    Every key counts (architecture, `rms_norm_eps`, `rope_theta`, `eos_token_id`, ...)
+    except `NON_OUTPUT_CONFIG_KEYS`: a model with the same shapes but another config
+    computes other outputs.
+    """
     out = []
-    for key in ARCHITECTURE_KEYS:
-        mine, theirs = served.get(key), incoming.get(key)
-        if mine is not None and theirs is not None and mine != theirs:
+    for key in sorted(set(served) & set(incoming) - NON_OUTPUT_CONFIG_KEYS):
+        if served[key] != incoming[key]:
             out.append(f"{key}: served {served[key]!r} != snapshot {incoming[key]!r}")
     return out
 
 
-def read_start_weights(store: SnapshotStore | None, identity: str, source: str) -> ModelWeights:
-    """The weights a replica starts from: a snapshot of `store` (materialized), or a model dir."""
-    if store is None or (Path(source).is_dir() and not store.exists(identity)):
-        return read_model_dir(Path(source))
+def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """One checksum of every tensor's name and bits: a restart knows a model dir is unchanged."""
+    lines = "".join(
+        f"{n}={checksum_tensor(FINGERPRINT_CHECKSUM, t)}\n" for n, t in sorted(tensors.items())
+    )
+    return f"{FINGERPRINT_CHECKSUM}:{checksum_bytes(FINGERPRINT_CHECKSUM, lines.encode())}"
+
+
+def read_side_files(store: SnapshotStore, manifest: Manifest) -> dict[str, bytes]:
+    """Every non-weight file of the snapshot, checked against the manifest; JSON ones parsed.
+
+    A file whose bytes differ from the manifest, or a `.json` file that is not JSON, is a
+    `SnapshotCorruptError` naming snapshot and file: found before anything is swapped.
+    """
+    weight_files = {e.file for e in manifest.tensors.values()}
+    out: dict[str, bytes] = {}
+    for name in sorted(set(manifest.files) - weight_files):
+        data = store.read_file(manifest, name)
+        if name.endswith(".json"):
+            try:
+                json.loads(data)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise SnapshotCorruptError(
+                    f"snapshot {manifest.identity!r}, file {name!r} is not JSON ({e}); its "
+                    "checksum matches, so it was saved broken: fix the tokenizer/config "
+                    "directory and save a new base"
+                ) from e
+        out[name] = data
+    return out
+
+
+def verified_tokenizer(
+    store: SnapshotStore, chain_base: Manifest, side_files: Mapping[str, bytes], root: Path
+) -> tuple[Path | None, TextTokenizer | None]:
+    """The chain base's tokenizer, from bytes already checked against its manifest.
+
+    The files are written (temporary name, then rename) to `root/<identity>/`, a
+    directory only the replica writes, and loaded from there: what is served never
+    comes from unchecked bytes in storage. `(None, None)` when the base has none.
+    """
+    files = {n: d for n, d in side_files.items() if is_tokenizer_file(n)}
+    if chain_base.kind != "base" or not any(m in files for m in TOKENIZER_MARKERS):
+        return None, None
+    dest = root / chain_base.identity
+    if not dest.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{chain_base.identity}-", dir=root))
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        try:
+            staging.rename(dest)
+        except OSError:  # another load wrote it meanwhile: same verified bytes
+            shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = load_tokenizer(dest)
+    tokenizer.directory = Path(chain_base.identity)  # errors name the snapshot, not a path
+    return dest, tokenizer
+
+
+def read_snapshot_weights(
+    store: SnapshotStore, identity: str, tokenizer_root: Path
+) -> ModelWeights:
+    """A base/delta snapshot materialized and verified, with its verified config and tokenizer."""
     manifest = store.read_manifest(identity)
     if manifest.kind == "lora":
         raise InvalidInputError(
             f"snapshot {identity!r} is a LoRA adapter; start from a base (or delta) snapshot "
             "and hot-load the adapter"
         )
-    tensors = store.materialize(identity)
     chain = store.chain(identity)
-    tokenizer_dir = store.local_tokenizer_dir(chain[0].identity)
+    read_side_files(store, manifest)  # config, index, spec: checked and parsed
+    tokenizer_dir, _ = verified_tokenizer(
+        store, chain[0], read_side_files(store, chain[0]), tokenizer_root
+    )
     return ModelWeights(
         config=store.read_config(identity),
-        tensors=tensors,
-        tokenizer_dir=tokenizer_dir if has_tokenizer(tokenizer_dir) else None,
+        tensors=store.materialize(identity),
+        tokenizer_dir=tokenizer_dir,
     )
+
+
+def read_recorded_weights(
+    store: SnapshotStore | None, record: LoadReport, *, ledger: Path, tokenizer_root: Path
+) -> ModelWeights:
+    """The weights a ledger record names, re-verified; `DeploymentError` when they cannot be.
+
+    A snapshot is re-read from the storage it was loaded from and checked against its
+    manifest; a model directory must still hold the weights the record fingerprinted.
+    Nothing else is ever read in their place.
+    """
+    identity = record.identity
+    what_to_do = (
+        f"restore it, or move the ledger {ledger} aside (or reset it) to start from "
+        "--snapshot/--model-dir"
+    )
+    if record.source_kind == "model_dir":
+        model_dir = Path(record.source)
+        if not (model_dir / "config.json").is_file():
+            raise DeploymentError(
+                f"the ledger names {identity!r} from model directory {model_dir}, which is gone "
+                f"or has no config.json; {what_to_do}"
+            )
+        weights = read_model_dir(model_dir)
+        if record.weights_fingerprint is not None:
+            found = fingerprint(weights.tensors)
+            if found != record.weights_fingerprint:
+                raise DeploymentError(
+                    f"the ledger names {identity!r} from model directory {model_dir}, but its "
+                    f"weights changed since ({found} != {record.weights_fingerprint}); "
+                    f"{what_to_do}"
+                )
+        return weights
+    if store is None or store.storage.url != record.source:
+        raise DeploymentError(
+            f"the ledger names {identity!r} from storage {record.source}, but this replica "
+            f"reads {store.storage.url if store else 'no storage'}; start it with --storage "
+            f"{record.source}, or {what_to_do}"
+        )
+    if not store.exists(identity):
+        raise DeploymentError(
+            f"the ledger's last verified snapshot {identity!r} is not in {store.storage.url} "
+            f"(deleted, or its manifest is gone); refusing to serve anything else under its "
+            f"name — {what_to_do}"
+        )
+    return read_snapshot_weights(store, identity, tokenizer_root)

@@ -30,6 +30,7 @@ class LoraAdapters:
         self._active: str | None = None
 
     def names(self) -> list[str]:
+        """Loaded adapters, least recently used (loaded or activated) first."""
         return list(self._names)
 
     def __contains__(self, name: object) -> bool:
@@ -101,6 +102,9 @@ class LoraAdapters:
             raise InvalidInputError(
                 f"unknown LoRA adapter {name!r}; loaded: {', '.join(self._names) or 'none'}"
             )
+        if name is not None and self._names[-1] != name:
+            self._names.remove(name)  # most recently used last: the LRU order
+            self._names.append(name)
         if self._peft is None or name == self._active:
             return
         if name is None:
