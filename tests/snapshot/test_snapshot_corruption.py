@@ -180,8 +180,8 @@ def test_unknown_codec_or_checksum(
     with pytest.raises(UnknownChecksumError, match=r"'b9'.*'md77'"):
         write_base(store.storage, "b9", weights, config=tiny_config, checksum_format="md77")
     assert store.list_snapshots() == ["b", "d1", "d2"]
-    _edit_manifest(store, "d1", compression_format="arc_v2")
-    with pytest.raises(UnknownCodecError, match=r"snapshot 'd1'.*arc_v2"):
+    _edit_manifest(store, "d1", compression_format="arc_v9")
+    with pytest.raises(UnknownCodecError, match=r"snapshot 'd1'.*arc_v9"):
         store.read_manifest("d1")
     _edit_manifest(store, "d2", checksum_format="sha999")
     with pytest.raises(UnknownChecksumError, match=r"snapshot 'd2'.*sha999"):

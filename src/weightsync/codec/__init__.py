@@ -4,6 +4,8 @@ Importing this package registers every built-in codec.
 """
 
 # Each codec module registers itself on import.
+from weightsync.codec import arc as _arc  # noqa: F401
+from weightsync.codec import arc_v3 as _arc_v3  # noqa: F401
 from weightsync.codec import full as _full  # noqa: F401
 from weightsync.codec import gap_zstd as _gap_zstd  # noqa: F401
 from weightsync.codec import sparse_idx_val as _sparse_idx_val  # noqa: F401

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -58,6 +58,12 @@ class Codec(ABC):
     needs_old: ClassVar[bool] = True
     #: One line for `weightsync snapshot inspect` and the docs.
     description: ClassVar[str] = ""
+    #: "fireworks": a bare payload (no header, no checksum of its own) stored in a
+    #: shard whose metadata holds each tensor's decimal Adler-32, as
+    #: fireworks-delta-compression writes it (FORMAT.md §8).
+    shard_layout: ClassVar[Literal["weightsync", "fireworks"]] = "weightsync"
+    #: True for a format weightsync decodes but does not encode (`encode` raises).
+    read_only: ClassVar[bool] = False
 
     @abstractmethod
     def encode(self, old: torch.Tensor, new: torch.Tensor) -> bytes:

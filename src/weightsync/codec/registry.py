@@ -26,19 +26,15 @@ def get_codec(name: str) -> Codec:
     try:
         return _CODECS[name]
     except KeyError:
-        hint = ""
-        if name == "arc_v2":
-            hint = (
-                " ('arc_v2' is Fireworks' unpublished proprietary format; weightsync "
-                "does not implement it — use the default)"
-            )
         raise UnknownCodecError(
-            f"unknown compression format {name!r}{hint}; known: {', '.join(list_codecs())}"
+            f"unknown compression format {name!r}; known: "
+            f"{', '.join(list_codecs(include_read_only=True))}"
         ) from None
 
 
-def list_codecs() -> list[str]:
-    return sorted(_CODECS)
+def list_codecs(*, include_read_only: bool = False) -> list[str]:
+    """Names of the codecs weightsync writes (and reads); read-only formats on request."""
+    return sorted(n for n, c in _CODECS.items() if include_read_only or not c.read_only)
 
 
 CodecFactory = Callable[[], Codec]
