@@ -75,6 +75,14 @@ class DeploymentHTTPError(DeploymentError):
         super().__init__(f"{method} {url} -> HTTP {status_code}: {message}")
 
 
+class DeploymentNotFoundError(DeploymentError, LookupError):
+    """A request names a deployment (or account) the server does not serve (HTTP 404)."""
+
+
+class DeploymentConflictError(DeploymentError):
+    """A control-plane request conflicts with the served deployment, e.g. creating it again."""
+
+
 class HotloadRefusedError(DeploymentError):
     """The deployment refused a hot-load (e.g. a delta whose parent it does not serve)."""
 
@@ -102,3 +110,19 @@ class UnsupportedOperationError(WeightSyncError, RuntimeError):
 
 class SwapInProgressError(DeploymentError):
     """A weight swap is in progress and the caller asked not to wait (HTTP 425)."""
+
+
+class OverloadedError(DeploymentError):
+    """The replica's inference queue is full (HTTP 429 with `Retry-After`); retry later."""
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestCancelledError(DeploymentError):
+    """An inference request was abandoned by its client; its generation stopped."""
+
+
+class LedgerError(DeploymentError):
+    """A replica's ledger cannot be read or written (locked, damaged, unwritable state dir)."""

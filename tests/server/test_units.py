@@ -9,8 +9,8 @@ import pytest
 
 from weightsync.errors import InvalidInputError, SwapInProgressError
 from weightsync.server.ledger import Ledger, LedgerEntry
-from weightsync.server.schemas import cache_reset_policy
 from weightsync.server.swap_lock import SwapLock
+from weightsync.wire import cache_reset_policy
 
 pytestmark = pytest.mark.timeout(30)
 

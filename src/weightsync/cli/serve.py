@@ -15,7 +15,14 @@ import typer
 
 from weightsync.cli import app
 from weightsync.errors import WeightSyncError
-from weightsync.server.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MODEL_NAME, default_state_root
+from weightsync.server.config import (
+    DEFAULT_ACCOUNT_ID,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MODEL_NAME,
+    ServedDeployment,
+    default_deployment_id,
+    default_state_root,
+)
 from weightsync.server.fetch_policy import (
     DEFAULT_FETCH_ATTEMPTS,
     DEFAULT_FETCH_BACKOFF_S,
@@ -83,6 +90,13 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
     model_name: Annotated[str, typer.Option(help="Model name in responses.")] = (
         DEFAULT_MODEL_NAME
     ),
+    deployment_id: Annotated[
+        str | None,
+        typer.Option(help="Deployment id the control plane reports (default: the model name)."),
+    ] = None,
+    account_id: Annotated[
+        str, typer.Option(help="Account id GET /v1/accounts reports (the Fireworks SDK's).")
+    ] = DEFAULT_ACCOUNT_ID,
     ready_file: Annotated[
         Path | None, typer.Option(help='Write {"url", "pid"} here once serving.')
     ] = None,
@@ -134,6 +148,8 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
                 engine_threads=engine_threads,
                 state_dir=state_dir if parent_pid is not None else state_dir / replica_id,
                 model_name=model_name,
+                deployment_id=deployment_id,
+                account_id=account_id,
                 ready_file=ready_file,
                 max_body_bytes=max_body_bytes,
                 fetch=FetchPolicy(
@@ -146,8 +162,18 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
             return
         from weightsync.server.gateway import ReplicaPool, create_gateway_app
 
+        served = ServedDeployment(
+            account_id=account_id,
+            deployment_id=deployment_id or default_deployment_id(model_name),
+            model_name=model_name,
+            storage=storage,
+        )
         serve_args = [
             "serve",
+            "--account-id",
+            served.account_id,
+            "--deployment-id",
+            served.deployment_id,
             "--transition",
             transition,
             "--engine",
@@ -186,7 +212,7 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
         )
         urls = pool.start()
         gateway = create_gateway_app(
-            urls, api_key=api_key, max_body_bytes=max_body_bytes, pool=pool
+            urls, api_key=api_key, max_body_bytes=max_body_bytes, pool=pool, served=served
         )
         run_server(gateway, sock, ready_file=ready_file, log_level=log_level)
     except WeightSyncError as e:
@@ -208,6 +234,8 @@ def _serve_replica(
     engine_threads: int | None,
     state_dir: Path,
     model_name: str,
+    deployment_id: str | None,
+    account_id: str,
     ready_file: Path | None,
     max_body_bytes: int,
     fetch: FetchPolicy,
@@ -229,6 +257,8 @@ def _serve_replica(
         state_dir=state_dir,
         replica_id=replica_id,
         model_name=model_name,
+        deployment_id=deployment_id,
+        account_id=account_id,
         transition=transition,  # type: ignore[arg-type]
         engine=engine,
         engine_options={} if engine_threads is None else {"num_threads": engine_threads},

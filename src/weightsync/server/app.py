@@ -1,11 +1,14 @@
-"""The FastAPI app of one replica: hot-load API, ledger, inference, health, metrics."""
+"""The FastAPI app of one replica: hot-load API, ledger, control plane, inference, health, metrics.
+
+Routes speak the wire contract (`weightsync.wire`): requests are parsed into
+its models at the edge and answers are its models.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
@@ -13,20 +16,41 @@ from fastapi.responses import Response
 
 from weightsync import __version__
 from weightsync.codec import DEFAULT_CHECKSUM
+from weightsync.server.control_plane import (
+    ControlPlane,
+    DeploymentView,
+    build_control_plane_router,
+)
 from weightsync.server.http_errors import install_error_handlers
 from weightsync.server.metrics import CONTENT_TYPE_LATEST
-from weightsync.server.middleware import GuardMiddleware, MetricsMiddleware
+from weightsync.server.middleware import DeploymentMiddleware, GuardMiddleware, MetricsMiddleware
 from weightsync.server.openai_api import build_openai_router
 from weightsync.server.replica import Replica
-from weightsync.server.schemas import HintRequest, HotLoadRequest
+from weightsync.wire import (
+    HEALTH_PATH,
+    HINT_PATH,
+    HOT_LOAD_PATH,
+    LEDGER_PATH,
+    LEDGER_RESET_PATH,
+    METRICS_PATH,
+    WEIGHTS_PATH,
+    HintAnswer,
+    HintAnswers,
+    HintRequest,
+    HotLoadAnswer,
+    HotLoadRequest,
+    HotLoadStatus,
+    LedgerAnswers,
+    LedgerEntry,
+    LedgerReset,
+    LedgerResetAnswers,
+    ReplicaLedger,
+    ReplicaStatus,
+    WeightsAnswers,
+    WeightsChecksums,
+)
 
 logger = logging.getLogger(__name__)
-
-HOT_LOAD_PATH = "/hot_load/v1/models/hot_load"
-HINT_PATH = "/hot_load/v1/models/hot_load/hint"
-LEDGER_PATH = "/hot_load/v1/ledger"
-LEDGER_RESET_PATH = "/hot_load/v1/ledger/reset"
-WEIGHTS_PATH = "/hot_load/v1/weights"
 
 
 def create_app(replica: Replica, *, close_replica_on_shutdown: bool = True) -> FastAPI:
@@ -41,6 +65,9 @@ def create_app(replica: Replica, *, close_replica_on_shutdown: bool = True) -> F
 
     app = FastAPI(title="weightsync replica", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    served = replica.config.served
+    # Added first, so it runs inside the guard: a wrong key gets 401 before any 404.
+    app.add_middleware(DeploymentMiddleware, served=served)
     app.add_middleware(
         GuardMiddleware,
         api_key=replica.config.api_key,
@@ -49,52 +76,51 @@ def create_app(replica: Replica, *, close_replica_on_shutdown: bool = True) -> F
     app.add_middleware(MetricsMiddleware, metrics=replica.metrics)
     app.state.replica = replica
 
-    @app.get("/health")
-    def health() -> dict[str, Any]:
+    @app.get(HEALTH_PATH)
+    def health() -> dict[str, str]:
         """Liveness only: the process answers. Readiness is in the hot-load status."""
         return {"status": "ok", "replica_id": replica.config.replica_id}
 
-    @app.get("/metrics")
+    @app.get(METRICS_PATH)
     def metrics() -> Response:
         return Response(replica.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(HOT_LOAD_PATH)
-    def hot_load(body: HotLoadRequest) -> dict[str, Any]:
-        return replica.request_hot_load(body)
+    def hot_load(body: HotLoadRequest) -> HotLoadAnswer:
+        return HotLoadAnswer.model_validate(replica.request_hot_load(body))
 
     @app.get(HOT_LOAD_PATH)
-    def hot_load_status() -> dict[str, Any]:
-        return {"replicas": [replica.status()]}
+    def hot_load_status() -> HotLoadStatus:
+        return HotLoadStatus(replicas=[ReplicaStatus.model_validate(replica.status())])
 
     @app.post(HINT_PATH)
-    def hot_load_hint(body: HintRequest) -> dict[str, Any]:
-        return {"replicas": [replica.hint(body)]}
+    def hot_load_hint(body: HintRequest) -> HintAnswers:
+        return HintAnswers(replicas=[HintAnswer.model_validate(replica.hint(body))])
 
     @app.get(WEIGHTS_PATH)
-    def weights(checksum_format: str = DEFAULT_CHECKSUM) -> dict[str, Any]:
+    def weights(checksum_format: str = DEFAULT_CHECKSUM) -> WeightsAnswers:
         """Checksums of the live weights, computed now: proof of what the replica serves."""
-        return {"replicas": [replica.weights_checksums(checksum_format)]}
+        checksums = WeightsChecksums.model_validate(replica.weights_checksums(checksum_format))
+        return WeightsAnswers(replicas=[checksums])
 
     @app.get(LEDGER_PATH)
-    def ledger() -> dict[str, Any]:
-        return {
-            "replicas": [
-                {"replica_id": replica.config.replica_id, "entries": replica.ledger_entries()}
-            ]
-        }
+    def ledger() -> LedgerAnswers:
+        entries = [LedgerEntry.model_validate(e) for e in replica.ledger_entries()]
+        return LedgerAnswers(
+            replicas=[ReplicaLedger(replica_id=replica.config.replica_id, entries=entries)]
+        )
 
     @app.post(LEDGER_RESET_PATH)
-    def ledger_reset() -> dict[str, Any]:
+    def ledger_reset() -> LedgerResetAnswers:
         removed = replica.reset_ledger()
-        return {
-            "replicas": [
-                {
-                    "replica_id": replica.config.replica_id,
-                    "removed_entries": removed,
-                    "requires_base": True,
-                }
-            ]
-        }
+        reset = LedgerReset(
+            replica_id=replica.config.replica_id, removed_entries=removed, requires_base=True
+        )
+        return LedgerResetAnswers(replicas=[reset])
 
+    async def describe() -> DeploymentView:
+        return DeploymentView.from_statuses([ReplicaStatus.model_validate(replica.status())])
+
+    app.include_router(build_control_plane_router(ControlPlane(served=served, describe=describe)))
     app.include_router(build_openai_router(replica))
     return app

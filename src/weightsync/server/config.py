@@ -5,23 +5,71 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from weightsync.errors import InvalidInputError
 from weightsync.identity import validate_identity
 from weightsync.server.fetch_policy import FetchPolicy
-
-Transition = Literal["async", "sync"]
-TRANSITIONS: tuple[Transition, ...] = ("async", "sync")
+from weightsync.wire import TRANSITIONS, Transition, deployment_name, parse_deployment_name
 
 #: Default cap on a request body: hot-load and completion requests are small JSON.
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MODEL_NAME = "weightsync"
+#: LoRA adapters a replica keeps loaded; loading one more unloads the least recently used.
+DEFAULT_MAX_ADAPTERS = 8
+#: The account `GET /v1/accounts` reports unless `--account-id` names another.
+DEFAULT_ACCOUNT_ID = "weightsync"
 
 
 def default_state_root() -> Path:
     """Where replicas keep their ledgers when no `--state-dir` is given."""
     return Path(tempfile.gettempdir()) / "weightsync-state"
+
+
+def default_deployment_id(model_name: str) -> str:
+    """The deployment id a server reports when none is given: its model name's last segment."""
+    return model_name.rstrip("/").rsplit("/", 1)[-1] or DEFAULT_MODEL_NAME
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServedDeployment:
+    """Which Fireworks account and deployment a server answers for (the control plane).
+
+    Requests naming another deployment (`fireworks-deployment`, a `fireworks-model`
+    of the form `accounts/{a}/deployments/{d}`, or the resource path) get a 404
+    that names this one.
+    """
+
+    account_id: str = DEFAULT_ACCOUNT_ID
+    deployment_id: str = DEFAULT_MODEL_NAME
+    model_name: str = DEFAULT_MODEL_NAME
+    #: The snapshot storage the deployment loads from (reported as `hotLoadBucketUrl`).
+    storage: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_identity(self.account_id, what="account id")
+        validate_identity(self.deployment_id, what="deployment id")
+
+    @property
+    def name(self) -> str:
+        """`accounts/{account_id}/deployments/{deployment_id}`."""
+        return deployment_name(self.account_id, self.deployment_id)
+
+    def mismatch(self, name: str, where: str) -> str | None:
+        """Why `name` (from `where`) is not this deployment, or None if it is (or is no name)."""
+        parsed = parse_deployment_name(name.strip())
+        if parsed is None or parsed == (self.account_id, self.deployment_id):
+            return None
+        return self.not_served(parsed[0], parsed[1], where)
+
+    def not_served(self, account_id: str, deployment_id: str, where: str) -> str:
+        """The message of the 404 for a request addressed to another deployment."""
+        return (
+            f"{where} names deployment {deployment_name(account_id, deployment_id)!r}, but this "
+            f"server serves {self.name!r} (model {self.model_name!r}); use deployment id "
+            f"{self.deployment_id!r}, or start `weightsync serve --deployment-id "
+            f"{deployment_id}` for it"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +88,9 @@ class ReplicaConfig:
     state_dir: Path = field(default_factory=lambda: default_state_root() / "default")
     replica_id: str = "replica-0"
     model_name: str = DEFAULT_MODEL_NAME
+    #: The deployment this replica serves (default: the model name's last segment).
+    deployment_id: str | None = None
+    account_id: str = DEFAULT_ACCOUNT_ID
     transition: Transition = "async"
     engine: str = "torch"
     #: Keyword options for the engine's constructor (e.g. {"num_threads": 1} for torch).
@@ -48,6 +99,8 @@ class ReplicaConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Retries of transient storage errors and the time limit of a load's fetch stage.
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
+    #: LoRA adapters kept loaded (least recently used unloaded past it); a restart reloads these.
+    max_adapters: int = DEFAULT_MAX_ADAPTERS
 
     def __post_init__(self) -> None:
         if (self.snapshot is None) == (self.model_dir is None):
@@ -71,10 +124,26 @@ class ReplicaConfig:
             )
         if self.max_body_bytes < 1024:
             raise InvalidInputError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_adapters < 0:
+            raise InvalidInputError(f"max_adapters must be >= 0, got {self.max_adapters}")
         if not self.model_name or "@" in self.model_name:
             raise InvalidInputError(
                 f"model name {self.model_name!r} must be non-empty and must not contain '@'"
             )
+        validate_identity(self.account_id, what="account id")
+        validate_identity(
+            self.deployment_id or default_deployment_id(self.model_name), what="deployment id"
+        )
+
+    @property
+    def served(self) -> ServedDeployment:
+        """The account and deployment this replica answers for."""
+        return ServedDeployment(
+            account_id=self.account_id,
+            deployment_id=self.deployment_id or default_deployment_id(self.model_name),
+            model_name=self.model_name,
+            storage=self.storage,
+        )
 
     @property
     def start_identity(self) -> str:

@@ -31,24 +31,55 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from weightsync import __version__
 from weightsync.errors import DeploymentError
-from weightsync.server.app import (
+from weightsync.server.config import ServedDeployment
+from weightsync.server.control_plane import (
+    ControlPlane,
+    DeploymentView,
+    build_control_plane_router,
+)
+from weightsync.server.http_errors import error_response, install_error_handlers
+from weightsync.server.metrics import CONTENT_TYPE_LATEST, HttpMetrics
+from weightsync.server.middleware import DeploymentMiddleware, GuardMiddleware, MetricsMiddleware
+from weightsync.wire import (
+    API_KEY_HEADER,
+    AUTHORIZATION_HEADER,
+    CHAT_COMPLETIONS_PATH,
+    COMPLETIONS_PATH,
+    DEPLOYMENT_HEADER,
+    HEALTH_PATH,
     HINT_PATH,
     HOT_LOAD_PATH,
     LEDGER_PATH,
     LEDGER_RESET_PATH,
+    METRICS_PATH,
+    MODEL_HEADER,
+    MODELS_PATH,
+    NO_WAIT_HEADER,
+    SESSION_HEADER,
     WEIGHTS_PATH,
+    ErrorBody,
+    HotLoadStatus,
+    LoadingState,
+    ReplicaFailure,
+    ReplicaStatus,
+    error_body,
 )
-from weightsync.server.http_errors import error_response, install_error_handlers
-from weightsync.server.metrics import CONTENT_TYPE_LATEST, HttpMetrics
-from weightsync.server.middleware import GuardMiddleware, MetricsMiddleware
-from weightsync.server.openai_api import NO_WAIT_HEADER, SESSION_HEADER
 
 logger = logging.getLogger(__name__)
 
-_FORWARDED_HEADERS = ("authorization", "content-type", SESSION_HEADER, NO_WAIT_HEADER)
+_FORWARDED_HEADERS = (
+    AUTHORIZATION_HEADER,
+    API_KEY_HEADER,
+    "content-type",
+    SESSION_HEADER,
+    NO_WAIT_HEADER,
+    DEPLOYMENT_HEADER,
+    MODEL_HEADER,
+)
 INFERENCE_TIMEOUT_S = 600.0
 CONTROL_TIMEOUT_S = 60.0
 
@@ -156,14 +187,22 @@ def create_gateway_app(
     api_key: str | None,
     max_body_bytes: int,
     pool: ReplicaPool | None = None,
+    served: ServedDeployment | None = None,
 ) -> FastAPI:
-    """The deployment's front app over replicas at `replica_urls` (stops `pool` on shutdown)."""
+    """The deployment's front app over replicas at `replica_urls` (stops `pool` on shutdown).
+
+    `served` names the account and deployment it answers for (the replicas must
+    be started with the same ids: the gateway forwards the deployment headers).
+    """
+    served = served if served is not None else ServedDeployment()
     replica_ids = [f"replica-{i}" for i in range(len(replica_urls))]
     if pool is not None:
         replica_ids = [r.replica_id for r in pool.replicas]
     metrics = HttpMetrics(CollectorRegistry())
     round_robin = itertools.cycle(range(len(replica_urls)))
     clients: dict[str, httpx.AsyncClient] = {}
+    # What the gateway sends on calls of its own (not forwarded from a client).
+    own_headers = {AUTHORIZATION_HEADER: f"Bearer {api_key}"} if api_key else {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -178,6 +217,8 @@ def create_gateway_app(
 
     app = FastAPI(title="weightsync gateway", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    # Added first, so it runs inside the guard: a wrong key gets 401 before any 404.
+    app.add_middleware(DeploymentMiddleware, served=served)
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
@@ -190,28 +231,21 @@ def create_gateway_app(
         body: bytes | None = None,
         timeout_s: float = CONTROL_TIMEOUT_S,
     ) -> tuple[int, Any]:
-        headers = _forward_headers(request) if request is not None else {}
+        headers = _forward_headers(request) if request is not None else own_headers
         try:
             r = await clients["c"].request(
                 method, replica_urls[i] + path, content=body, headers=headers, timeout=timeout_s
             )
         except httpx.HTTPError as e:
-            return 503, {
-                "error": {
-                    "message": f"{replica_ids[i]} at {replica_urls[i]} is unreachable: {e!r}",
-                    "type": "DeploymentError",
-                    "code": 503,
-                }
-            }
+            message = f"{replica_ids[i]} at {replica_urls[i]} is unreachable: {e!r}"
+            return 503, error_body(503, message, "DeploymentError")
         try:
             return r.status_code, r.json()
         except ValueError:
-            return r.status_code, {
-                "error": {"message": r.text, "type": "HTTPError", "code": r.status_code}
-            }
+            return r.status_code, error_body(r.status_code, r.text, "HTTPError")
 
     async def fan_out(
-        method: str, path: str, request: Request, body: bytes | None = None
+        method: str, path: str, request: Request | None, body: bytes | None = None
     ) -> list[tuple[int, Any]]:
         return list(
             await asyncio.gather(
@@ -226,29 +260,47 @@ def create_gateway_app(
             if 200 <= status < 300 and isinstance(doc, dict) and "replicas" in doc:
                 entries.extend(doc["replicas"])
             else:
-                message = doc.get("error", {}).get("message") if isinstance(doc, dict) else doc
+                message = _error_message(doc)
                 failures.append((status, f"{replica_ids[i]}: {message}"))
-                entries.append(
-                    {"replica_id": replica_ids[i], "status_code": status, "error": message}
+                failure = ReplicaFailure(
+                    replica_id=replica_ids[i], status_code=status, error=message
                 )
+                entries.append(failure.model_dump(mode="json"))
         if not failures:
             return JSONResponse({"replicas": entries}, status_code=ok_status)
         status = failures[0][0]
         message = "; ".join(m for _, m in failures)
-        return JSONResponse(
-            {
-                "error": {"message": message, "type": "ReplicaError", "code": status},
-                "replicas": entries,
-            },
-            status_code=status,
-        )
+        body = {**error_body(status, message, "ReplicaError"), "replicas": entries}
+        return JSONResponse(body, status_code=status)
 
-    @app.get("/health")
+    async def statuses(request: Request | None) -> list[ReplicaStatus]:
+        """Every replica's status; one that cannot answer is reported as not ready."""
+        results = await fan_out("GET", HOT_LOAD_PATH, request)
+        entries: list[ReplicaStatus] = []
+        for i, (status, doc) in enumerate(results):
+            if 200 <= status < 300:
+                for entry in HotLoadStatus.model_validate(doc).replicas:
+                    entries.append(entry.model_copy(update={"url": replica_urls[i]}))
+                continue
+            entries.append(
+                ReplicaStatus(
+                    replica_id=replica_ids[i],
+                    url=replica_urls[i],
+                    current_snapshot_identity=None,
+                    readiness=False,
+                    loading_state=LoadingState(
+                        stage="error", target_snapshot_identity=None, error=_error_message(doc)
+                    ),
+                )
+            )
+        return entries
+
+    @app.get(HEALTH_PATH)
     async def health() -> dict[str, Any]:
         alive = pool.alive() if pool is not None else len(replica_urls)
         return {"status": "ok", "replicas_alive": alive, "replicas": len(replica_urls)}
 
-    @app.get("/metrics")
+    @app.get(METRICS_PATH)
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -260,37 +312,9 @@ def create_gateway_app(
         return merged(wrapped)
 
     @app.get(HOT_LOAD_PATH)
-    async def hot_load_status(request: Request) -> JSONResponse:
-        results = await fan_out("GET", HOT_LOAD_PATH, request)
-        for i, (status, doc) in enumerate(results):
-            if 200 <= status < 300:
-                for entry in doc["replicas"]:
-                    entry["url"] = replica_urls[i]
-        response = merged(results)
-        if response.status_code == 200:
-            return response
-        # Status must stay readable when one replica is down: report it as not ready.
-        entries = []
-        for i, (status, doc) in enumerate(results):
-            if 200 <= status < 300:
-                entries.extend(doc["replicas"])
-            else:
-                message = doc.get("error", {}).get("message") if isinstance(doc, dict) else doc
-                entries.append(
-                    {
-                        "replica_id": replica_ids[i],
-                        "url": replica_urls[i],
-                        "current_snapshot_identity": None,
-                        "readiness": False,
-                        "loading_state": {
-                            "stage": "error",
-                            "target_snapshot_identity": None,
-                            "error": str(message),
-                        },
-                        "loaded_adapters": [],
-                    }
-                )
-        return JSONResponse({"replicas": entries})
+    async def hot_load_status(request: Request) -> HotLoadStatus:
+        # Status stays readable when a replica is down: that one is reported as not ready.
+        return HotLoadStatus(replicas=await statuses(request))
 
     @app.post(HINT_PATH)
     async def hint(request: Request) -> JSONResponse:
@@ -321,19 +345,32 @@ def create_gateway_app(
                 break
         return JSONResponse(last[1], status_code=last[0])
 
-    @app.post("/v1/completions")
+    @app.post(COMPLETIONS_PATH)
     async def completions(request: Request) -> Response:
-        return await proxy_inference(request, "/v1/completions")
+        return await proxy_inference(request, COMPLETIONS_PATH)
 
-    @app.post("/v1/chat/completions")
+    @app.post(CHAT_COMPLETIONS_PATH)
     async def chat_completions(request: Request) -> Response:
-        return await proxy_inference(request, "/v1/chat/completions")
+        return await proxy_inference(request, CHAT_COMPLETIONS_PATH)
 
-    @app.get("/v1/models")
+    @app.get(MODELS_PATH)
     async def models(request: Request) -> JSONResponse:
-        status, doc = await call(0, "GET", "/v1/models", request)
+        status, doc = await call(0, "GET", MODELS_PATH, request)
         if not 200 <= status < 300:
             return error_response(status, str(doc), "ReplicaError")
         return JSONResponse(doc)
 
+    async def describe() -> DeploymentView:
+        # No request to forward headers from: the gateway's own key reaches the replicas.
+        return DeploymentView.from_statuses(await statuses(None))
+
+    app.include_router(build_control_plane_router(ControlPlane(served=served, describe=describe)))
     return app
+
+
+def _error_message(doc: Any) -> str:
+    """The message of a replica's error body (or the body itself when it is not one)."""
+    try:
+        return ErrorBody.model_validate(doc).error.message
+    except ValidationError:
+        return str(doc)

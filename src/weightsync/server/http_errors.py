@@ -15,7 +15,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from weightsync.errors import (
     ChainError,
+    DeploymentConflictError,
     DeploymentError,
+    DeploymentNotFoundError,
     HotloadRefusedError,
     HotloadTimeoutError,
     InvalidInputError,
@@ -36,6 +38,8 @@ _STATUS: tuple[tuple[type[WeightSyncError], int], ...] = (
     (HotloadRefusedError, 409),
     (ChainError, 409),
     (SnapshotNotFoundError, 404),
+    (DeploymentNotFoundError, 404),
+    (DeploymentConflictError, 409),
     (StorageFileNotFoundError, 404),
     (InvalidInputError, 400),
     (SnapshotCorruptError, 400),

@@ -4,6 +4,7 @@ At the bottom of the import graph (stdlib, pydantic and `weightsync.errors`
 only): the server, the gateway, `deployment` and `syncer` all speak through it.
 """
 
+from weightsync.wire.base import WireModel
 from weightsync.wire.control_plane import (
     Account,
     AccountList,
@@ -56,7 +57,6 @@ from weightsync.wire.hot_load import (
     Transition,
     WeightsAnswers,
     WeightsChecksums,
-    WireModel,
     cache_reset_policy,
 )
 from weightsync.wire.inference import (

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from weightsync.wire.base import WireModel
+
 
 class ErrorDetail(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -18,10 +20,10 @@ class ErrorDetail(BaseModel):
     code: int
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(WireModel):
     """`{"error": {...}}`; a gateway adds every replica's entry under `replicas`."""
 
-    model_config = ConfigDict(extra="allow")
+    omit_if_none = frozenset({"replicas"})
 
     error: ErrorDetail
     replicas: list[dict[str, Any]] | None = None

@@ -14,19 +14,12 @@ hint, weights and ledger answers are lists on both.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializationInfo,
-    SerializerFunctionWrapHandler,
-    field_validator,
-    model_serializer,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from weightsync.errors import InvalidInputError
+from weightsync.wire.base import WireModel
 
 # --- enumerations -------------------------------------------------------------
 
@@ -69,24 +62,6 @@ def cache_reset_policy(value: object) -> CacheResetPolicy:
             '"all", "none" or "new_session"'
         )
     return policy
-
-
-class WireModel(BaseModel):
-    """Base of every answer: unknown fields kept; fields in `omit_if_none` left out when None."""
-
-    model_config = ConfigDict(extra="allow")
-    omit_if_none: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _omit_unset_optionals(
-        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
-    ) -> Any:
-        data = handler(self)
-        if isinstance(data, dict):
-            for name in self.omit_if_none:
-                if data.get(name, 0) is None:
-                    del data[name]
-        return data
 
 
 # --- POST /hot_load/v1/models/hot_load ---------------------------------------------
@@ -236,9 +211,11 @@ class HintRequest(BaseModel):
 
 
 class HintAnswer(WireModel):
+    """The files a replica started reading ahead (those it already had are left out)."""
+
     replica_id: str
     identity: str
-    queued_files: int
+    queued_files: list[str]
 
 
 class HintAnswers(WireModel):
