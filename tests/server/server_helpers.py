@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from weightsync.server.app import create_app
-from weightsync.server.config import ReplicaConfig
+from weightsync.server.config import ReplicaConfig, ServedDeployment
 from weightsync.server.replica import Replica
 from weightsync.server.runner import ServerThread
 from weightsync.snapshot import Manifest, SnapshotStore, write_base, write_delta
@@ -164,3 +164,45 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         and a.dtype == b.dtype
         and torch.equal(a.contiguous().view(torch.int16), b.contiguous().view(torch.int16))
     )
+
+
+@contextmanager
+def running_gateway(
+    chain: Chain,
+    state_root: Path,
+    *,
+    num_replicas: int,
+    dead_replicas: int = 0,
+    api_key: str | None = None,
+    served: ServedDeployment | None = None,
+) -> Iterator[str]:
+    """A gateway app on 127.0.0.1 over `num_replicas` replicas of `chain`'s base (in threads)
+    and `dead_replicas` loopback ports nothing listens on; yields its URL.
+
+    The replicas answer for the same deployment as the gateway (`served`) and take `api_key`.
+    """
+    from weightsync.server.gateway import create_gateway_app
+    from weightsync.server.runner import bind_socket
+
+    served = served if served is not None else ServedDeployment(storage=str(chain.root))
+    with ExitStack() as stack:
+        urls = []
+        for i in range(num_replicas):
+            config = ReplicaConfig(
+                storage=str(chain.root),
+                snapshot=next(iter(chain.manifests)),
+                state_dir=state_root / f"replica-{i}",
+                replica_id=f"replica-{i}",
+                model_name=served.model_name,
+                deployment_id=served.deployment_id,
+                account_id=served.account_id,
+                api_key=api_key,
+            )
+            url, _ = stack.enter_context(running_replica(config))
+            urls.append(url)
+        for _ in range(dead_replicas):
+            sock = bind_socket("127.0.0.1", 0)
+            urls.append(f"http://127.0.0.1:{sock.getsockname()[1]}")
+            sock.close()  # nothing listens there any more
+        app = create_gateway_app(urls, api_key=api_key, max_body_bytes=1 << 20, served=served)
+        yield stack.enter_context(ServerThread(app))

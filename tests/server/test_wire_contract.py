@@ -10,18 +10,16 @@ side without a wire model fails here.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import BaseModel
-from server_helpers import Chain, hot_load, running_replica, wait_loaded
+from server_helpers import Chain, hot_load, running_gateway, wait_loaded
 
-from weightsync.server.config import ReplicaConfig, ServedDeployment
-from weightsync.server.gateway import create_gateway_app
-from weightsync.server.runner import ServerThread, bind_socket
+from weightsync.server.config import ServedDeployment
 from weightsync.wire import (
     ACCOUNTS_PATH,
     HINT_PATH,
@@ -163,28 +161,14 @@ def test_the_sdk_hot_load_body_parses_as_sent() -> None:
 def gateway(
     chain: Chain, tmp_path: Path, *, num_replicas: int, dead_replicas: int = 0
 ) -> Iterator[httpx.Client]:
-    """A gateway app over `num_replicas` live replicas and `dead_replicas` closed ports."""
     served = ServedDeployment(deployment_id="dep", model_name="toy", storage=str(chain.root))
-    with ExitStack() as stack:
-        urls = []
-        for i in range(num_replicas):
-            config = ReplicaConfig(
-                storage=str(chain.root),
-                snapshot=BASE,
-                state_dir=tmp_path / f"state-{i}",
-                replica_id=f"replica-{i}",
-                model_name="toy",
-                deployment_id="dep",
-            )
-            url, _ = stack.enter_context(running_replica(config))
-            urls.append(url)
-        for _ in range(dead_replicas):
-            sock = bind_socket("127.0.0.1", 0)
-            urls.append(f"http://127.0.0.1:{sock.getsockname()[1]}")
-            sock.close()  # nothing listens there any more
-        app = create_gateway_app(urls, api_key=None, max_body_bytes=1 << 20, served=served)
-        url = stack.enter_context(ServerThread(app))
-        yield stack.enter_context(httpx.Client(base_url=url, timeout=60))
+    with (
+        running_gateway(
+            chain, tmp_path, num_replicas=num_replicas, dead_replicas=dead_replicas, served=served
+        ) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
+        yield client
 
 
 def test_gateway_answers_are_their_wire_models(chain: Chain, tmp_path: Path) -> None:
