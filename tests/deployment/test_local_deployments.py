@@ -23,10 +23,12 @@ def test_create_or_get_is_idempotent_and_visible_from_another_manager(
     other = DeploymentManager(registry_dir=registry_dir, api_key=API_KEY, stop_on_exit=False)
     info = other.get("main")
     assert info is not None and info.state == "running" and info.url == deployment.url
-    status = other.wait_for_ready("main", timeout_s=60, poll_interval_s=0.2)
+    ready = other.wait_for_ready("main", timeout_s=60, poll_interval_s=0.2)
+    assert ready.deployment_id == "main" and ready.url == deployment.url  # the SDK's return type
     # Both managers see the same deployment serving one of the snapshots.
+    theirs = other.hotload_check_status("main")["replicas"]
     mine = manager.hotload_check_status("main")["replicas"]
-    assert [r["current_snapshot_identity"] for r in status["replicas"]] == [
+    assert [r["current_snapshot_identity"] for r in theirs] == [
         r["current_snapshot_identity"] for r in mine
     ]
     known = {snapshots.base, snapshots.base2, *snapshots.deltas}
@@ -36,11 +38,13 @@ def test_create_or_get_is_idempotent_and_visible_from_another_manager(
 
 def test_hotload_base_then_deltas_and_the_ledger(manager, deployment, snapshots):
     for identity in snapshots.deltas:
-        result = manager.hotload_and_wait(
+        assert manager.hotload_and_wait(
             "main", "tiny", identity, snapshots.metadata(identity), timeout_seconds=120
-        )
+        ) is True  # fmt: skip
+        result = manager.last_hotload_result
         assert result.identity == identity and result.pause_s is not None
         assert result.status["replicas"][0]["current_snapshot_identity"] == identity
+        assert manager.last_hotload_error is None
     entries = manager.ledger("main")
     assert [e["identity"] for e in entries][-2:] == snapshots.deltas
     assert all(e["replica_id"] is not None for e in entries)
@@ -74,8 +78,8 @@ def test_ledger_reset_then_only_a_base_is_accepted(manager, deployment, snapshot
     delta = snapshots.deltas[0]  # its parent is served, but the ledger was reset
     with pytest.raises(HotloadRefusedError, match="HTTP 409"):
         manager.hotload("main", "tiny", delta, snapshots.metadata(delta))
-    result = manager.hotload_and_wait("main", "tiny", snapshots.base2, timeout_seconds=120)
-    assert result.identity == snapshots.base2
+    assert manager.hotload_and_wait("main", "tiny", snapshots.base2, timeout_seconds=120)
+    assert manager.last_hotload_result.identity == snapshots.base2
     assert [e["identity"] for e in manager.ledger("main")] == [snapshots.base2]
 
 
@@ -121,8 +125,8 @@ def test_two_replicas_are_ready_only_together(manager, snapshots):
     manager.create_or_get(config)
     try:
         delta = snapshots.deltas[0]
-        result = manager.hotload_and_wait("pair", "", delta, snapshots.metadata(delta))
-        replicas = result.status["replicas"]
+        assert manager.hotload_and_wait("pair", "", delta, snapshots.metadata(delta)) is True
+        replicas = manager.last_hotload_result.status["replicas"]
         assert len(replicas) == 2
         assert {r["current_snapshot_identity"] for r in replicas} == {delta}
         assert all(r["readiness"] for r in replicas)

@@ -42,21 +42,23 @@ def test_refused_delta_raises_with_identity_status_and_advice(
     make_client, deploy_mgr, deployment_id, tokenizer, caplog
 ):
     client = make_client()
-    syncer = _syncer(client, deploy_mgr, deployment_id, recover_with_base=False)
+    syncer = _syncer(client, deploy_mgr, deployment_id)  # the reference: no recovery
+    assert syncer.recover_with_base is False
     train_step(client, tokenizer)
     syncer.save_and_hotload("mine-00000")
     theirs = _take_over(make_client, deploy_mgr, deployment_id, tokenizer)
 
     train_step(client, tokenizer)
-    with caplog.at_level(logging.WARNING), pytest.raises(HotloadRefusedError) as info:
-        syncer.save_and_hotload("mine-00001", checkpoint_type="delta")
+    with pytest.raises(HotloadRefusedError) as info:
+        syncer.save_and_hotload("mine-00001")  # automatic: a delta, the syncer asks nobody
     message = str(info.value)
     delta = f"mine-00001-{client.session_id}"
     assert delta in message and theirs in message  # expected identity, what it serves
     assert "Deployment reports" in message and "reset_delta_chain()" in message
-    assert "will likely be refused" in caplog.text  # said before sending
     assert serving(deploy_mgr, deployment_id) == {theirs}  # it kept serving its snapshot
-    assert syncer.deployed_snapshot is None  # only a verified load sets it
+    assert syncer.deployed_snapshot is None and syncer.base_identity is None
+    assert syncer.last_timing["checkpoint_type"] == "delta"
+    assert syncer.last_timing["total_time_s"] >= syncer.last_timing["save_time_s"] > 0
 
     # The split form returns False for the same refusal.
     assert syncer.hotload(delta, checkpoint_type="delta") is False
@@ -71,7 +73,7 @@ def test_refused_delta_recovers_with_a_base_once(
     make_client, deploy_mgr, deployment_id, tokenizer, caplog
 ):
     client = make_client()
-    syncer = _syncer(client, deploy_mgr, deployment_id)  # recover_with_base=True by default
+    syncer = _syncer(client, deploy_mgr, deployment_id, recover_with_base=True)  # opt-in
     train_step(client, tokenizer)
     syncer.save_and_hotload("rec-00000")
     _take_over(make_client, deploy_mgr, deployment_id, tokenizer)
@@ -89,6 +91,31 @@ def test_refused_delta_recovers_with_a_base_once(
     syncer.save_and_hotload("rec-00002")
     assert syncer.last_timing.checkpoint_type == "delta"
     assert syncer.last_timing.recovered is False
+
+
+def test_asking_before_each_save_saves_a_base_instead_of_a_refused_delta(
+    make_client, deploy_mgr, deployment_id, tokenizer, caplog
+):
+    client = make_client()
+    syncer = _syncer(client, deploy_mgr, deployment_id, check_deployment_before_save=True)
+    train_step(client, tokenizer)
+    syncer.save_and_hotload("ask-00000")
+    theirs = _take_over(make_client, deploy_mgr, deployment_id, tokenizer)
+
+    train_step(client, tokenizer)
+    with caplog.at_level(logging.WARNING):
+        identity = syncer.save_and_hotload("ask-00001")  # would be a delta; it asks first
+    assert "saving a full base instead" in caplog.text and theirs in caplog.text
+    assert syncer.last_timing.checkpoint_type == "base" and not syncer.last_timing.recovered
+    assert identity == f"ask-00001-{client.session_id}"
+    assert serving(deploy_mgr, deployment_id) == {identity}
+    # An explicit delta is still sent, with the mismatch said before sending.
+    _take_over(make_client, deploy_mgr, deployment_id, tokenizer)
+    train_step(client, tokenizer)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(HotloadRefusedError):
+        syncer.save_and_hotload("ask-00002", checkpoint_type="Delta")
+    assert "will likely be refused" in caplog.text
 
 
 def test_corrupted_snapshot_is_not_loaded_and_old_weights_keep_serving(
@@ -148,12 +175,14 @@ def test_warmup_never_answering_is_logged_not_raised(
 
 
 def test_hotload_timeout_names_the_identity_and_the_last_status(deploy_mgr, deployment_id):
-    with pytest.raises(HotloadTimeoutError) as info:
-        deploy_mgr.wait_for_hotload(
-            deployment_id, "tiny", "never-sent", timeout_seconds=0.5, poll_interval=0.1
-        )
-    assert isinstance(info.value, TimeoutError)
-    assert "'never-sent'" in str(info.value) and "replica-0: serving" in str(info.value)
+    done = deploy_mgr.wait_for_hotload(
+        deployment_id, "tiny", "never-sent", timeout_seconds=0.5, poll_interval=0.1
+    )
+    assert done is False  # the SDK's contract: False, and the reason kept on the manager
+    error = deploy_mgr.last_hotload_error
+    assert isinstance(error, HotloadTimeoutError) and isinstance(error, TimeoutError)
+    assert "'never-sent'" in str(error) and "replica-0: serving" in str(error)
+    assert deploy_mgr.last_hotload_error_message == str(error)
 
 
 def test_deployment_down(make_client, start_deployment, deploy_mgr, tokenizer):

@@ -69,11 +69,16 @@ def test_on_policy_sync_every_step(make_client, deploy_mgr, deployment_id, token
         identity = syncer.save_and_hotload(f"step-{step:05d}")
         assert identity == f"step-{step:05d}-{client.session_id}"
         timing = syncer.last_timing
+        # The SDK's dict: its four keys (seconds), ours beside them.
+        assert isinstance(timing, dict)
+        assert {"save_time_s", "hotload_time_s", "warmup_time_s", "total_time_s"} <= set(timing)
         assert timing.checkpoint_type == ("base" if step == 0 else "delta")
         assert syncer.deployed_snapshot == identity
         assert serving(deploy_mgr, deployment_id) == {identity}
-        assert timing.save_s > 0 and timing.hotload_s > 0
-        assert timing.total_s >= timing.save_s + timing.hotload_s + timing.warmup_s
+        assert timing["save_time_s"] > 0 and timing["hotload_time_s"] > 0
+        assert timing["total_time_s"] >= (
+            timing["save_time_s"] + timing["hotload_time_s"] + timing["warmup_time_s"]
+        )
         assert timing.warmed_up is True and timing.pause_s is not None
         assert timing.payload_bytes > 0 and timing.full_bytes > 0
         # Lossless: every served tensor's checksum is the trainer's bf16 export's.
@@ -105,7 +110,7 @@ def test_interval_sync_every_n_steps(make_client, deploy_mgr, deployment_id, tok
     assert synced == [f"step-00001-{client.session_id}", f"step-00003-{client.session_id}"]
     # get_sampling_client(name) syncs the current weights first.
     train_step(client, tokenizer)
-    sampler = syncer.get_sampling_client("final", tokenizer=tokenizer)
+    sampler = syncer.get_sampling_client(tokenizer, name="final")
     final = f"final-{client.session_id}"
     assert syncer.deployed_snapshot == final
     assert sampler.sample(prompt_token_ids=[5, 6, 7], max_tokens=2)[0].snapshot_identity == final
@@ -119,8 +124,10 @@ def test_split_save_then_warmup_then_hotload(make_client, deploy_mgr, deployment
     client = make_client()
     syncer = _syncer(client, deploy_mgr, deployment_id)
     train_step(client, tokenizer)
-    snapshot = syncer.save_only("split-00000", checkpoint_type="base")
+    snapshot = syncer.save_only("split-00000", checkpoint_type="BASE")  # any case, as the SDK
     assert snapshot == f"split-00000-{client.session_id}"
+    assert syncer.last_timing.checkpoint_type == "base"
+    assert "save_time_s" in syncer.last_timing and "hotload_time_s" not in syncer.last_timing
     assert syncer.deployed_snapshot is None and snapshot not in serving(deploy_mgr, deployment_id)
     assert deploy_mgr.warmup(deployment_id, max_retries=3, retry_interval_s=0.05) is True
     assert syncer.hotload(snapshot, checkpoint_type="base") is True

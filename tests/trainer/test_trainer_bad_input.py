@@ -153,7 +153,7 @@ def test_dtypes_that_cannot_be_exported_are_refused(
 
 def test_unknown_codec_and_checksum_are_refused(tmp_path: Path, model: Any) -> None:
     with pytest.raises(UnknownCodecError, match="known"):
-        TrainingClient(model, storage=tmp_path, compression_format="arc_v2")
+        TrainingClient(model, storage=tmp_path, compression_format="arc_v9")
     with pytest.raises(UnknownChecksumError, match="known"):
         TrainingClient(model, storage=tmp_path, checksum_format="md5")
 

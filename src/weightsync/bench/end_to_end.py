@@ -42,10 +42,10 @@ def timing_row(name: str, checkpoint_type: str, timing: SyncTiming | None) -> Sy
     return SyncRow(
         name=name,
         checkpoint_type=checkpoint_type,
-        save_s=float(timing.save_s),
-        hotload_s=float(timing.hotload_s),
-        warmup_s=float(timing.warmup_s),
-        total_s=float(timing.total_s),
+        save_s=float(timing.save_time_s),
+        hotload_s=float(timing.hotload_time_s),
+        warmup_s=float(timing.warmup_time_s),
+        total_s=float(timing.total_time_s),
         pause_s=float(timing.pause_s or 0.0),
         payload_bytes=int(timing.payload_bytes),
     )

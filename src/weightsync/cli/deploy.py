@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from weightsync.cli import app
-from weightsync.errors import WeightSyncError
+from weightsync.errors import DeploymentError, WeightSyncError
 
 deploy_app = typer.Typer(
     name="deploy",
@@ -162,16 +162,18 @@ def hotload(  # noqa: PLR0917  (Typer maps parameters to options)
     mgr = _manager(url, api_key)
     try:
         if wait:
-            done = mgr.hotload_and_wait(
-                None, "", identity, metadata, timeout_s, reset_prompt_cache=cache
-            )
+            if not mgr.hotload_and_wait(
+                None, "", identity, metadata, cache, timeout_seconds=timeout_s
+            ):
+                raise mgr.last_hotload_error or DeploymentError(f"{identity!r} did not load")
+            done = mgr.last_hotload_result
             result: Any = {
-                "identity": done.identity,
-                "seconds": done.seconds,
-                "pause_s": done.pause_s,
+                "identity": identity,
+                "seconds": done.seconds if done else 0.0,
+                "pause_s": done.pause_s if done else None,
             }
         else:
-            result = mgr.hotload(None, "", identity, metadata, reset_prompt_cache=cache)
+            result = mgr.hotload(None, "", identity, metadata, cache)
     except WeightSyncError as e:
         raise _fail(e) from e
     finally:

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from weightsync.deployment.http import DeploymentHTTP, RetryPolicy, auth_headers
@@ -33,15 +33,22 @@ from weightsync.errors import (
     HotloadRefusedError,
     HotloadTimeoutError,
     InvalidInputError,
+    UnsupportedOperationError,
     WeightSyncError,
 )
 from weightsync.identity import validate_identity
+from weightsync.sdk_defaults import HOTLOAD_WAIT_TIMEOUT_S
+from weightsync.wire.paths import (
+    ACCOUNTS_PATH,
+    COMPLETIONS_PATH,
+    HOT_LOAD_PATH,
+    LEDGER_PATH,
+    LEDGER_RESET_PATH,
+    WEIGHTS_PATH,
+)
 
 logger = logging.getLogger(__name__)
 
-HOTLOAD_PATH = "/hot_load/v1/models/hot_load"
-LEDGER_PATH = "/hot_load/v1/ledger"
-WEIGHTS_PATH = "/hot_load/v1/weights"
 ResetPromptCache = bool | Literal["all", "none", "new_session"]
 HotloadOutcome = Literal["ready", "error", "pending"]
 #: First wait between hot-load status polls (it doubles up to the poll interval).
@@ -100,6 +107,22 @@ def hotload_outcome(status: dict[str, Any], identity: str) -> tuple[HotloadOutco
     if pending:
         return "pending", describe_status({"replicas": pending})
     return "ready", ""
+
+
+def deployment_id_of_model(model: str) -> str:
+    """`accounts/{a}/deployments/{d}` (the SDK's name of a deployment) -> `d`; else `model`."""
+    parts = model.split("/")
+    if len(parts) == 4 and parts[0] == "accounts" and parts[2] == "deployments" and parts[3]:
+        return parts[3]
+    return model
+
+
+def _is_identity(name: str) -> bool:
+    try:
+        validate_identity(name, what="deployment id")
+    except InvalidInputError:
+        return False
+    return True
 
 
 def _replica_name(replica: dict[str, Any]) -> str:
@@ -174,6 +197,11 @@ class DeploymentManager:
         self._deployment_keys: dict[str, str] = {}
         self._spawned: set[str] = set()
         self._lock = threading.Lock()
+        self._account_id: str | None = None
+        #: Why the last hot-load wait returned False (None after a success).
+        self.last_hotload_error: HotloadFailedError | HotloadTimeoutError | None = None
+        #: What the replicas reported for the last successful hot-load wait.
+        self.last_hotload_result: HotloadResult | None = None
         if stop_on_exit:
             atexit.register(self._stop_spawned)
 
@@ -212,6 +240,39 @@ class DeploymentManager:
             )
         return url
 
+    @property
+    def account_id(self) -> str:
+        """The account the deployment's control plane reports for the API key (`GET /v1/accounts`).
+
+        Resolved once, from `base_url` (else `hotload_api_url`), as the Fireworks SDK does;
+        the SDK's `WeightSyncer` names the deployment `accounts/{account_id}/deployments/{id}`.
+        """
+        if self._account_id is None:
+            self._account_id = self._resolve_account_id()
+        return self._account_id
+
+    def _resolve_account_id(self) -> str:
+        root = self.base_url or self.hotload_api_url
+        if root is None:
+            raise InvalidInputError(
+                "account_id needs the deployment's address: construct the DeploymentManager "
+                "with base_url= (a `weightsync serve` URL answers GET /v1/accounts)"
+            )
+        url = f"{root}{ACCOUNTS_PATH}?pageSize=2"
+        headers = {"X-Api-Key": self.api_key} if self.api_key else {}
+        body = self._http.get_json(url, headers=headers)
+        accounts = body.get("accounts") if isinstance(body, dict) else None
+        if not isinstance(accounts, list) or len(accounts) != 1:
+            raise DeploymentError(
+                f"GET {url}: expected exactly one account for this API key, got {body!r}; "
+                "check the URL (a `weightsync serve` deployment) and the API key"
+            )
+        name = str(accounts[0].get("name", "")) if isinstance(accounts[0], dict) else ""
+        account = name.removeprefix("accounts/")
+        if not account:
+            raise DeploymentError(f"GET {url}: the account has no name ({accounts[0]!r})")
+        return account
+
     def headers_for(self, deployment_id: str | None) -> dict[str, str]:
         """Request headers (auth) for `deployment_id` beyond the manager's own."""
         if self.api_key is None and deployment_id in self._deployment_keys:
@@ -220,13 +281,30 @@ class DeploymentManager:
 
     # --- local lifecycle -------------------------------------------------------
 
-    def create_or_get(self, config: DeploymentConfig) -> DeploymentInfo:
-        """Return the running local deployment `config.deployment_id`, starting it if needed."""
+    def create_or_get(
+        self, config: DeploymentConfig, force_recreate: bool = False
+    ) -> DeploymentInfo:
+        """Return the running local deployment `config.deployment_id`, starting it if needed.
+
+        `force_recreate=True` stops a running one first (its state directory is kept
+        unless it was the default one, as `delete` does).
+        """
+        if not isinstance(config, DeploymentConfig):
+            raise InvalidInputError(
+                f"create_or_get takes weightsync.deployment.DeploymentConfig (storage=, "
+                f"snapshot= or model_dir=), got {type(config).__module__}."
+                f"{type(config).__qualname__}: weightsync starts local deployments itself; a "
+                "running `weightsync serve` is addressed by URL (DeploymentManager(base_url=...)) "
+                "and needs no creating"
+            )
         with self._lock:
             if config.api_key:
                 self._deployment_keys[config.deployment_id] = config.api_key
             info = self.registry.read(config.deployment_id)
-            if info is not None and info.state == "running":
+            if info is not None and info.state == "running" and force_recreate:
+                logger.info("deployment %s: force_recreate, stopping it", config.deployment_id)
+                stop(info)
+            elif info is not None and info.state == "running":
                 logger.info("deployment %s: already running at %s", config.deployment_id, info.url)
                 return info
             info = spawn(config, self.registry)
@@ -242,9 +320,13 @@ class DeploymentManager:
         return [info for info in infos if info is not None]
 
     def wait_for_ready(
-        self, deployment_id: str, timeout_s: float = 300.0, poll_interval_s: float = 1.0
-    ) -> dict[str, Any]:
-        """Block until every replica reports readiness; return the hot-load status."""
+        self, deployment_id: str, timeout_s: float = 600.0, poll_interval_s: float = 1.0
+    ) -> DeploymentInfo:
+        """Block until every replica reports readiness; return the deployment's record.
+
+        A deployment addressed by URL (not in the registry) gets a record naming its
+        hot-load URL; `hotload_check_status` has what the replicas report.
+        """
         deadline = time.monotonic() + timeout_s
         last = "no answer yet"
         while True:
@@ -252,7 +334,7 @@ class DeploymentManager:
                 status = self.hotload_check_status(deployment_id)
                 replicas = status.get("replicas") or []
                 if replicas and all(r.get("readiness") for r in replicas):
-                    return status
+                    return self._record_of(deployment_id)
                 last = describe_status(status)
             except DeploymentError as e:
                 last = str(e)
@@ -262,6 +344,15 @@ class DeploymentManager:
                     f"last seen: {last}"
                 )
             time.sleep(poll_interval_s)
+
+    def _record_of(self, deployment_id: str) -> DeploymentInfo:
+        info = self.registry.read(deployment_id) if _is_identity(deployment_id) else None
+        if info is not None:
+            return info
+        return DeploymentInfo(
+            deployment_id=deployment_id, url=self.hotload_url(deployment_id), pid=None,
+            state="running",
+        )  # fmt: skip
 
     def scale_to_zero(self, deployment_id: str) -> bool:
         """Stop a local deployment's processes but keep its record and state (ledger).
@@ -312,28 +403,43 @@ class DeploymentManager:
 
     # --- hot-load API ----------------------------------------------------------
 
-    def hotload(
+    @property
+    def last_hotload_error_message(self) -> str | None:
+        """Why the last `hotload_and_wait` / `wait_for_hotload` returned False (the SDK's name)."""
+        return None if self.last_hotload_error is None else str(self.last_hotload_error)
+
+    def hotload(  # noqa: PLR0917  (the SDK's positional order)
         self,
         deployment_id: str | None,
         base_model: str,
         snapshot_identity: str,
         incremental_snapshot_metadata: dict[str, Any] | None = None,
-        *,
         reset_prompt_cache: ResetPromptCache = True,
+        timeout: float = 60,
+        path: str | None = None,
+        cmek_resource: str | None = None,
     ) -> dict[str, Any]:
         """Ask the deployment to load `snapshot_identity`; return its acceptance.
 
         `base_model` names the served model in logs. A refusal (4xx other than auth)
-        raises `HotloadRefusedError` with the server's reason.
+        raises `HotloadRefusedError` with the server's reason. `path` and
+        `cmek_resource` (the SDK's source-URL and decryption headers) are not supported:
+        a weightsync deployment reads snapshots from the storage it was started with.
         """
         validate_identity(snapshot_identity)
+        if path is not None or cmek_resource is not None:
+            raise UnsupportedOperationError(
+                f"hot-load of {snapshot_identity!r}: path= / cmek_resource= are not supported; "
+                "a weightsync deployment loads snapshots from the storage it was started with "
+                "(`weightsync serve --storage`). Pass path=None and cmek_resource=None"
+            )
         body: dict[str, Any] = {
             "identity": snapshot_identity,
             "reset_prompt_cache": reset_prompt_cache,
         }
         if incremental_snapshot_metadata is not None:
             body["incremental_snapshot_metadata"] = dict(incremental_snapshot_metadata)
-        url = self.hotload_url(deployment_id) + HOTLOAD_PATH
+        url = self.hotload_url(deployment_id) + HOT_LOAD_PATH
         logger.info(
             "hot-load %s on %s (%s): %s",
             snapshot_identity,
@@ -344,7 +450,9 @@ class DeploymentManager:
             else "base",
         )
         try:
-            result = self._http.post_json(url, body, headers=self.headers_for(deployment_id))
+            result = self._http.post_json(
+                url, body, headers=self.headers_for(deployment_id), timeout_s=timeout
+            )
         except DeploymentHTTPError as e:
             if 400 <= e.status_code < 500 and e.status_code not in (401, 403):
                 raise HotloadRefusedError(
@@ -355,11 +463,13 @@ class DeploymentManager:
         return result if isinstance(result, dict) else {"result": result}
 
     def hotload_check_status(
-        self, deployment_id: str | None, base_model: str = ""
+        self, deployment_id: str | None, base_model: str = "", timeout: float = 30
     ) -> dict[str, Any]:
         """The deployment's hot-load status (`{"replicas": [...]}`, DESIGN.md)."""
-        url = self.hotload_url(deployment_id) + HOTLOAD_PATH
-        status = self._http.get_json(url, headers=self.headers_for(deployment_id))
+        url = self.hotload_url(deployment_id) + HOT_LOAD_PATH
+        status = self._http.get_json(
+            url, headers=self.headers_for(deployment_id), timeout_s=timeout
+        )
         if not isinstance(status, dict):
             raise DeploymentError(f"GET {url}: expected a JSON object, got {status!r}")
         return status
@@ -369,79 +479,96 @@ class DeploymentManager:
         deployment_id: str | None,
         base_model: str,
         expected_identity: str,
-        timeout_seconds: float = 600.0,
+        timeout_seconds: float = HOTLOAD_WAIT_TIMEOUT_S,
         poll_interval: float = 0.5,
-    ) -> HotloadResult:
-        """Poll until every replica is ready on `expected_identity`.
+    ) -> bool:
+        """Poll until every replica is ready on `expected_identity`; True then, else False.
+
+        False (the SDK's contract) when a replica reports `stage: "error"` for this
+        identity or after `timeout_seconds`; `last_hotload_error` then holds a
+        `HotloadFailedError` / `HotloadTimeoutError` naming the identity and the last
+        status, and `last_hotload_error_message` its text. On True, `last_hotload_result`
+        holds what the replicas reported (time, longest serving pause).
 
         Polls fast at first (every 5 ms, doubling up to `poll_interval`): a delta of
         a small model is served within milliseconds, and a fixed interval would add
         up to a whole interval to every sync's time-to-serve.
-
-        Raises `HotloadFailedError` when a replica reports `stage: "error"` for this
-        identity and `HotloadTimeoutError` (with the last status) after `timeout_seconds`.
         """
         start = time.monotonic()
+        self.last_hotload_error = None
+        self.last_hotload_result = None
         delay = min(FIRST_POLL_S, poll_interval)
         while True:
             status = self.hotload_check_status(deployment_id, base_model)
             outcome, detail = hotload_outcome(status, expected_identity)
             if outcome == "ready":
-                return HotloadResult(
+                self.last_hotload_result = HotloadResult(
                     identity=expected_identity,
                     seconds=time.monotonic() - start,
                     status=status,
                     pause_s=reported_pause_s(status, expected_identity),
                 )
+                return True
             if outcome == "error":
-                raise HotloadFailedError(
+                self.last_hotload_error = HotloadFailedError(
                     f"deployment {deployment_id} failed to load {expected_identity!r}: {detail}. "
                     "It keeps serving what it had; check the snapshot "
                     "(`weightsync snapshot verify`) and the deployment's ledger."
                 )
+                logger.warning("%s", self.last_hotload_error)
+                return False
             elapsed = time.monotonic() - start
             if elapsed >= timeout_seconds:
-                raise HotloadTimeoutError(
+                self.last_hotload_error = HotloadTimeoutError(
                     f"deployment {deployment_id} did not finish loading {expected_identity!r} "
                     f"within {timeout_seconds:g}s; it reports: {detail}. Raise the timeout "
                     "for large models, or check the deployment's logs."
                 )
+                logger.warning("%s", self.last_hotload_error)
+                return False
             time.sleep(min(delay, max(0.0, timeout_seconds - elapsed)))
             delay = min(delay * 2, poll_interval)
 
-    def hotload_and_wait(
+    def hotload_and_wait(  # noqa: PLR0917  (the SDK's positional order)
         self,
         deployment_id: str | None,
         base_model: str,
         snapshot_identity: str,
         incremental_snapshot_metadata: dict[str, Any] | None = None,
-        timeout_seconds: float = 600.0,
-        *,
         reset_prompt_cache: ResetPromptCache = True,
+        timeout_seconds: float = HOTLOAD_WAIT_TIMEOUT_S,
+        path: str | None = None,
+        cmek_resource: str | None = None,
+        *,
         poll_interval: float = 0.5,
-    ) -> HotloadResult:
-        """`hotload` then `wait_for_hotload`; raises on refusal, failure or timeout."""
+    ) -> bool:
+        """`hotload` then `wait_for_hotload`: True when every replica serves the snapshot.
+
+        A refusal raises `HotloadRefusedError` (the SDK raises its HTTP error); a failed
+        or timed-out load returns False with `last_hotload_error` set.
+        """
         start = time.monotonic()
         self.hotload(
             deployment_id,
             base_model,
             snapshot_identity,
             incremental_snapshot_metadata,
-            reset_prompt_cache=reset_prompt_cache,
+            reset_prompt_cache,
+            path=path,
+            cmek_resource=cmek_resource,
         )
-        result = self.wait_for_hotload(
+        done = self.wait_for_hotload(
             deployment_id,
             base_model,
             snapshot_identity,
             timeout_seconds=timeout_seconds,
             poll_interval=poll_interval,
         )
-        return HotloadResult(
-            identity=result.identity,
-            seconds=time.monotonic() - start,
-            status=result.status,
-            pause_s=result.pause_s,
-        )
+        if done and self.last_hotload_result is not None:
+            self.last_hotload_result = replace(
+                self.last_hotload_result, seconds=time.monotonic() - start
+            )
+        return done
 
     def weights_checksums(
         self, deployment_id: str | None, *, checksum_format: str | None = None
@@ -480,7 +607,7 @@ class DeploymentManager:
 
     def reset_ledger(self, deployment_id: str | None) -> dict[str, Any]:
         """Clear the deployment's ledger; afterwards it accepts only a base."""
-        url = self.hotload_url(deployment_id) + LEDGER_PATH + "/reset"
+        url = self.hotload_url(deployment_id) + LEDGER_RESET_PATH
         result = self._http.post_json(url, {}, headers=self.headers_for(deployment_id))
         return result if isinstance(result, dict) else {"result": result}
 
@@ -500,10 +627,16 @@ class DeploymentManager:
         `model`, else the manager's inference URL. Never raises for a failed warmup.
         """
         target = deployment_id
-        if target is None and self.inference_url is None and self.registry.read(model):
-            target = model
+        named = deployment_id_of_model(model)
+        if (
+            target is None
+            and self.inference_url is None
+            and _is_identity(named)
+            and self.registry.read(named)
+        ):
+            target = named
         try:
-            url = self.inference_url_for(target) + "/v1/completions"
+            url = self.inference_url_for(target) + COMPLETIONS_PATH
         except WeightSyncError as e:
             logger.warning("warmup of %s skipped: %s", model, e)
             return False

@@ -21,7 +21,8 @@ from weightsync.deployment.http import (
     RetryPolicy,
     auth_headers,
 )
-from weightsync.errors import DeploymentError, InvalidInputError
+from weightsync.errors import DeploymentError, InvalidInputError, UnsupportedOperationError
+from weightsync.wire.paths import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +47,47 @@ class SampledCompletion:
     def full_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.token_ids
 
+    # The Fireworks SDK's names of the same facts (its `SampledCompletion`).
+    @property
+    def full_tokens(self) -> list[int]:
+        return self.full_token_ids
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def completion_len(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def inference_logprobs(self) -> list[float] | None:
+        return self.logprobs
+
 
 class DeploymentSampler:
     """Samples completions (tokens, logprobs, snapshot identity) from one deployment."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0917  (the SDK's positional order)
         self,
         inference_url: str,
         model: str = "",
         api_key: str | None = None,
         tokenizer: Any = None,
-        *,
+        concurrency_controller: Any = None,
+        max_concurrency: int | None = None,
         additional_headers: dict[str, str] | None = None,
+        *,
         verify_ssl: bool = True,
         timeout_s: float = 120.0,
         retry: RetryPolicy | None = None,
     ) -> None:
+        if concurrency_controller is not None or max_concurrency is not None:
+            raise UnsupportedOperationError(
+                "DeploymentSampler: concurrency_controller / max_concurrency are not supported; "
+                "one request carries all n samples, and a weightsync deployment bounds its own "
+                "queue (HTTP 429 with Retry-After when full). Pass None"
+            )
         self.inference_url = inference_url.rstrip("/")
         self.model = model
         self.tokenizer = _load_tokenizer(tokenizer)
@@ -102,14 +128,14 @@ class DeploymentSampler:
             body["stop_token_ids"] = list(stop_token_ids)
         if messages is not None and self.tokenizer is None:
             body.update(messages=list(messages), logprobs=True)
-            return "/v1/chat/completions", body, None
+            return CHAT_COMPLETIONS_PATH, body, None
         if messages is not None:
             prompt_token_ids = self.render(messages)
         ids = [int(t) for t in prompt_token_ids or []]
         if not ids:
             raise InvalidInputError("the prompt is empty")
         body.update(prompt=ids, logprobs=0)
-        return "/v1/completions", body, ids
+        return COMPLETIONS_PATH, body, ids
 
     def render(self, messages: list[Message]) -> list[int]:
         """Token ids of `messages` under the tokenizer's chat template (generation prompt on)."""
@@ -127,17 +153,23 @@ class DeploymentSampler:
     async def sample_with_tokens(
         self,
         messages: list[Message] | None = None,
-        prompt_token_ids: list[int] | None = None,
         n: int = 1,
-        *,
-        max_tokens: int = 64,
+        max_tokens: int = 1024,
         temperature: float = 1.0,
+        max_seq_len: int | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
         top_p: float = 1.0,
         seed: int | None = None,
         stop_token_ids: list[int] | None = None,
+        logprobs: bool = True,
     ) -> list[SampledCompletion]:
-        """Sample `n` completions; each carries tokens, logprobs and its snapshot identity."""
-        path, body, prompt_ids = self._request(
+        """Sample `n` completions; each carries tokens, logprobs and its snapshot identity.
+
+        The SDK's positional order (`messages, n, max_tokens, temperature, max_seq_len`);
+        a prompt at least `max_seq_len` tokens long gives `[]`, as in the SDK.
+        """
+        request = self._request(
             messages,
             prompt_token_ids,
             n=n,
@@ -147,6 +179,9 @@ class DeploymentSampler:
             seed=seed,
             stop_token_ids=stop_token_ids,
         )
+        path, body, prompt_ids = request
+        if _too_long(prompt_ids, max_seq_len):
+            return []
         client = AsyncDeploymentHTTP(
             headers=self._headers,
             verify_ssl=self._verify_ssl,
@@ -157,19 +192,50 @@ class DeploymentSampler:
             response = await client.post_json(self.inference_url + path, body)
         finally:
             await client.aclose()
-        return self._parse(response, prompt_ids, chat=path.endswith("chat/completions"))
+        return self._parse(
+            response, prompt_ids, chat=path == CHAT_COMPLETIONS_PATH, logprobs=logprobs
+        )
+
+    async def sample_with_prompt_tokens(
+        self,
+        prompt_token_ids: list[int],
+        n: int = 1,
+        max_tokens: int = 1024,
+        temperature: float = 1.0,
+        max_seq_len: int | None = None,
+        *,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: list[int] | None = None,
+        logprobs: bool = True,
+    ) -> list[SampledCompletion]:
+        """`sample_with_tokens` for a prompt already tokenized (no chat template applied)."""
+        return await self.sample_with_tokens(
+            None,
+            n,
+            max_tokens,
+            temperature,
+            max_seq_len,
+            prompt_token_ids=prompt_token_ids,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            logprobs=logprobs,
+        )
 
     def sample(
         self,
         messages: list[Message] | None = None,
-        prompt_token_ids: list[int] | None = None,
         n: int = 1,
-        *,
-        max_tokens: int = 64,
+        max_tokens: int = 1024,
         temperature: float = 1.0,
+        max_seq_len: int | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
         top_p: float = 1.0,
         seed: int | None = None,
         stop_token_ids: list[int] | None = None,
+        logprobs: bool = True,
     ) -> list[SampledCompletion]:
         """The synchronous form of `sample_with_tokens` (usable inside a running event loop)."""
         path, body, prompt_ids = self._request(
@@ -182,6 +248,8 @@ class DeploymentSampler:
             seed=seed,
             stop_token_ids=stop_token_ids,
         )
+        if _too_long(prompt_ids, max_seq_len):
+            return []
         client = DeploymentHTTP(
             headers=self._headers,
             verify_ssl=self._verify_ssl,
@@ -192,7 +260,9 @@ class DeploymentSampler:
             response = client.post_json(self.inference_url + path, body)
         finally:
             client.close()
-        return self._parse(response, prompt_ids, chat=path.endswith("chat/completions"))
+        return self._parse(
+            response, prompt_ids, chat=path == CHAT_COMPLETIONS_PATH, logprobs=logprobs
+        )
 
     def sample_batch(
         self, prompts: list[list[Message]], **kwargs: Any
@@ -211,7 +281,7 @@ class DeploymentSampler:
     # --- response parsing --------------------------------------------------------
 
     def _parse(
-        self, response: Any, prompt_ids: list[int] | None, *, chat: bool
+        self, response: Any, prompt_ids: list[int] | None, *, chat: bool, logprobs: bool = True
     ) -> list[SampledCompletion]:
         if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
             raise DeploymentError(
@@ -242,7 +312,11 @@ class DeploymentSampler:
                 SampledCompletion(
                     prompt_token_ids=[int(t) for t in prompt],
                     token_ids=[int(t) for t in token_ids],
-                    logprobs=_chat_logprobs(choice) if chat else _completion_logprobs(choice),
+                    logprobs=None
+                    if not logprobs
+                    else _chat_logprobs(choice)
+                    if chat
+                    else _completion_logprobs(choice),
                     text=(choice.get("message") or {}).get("content", "")
                     if chat
                     else choice.get("text", ""),
@@ -252,6 +326,10 @@ class DeploymentSampler:
                 )
             )
         return results
+
+
+def _too_long(prompt_ids: list[int] | None, max_seq_len: int | None) -> bool:
+    return max_seq_len is not None and prompt_ids is not None and len(prompt_ids) >= max_seq_len
 
 
 def _identity_from_model(model: Any) -> str | None:

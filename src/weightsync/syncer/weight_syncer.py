@@ -1,18 +1,29 @@
 """`WeightSyncer`: the object a training loop talks to (save, hot-load, warm up).
 
-It keeps the chain state for the user: what this session saved last, whether a
-base exists, and which snapshot the deployment last verified (set only after a
-successful load). Before sending a delta it asks the deployment what it serves;
-a delta only goes out when the deployment serves the delta's parent, otherwise
-a full base is saved instead (or, for an explicit delta, the mismatch is logged
-before sending).
+It keeps the reference's contract (the Fireworks SDK's `WeightSyncer`): the
+first save is a base, later ones deltas; the deployment is asked once, before
+the first hot-load, whether its manager is ready and what it serves (a
+snapshot of another session makes the first save a base); `save_and_hotload`
+returns the snapshot name or raises. `base_identity` (the snapshot the
+deployment last verified) is set only after a successful load; after a delta
+that did not load, the next automatic save is a base, since a delta on top of
+it could not apply.
+
+Beyond the reference, opt-in: `recover_with_base` (a refused delta is replaced
+by a fresh base inside the same call) and `check_deployment_before_save`
+(ask the deployment before every save; a delta whose parent it does not serve
+is saved as a base instead). The deployment manager may be weightsync's or the
+SDK's own: only the SDK's method names and keywords are used on it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import KW_ONLY, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Protocol
+
+import httpx
 
 from weightsync.errors import (
     DeploymentError,
@@ -22,25 +33,48 @@ from weightsync.errors import (
     InvalidInputError,
     WeightSyncError,
 )
+from weightsync.sdk_defaults import (
+    DEFAULT_COMPRESSION_FORMAT,
+    CheckpointType,
+    normalize_checkpoint_type,
+)
 from weightsync.syncer.timing import Stopwatch, SyncTiming
 
 if TYPE_CHECKING:
-    from weightsync.deployment.manager import DeploymentManager, HotloadResult
     from weightsync.deployment.sampler import DeploymentSampler
     from weightsync.trainer import TrainingClient
 
 logger = logging.getLogger(__name__)
 
-CheckpointType = Literal["base", "delta"]
-_CHECKPOINT_TYPES = ("base", "delta")
 #: Failures of `save_only` that return None (the trainer keeps training).
 _SAVE_FAILURES = (WeightSyncError, OSError, RuntimeError, ValueError)
+#: What asking a deployment manager can raise: ours raises WeightSyncError, the SDK's
+#: httpx errors (HTTP status, connection) and RuntimeError; a malformed answer ValueError.
+_MANAGER_ERRORS = (WeightSyncError, httpx.HTTPError, OSError, RuntimeError, ValueError)
+#: Stages in which a replica's hot-load manager does not take requests yet.
+_NOT_READY_STAGES = ("initializing", "starting")
 
 
-def _default_codec() -> str:
-    from weightsync.codec import DEFAULT_CODEC
+class HotloadManager(Protocol):
+    """What `WeightSyncer` calls on a deployment manager: the Fireworks SDK's names.
 
-    return DEFAULT_CODEC
+    Both `weightsync.DeploymentManager` and `fireworks.training.sdk.DeploymentManager` fit.
+    """
+
+    def hotload_and_wait(  # noqa: PLR0917  (the SDK's positional order)
+        self,
+        deployment_id: str,
+        base_model: str,
+        snapshot_identity: str,
+        incremental_snapshot_metadata: dict[str, Any] | None = ...,
+        reset_prompt_cache: bool = ...,
+        timeout_seconds: int = ...,
+        path: str | None = ...,
+    ) -> bool: ...
+
+    def hotload_check_status(self, deployment_id: str, base_model: str) -> dict[str, Any]: ...
+
+    def warmup(self, model: str, max_retries: int = ..., retry_interval_s: float = ...) -> bool: ...
 
 
 @dataclass
@@ -52,44 +86,51 @@ class WeightSyncer:
     """
 
     policy_client: TrainingClient
-    deploy_mgr: DeploymentManager | None = None
+    deploy_mgr: HotloadManager | None = None
     deployment_id: str | None = None
     base_model: str = ""
     hotload_timeout: int = 600
     first_checkpoint_type: str = "base"
-    compression_format: str = field(default_factory=_default_codec)
+    compression_format: str = DEFAULT_COMPRESSION_FORMAT
     warmup_after_hotload: bool = True
     warmup_max_retries: int = 10
     reset_prompt_cache: bool = True
     lora_rank: int = 0
     _: KW_ONLY
-    #: On a refused or failed delta inside `save_and_hotload`, save and load a fresh
-    #: base once (logged at ERROR). On by default: the deployment kept serving its old
-    #: weights, and a verified base restores sync without stopping training.
-    recover_with_base: bool = True
+    #: Opt-in: on a refused or failed delta inside `save_and_hotload`, save and load a
+    #: fresh base once (logged at ERROR) and return *its* name instead of raising.
+    recover_with_base: bool = False
+    #: Opt-in: ask the deployment what it serves before every save; a delta whose parent
+    #: it does not serve is saved as a base (one status GET per save).
+    check_deployment_before_save: bool = False
     #: Save a full base every N saves (None: only when needed). 20-30 is common practice.
     full_snapshot_interval: int | None = None
     warmup_prompt: str = "Hello"
     warmup_retry_interval_s: float = 1.0
+    #: Longest wait between status polls of weightsync's manager (it starts at 5 ms).
     hotload_poll_interval_s: float = 0.25
     #: How long the first hot-load waits for the deployment's hot-load manager.
     hotload_ready_timeout_s: float = 300.0
 
-    last_timing: SyncTiming | None = field(default=None, init=False)
+    #: The SDK's timing dict of the last call (see `SyncTiming` for the keys).
+    last_timing: SyncTiming = field(default_factory=SyncTiming, init=False)
+    #: The SDK's chain state: a snapshot was saved; the snapshot the deployment verified.
+    base_saved: bool = field(default=False, init=False)
+    base_identity: str | None = field(default=None, init=False)
     _last_saved: str | None = field(default=None, init=False, repr=False)
-    _saved_any: bool = field(default=False, init=False, repr=False)
     _has_base: bool = field(default=False, init=False, repr=False)
     _saves_since_base: int = field(default=0, init=False, repr=False)
     _force_base_next: bool = field(default=False, init=False, repr=False)
-    _deployed: str | None = field(default=None, init=False, repr=False)
-    _ready_checked: bool = field(default=False, init=False, repr=False)
+    _deployment_checked: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.first_checkpoint_type not in _CHECKPOINT_TYPES:
+        first = normalize_checkpoint_type(self.first_checkpoint_type, what="first_checkpoint_type")
+        if first not in ("base", "delta"):
             raise InvalidInputError(
                 "first_checkpoint_type must be 'base' or 'delta', "
                 f"got {self.first_checkpoint_type!r}"
             )
+        self.first_checkpoint_type = first
         if self.hotload_timeout <= 0:
             raise InvalidInputError(f"hotload_timeout must be > 0 s, got {self.hotload_timeout}")
         if self.warmup_max_retries < 0 or self.lora_rank < 0:
@@ -100,17 +141,15 @@ class WeightSyncer:
             )
         from weightsync.codec import get_codec
 
-        get_codec(self.compression_format)  # unknown names fail here, listing the known ones
+        canonical = get_codec(self.compression_format).name  # unknown names list the known ones
         client_format = getattr(self.policy_client, "compression_format", None)
-        if client_format is not None and client_format != self.compression_format:
-            logger.warning(
-                "WeightSyncer: compression_format %r differs from the training client's %r; "
-                "the client is set to %r",
-                self.compression_format,
-                client_format,
-                self.compression_format,
+        if client_format is not None and client_format != canonical:
+            raise InvalidInputError(
+                f"WeightSyncer(compression_format={self.compression_format!r}) but its training "
+                f"client writes deltas with {client_format!r}: the hot-load metadata would name "
+                "another codec than the snapshots. Give both the same compression_format, e.g. "
+                f"TrainingClient(..., compression_format={self.compression_format!r})"
             )
-            self.policy_client.compression_format = self.compression_format
         client_rank = getattr(self.policy_client, "lora_rank", None)
         if isinstance(client_rank, int) and client_rank != self.lora_rank:
             logger.warning(
@@ -132,7 +171,7 @@ class WeightSyncer:
     @property
     def deployed_snapshot(self) -> str | None:
         """The snapshot the deployment last verified for this syncer (None before any)."""
-        return self._deployed
+        return self.base_identity
 
     @property
     def last_saved_snapshot(self) -> str | None:
@@ -149,8 +188,14 @@ class WeightSyncer:
 
     def reset_delta_chain(self) -> None:
         """Make the next save a full base (e.g. after the deployment's storage changed)."""
-        logger.info("WeightSyncer: delta chain reset; the next save is a base")
+        logger.info(
+            "WeightSyncer: delta chain reset (was base_saved=%s, base_identity=%s); "
+            "the next save is a base",
+            self.base_saved,
+            self.base_identity,
+        )
         self._force_base_next = True
+        self.base_identity = None
         client_reset = getattr(self.policy_client, "reset_delta_chain", None)
         if callable(client_reset):
             client_reset()  # the client frees the previous snapshot's bits too
@@ -162,7 +207,8 @@ class WeightSyncer:
 
         Raises (`HotloadRefusedError`, `HotloadFailedError`, `HotloadTimeoutError`,
         `DeploymentError`) with the expected identity, what the deployment reports and
-        what to do. Without weight sync it only saves.
+        what to do; with `recover_with_base=True` a refused delta is replaced by a base
+        whose name is returned. Without weight sync it only saves.
         """
         watch = Stopwatch()
         timing = SyncTiming()
@@ -170,16 +216,19 @@ class WeightSyncer:
         try:
             return self._save_and_hotload(name, checkpoint_type, watch, timing)
         finally:
-            self._finish(timing, watch)
+            timing.record_phases(watch)
 
     def _save_and_hotload(
         self, name: str, checkpoint_type: str | None, watch: Stopwatch, timing: SyncTiming
     ) -> str:
         serving: str | None = None
         if self.weight_sync_enabled:
-            self._ensure_ready()
-            serving = self.check_deployment_state()
-        kind = self._resolve_type(checkpoint_type, serving=serving, check_serving=True)
+            self._ensure_deployment_checked()
+            if self.check_deployment_before_save:
+                serving = self.check_deployment_state()
+        kind = self._resolve_type(
+            checkpoint_type, serving=serving, check_serving=self.check_deployment_before_save
+        )
         with watch.phase("save"):
             result = self._save(name, kind, timing)
         identity = str(result.snapshot_name)
@@ -188,7 +237,7 @@ class WeightSyncer:
         try:
             self._load(identity, watch, timing)
         except (HotloadRefusedError, HotloadFailedError) as e:
-            if not self._can_recover(identity):
+            if not self._can_recover(identity, timing):
                 raise self._explain(e, identity) from e
             return self._recover(name, e, watch, timing)
         except WeightSyncError as e:
@@ -206,15 +255,17 @@ class WeightSyncer:
                 result = self._save(name, kind, timing)
         except _SAVE_FAILURES as e:
             logger.warning("save_only(%r) failed: %s: %s", name, type(e).__name__, e)
-            self._finish(timing, watch)
             return None
-        self._finish(timing, watch)
+        finally:
+            timing.record_phases(watch)
         return str(result.snapshot_name)
 
     def hotload(self, snapshot_name: str, checkpoint_type: str | None = None) -> bool:
         """Hot-load a saved snapshot, wait and warm up; True on success, False (logged) else."""
         watch = Stopwatch()
-        timing = SyncTiming(snapshot_name=snapshot_name, checkpoint_type=checkpoint_type)
+        timing = SyncTiming(
+            snapshot_name=snapshot_name, checkpoint_type=normalize_checkpoint_type(checkpoint_type)
+        )
         self.last_timing = timing
         if not self.weight_sync_enabled:
             logger.warning(
@@ -223,27 +274,35 @@ class WeightSyncer:
             )
             return False
         try:
-            self._ensure_ready()
-            self.check_deployment_state()
+            self._ensure_deployment_checked()
             self._load(snapshot_name, watch, timing, expected_type=checkpoint_type)
         except WeightSyncError as e:
             logger.error("hotload(%r) failed: %s", snapshot_name, self._explain(e, snapshot_name))
-            self._finish(timing, watch)
             return False
-        self._finish(timing, watch)
+        finally:
+            timing.record_phases(watch)
         return True
 
     def check_deployment_state(self) -> str | None:
-        """The snapshot identity the deployment serves (None if none or replicas disagree)."""
-        mgr, deployment_id = self._require_sync()
-        status = mgr.hotload_check_status(deployment_id, self.base_model)
+        """The snapshot identity the deployment serves.
+
+        None when weight sync is disabled, the deployment serves nothing, its replicas
+        disagree, or it cannot be asked (logged as a warning, as the SDK does).
+        """
+        if self.deploy_mgr is None or self.deployment_id is None:
+            return None
+        try:
+            status = self.deploy_mgr.hotload_check_status(self.deployment_id, self.base_model)
+        except _MANAGER_ERRORS as e:
+            logger.warning("could not check deployment %s: %s", self.deployment_id, e)
+            return None
         replicas = status.get("replicas") or []
         identities = {r.get("current_snapshot_identity") for r in replicas}
         for replica in replicas:
             state = replica.get("loading_state") or {}
             logger.info(
                 "deployment %s replica %s: serving %r, readiness=%s, stage=%s",
-                deployment_id,
+                self.deployment_id,
                 replica.get("replica_id"),
                 replica.get("current_snapshot_identity"),
                 replica.get("readiness"),
@@ -252,39 +311,43 @@ class WeightSyncer:
         if len(identities) != 1:
             if replicas:
                 logger.warning(
-                    "deployment %s: replicas serve different snapshots %s; the next load is a base",
-                    deployment_id,
+                    "deployment %s: replicas serve different snapshots %s",
+                    self.deployment_id,
                     sorted(str(i) for i in identities),
                 )
+            else:
+                logger.info("deployment %s: no replicas (it may be scaling up)", self.deployment_id)
             return None
         current = identities.pop()
         return str(current) if current else None
 
     def wait_for_hotload_ready(self, timeout_s: float = 300, poll_interval_s: float = 5) -> None:
-        """Block until the deployment's hot-load manager answers with its replicas."""
-        import time
+        """Block until the deployment's hot-load manager answers with its replicas.
 
-        mgr, deployment_id = self._require_sync()
+        Returns at once when weight sync is disabled; raises `HotloadTimeoutError`
+        (a `TimeoutError`) after `timeout_s`.
+        """
+        if self.deploy_mgr is None or self.deployment_id is None:
+            return
         deadline = time.monotonic() + timeout_s
         last = "no answer yet"
         while True:
             try:
-                status = mgr.hotload_check_status(deployment_id, self.base_model)
+                status = self.deploy_mgr.hotload_check_status(self.deployment_id, self.base_model)
                 replicas = status.get("replicas") or []
                 stages = [(r.get("loading_state") or {}).get("stage") for r in replicas]
-                if replicas and not any(s in ("initializing", "starting") for s in stages):
-                    self._ready_checked = True
+                if replicas and not any(s in _NOT_READY_STAGES for s in stages):
                     return
                 last = f"{len(replicas)} replica(s), stages {stages}"
             except InvalidInputError:
                 raise
-            except WeightSyncError as e:
+            except _MANAGER_ERRORS as e:  # not answering yet: keep polling
                 last = str(e)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise HotloadTimeoutError(
-                    f"the hot-load manager of deployment {deployment_id!r} was not ready within "
-                    f"{timeout_s:g}s (last: {last}). Check that the deployment is running "
+                    f"the hot-load manager of deployment {self.deployment_id!r} was not ready "
+                    f"within {timeout_s:g}s (last: {last}). Check that the deployment is running "
                     "(DeploymentManager.get / `weightsync deploy status URL`) and its URL is right."
                 )
             time.sleep(min(poll_interval_s, remaining))
@@ -295,13 +358,21 @@ class WeightSyncer:
         With `lora_rank > 0` it samples from the adapter loaded last; get a new one
         after each sync.
         """
+        from weightsync.deployment.manager import DeploymentManager
         from weightsync.deployment.sampler import DeploymentSampler
 
         mgr, deployment_id = self._require_sync()
+        if not isinstance(mgr, DeploymentManager):  # the SDK's manager: its address and model
+            return DeploymentSampler(
+                str(getattr(mgr, "inference_url", "")),
+                model=self._sdk_model(mgr, deployment_id),
+                api_key=getattr(mgr, "api_key", None),
+                tokenizer=tokenizer,
+            )
         headers = {**mgr.additional_headers, **mgr.headers_for(deployment_id)}
         model = self.base_model or deployment_id
-        if self.lora_rank > 0 and self._deployed is not None:
-            model = self._deployed  # the deployment serves the adapter under its identity
+        if self.lora_rank > 0 and self.base_identity is not None:
+            model = self.base_identity  # the deployment serves the adapter under its identity
         return DeploymentSampler(
             mgr.inference_url_for(deployment_id),
             model=model,
@@ -311,7 +382,7 @@ class WeightSyncer:
         )
 
     def get_sampling_client(
-        self, name: str | None = None, *, tokenizer: Any = None
+        self, tokenizer: Any = None, *, name: str | None = None
     ) -> DeploymentSampler:
         """A sampler of the deployment; with `name`, sync the current weights first."""
         if name is not None:
@@ -320,7 +391,7 @@ class WeightSyncer:
 
     # --- internals -----------------------------------------------------------------
 
-    def _require_sync(self) -> tuple[DeploymentManager, str]:
+    def _require_sync(self) -> tuple[HotloadManager, str]:
         if self.deploy_mgr is None or self.deployment_id is None:
             raise InvalidInputError(
                 "weight sync is disabled: construct WeightSyncer with deploy_mgr= "
@@ -328,36 +399,54 @@ class WeightSyncer:
             )
         return self.deploy_mgr, self.deployment_id
 
-    def _ensure_ready(self) -> None:
-        if not self._ready_checked:
-            self.wait_for_hotload_ready(
-                timeout_s=self.hotload_ready_timeout_s,
-                poll_interval_s=min(5.0, max(0.1, self.hotload_ready_timeout_s / 20)),
-            )
+    def _ensure_deployment_checked(self) -> None:
+        """Once, before the first hot-load: wait for the hot-load manager, see what it serves.
+
+        A deployment serving a snapshot that is not this client's chain head (another
+        session's, or nothing) makes the next automatic save a base.
+        """
+        if self._deployment_checked:
+            return
+        self.wait_for_hotload_ready(
+            timeout_s=self.hotload_ready_timeout_s,
+            poll_interval_s=min(5.0, max(0.1, self.hotload_ready_timeout_s / 20)),
+        )
+        self._deployment_checked = True
+        current = self.check_deployment_state()
+        head = getattr(self.policy_client, "last_snapshot", None)
+        if current is None or current != head:
+            if current is not None:
+                logger.info(
+                    "deployment %s serves %r from another chain; the first hot-load is a base",
+                    self.deployment_id,
+                    current,
+                )
+            self.base_identity = None
+        else:
+            self.base_identity = current
 
     def _resolve_type(
         self, requested: str | None, *, serving: str | None, check_serving: bool
     ) -> CheckpointType:
-        if requested is not None and requested not in _CHECKPOINT_TYPES:
-            raise InvalidInputError(
-                f"checkpoint_type must be 'base', 'delta' or None, got {requested!r}"
-            )
+        explicit = normalize_checkpoint_type(requested)
         if self.lora_rank > 0:
-            if requested == "delta":
+            if explicit == "merged_base":
+                return explicit
+            if explicit == "delta":
                 logger.warning("lora_rank > 0: LoRA adapters are standalone; saving a base")
             return "base"
-        if requested is not None:
-            kind: CheckpointType = "delta" if requested == "delta" else "base"
-            if kind == "delta" and check_serving and not self._serves_parent(serving):
+        if explicit is not None:
+            if explicit == "delta" and check_serving and not self._serves_parent(serving):
                 logger.warning(
                     "an explicit delta was asked for, but deployment %s serves %r, not %r "
                     "(the delta's parent); it will likely be refused",
                     self.deployment_id,
                     serving,
-                    self._last_saved,
+                    self._chain_head(),
                 )
-            return kind
-        if self._force_base_next or not self._saved_any:
+            return explicit
+        kind: CheckpointType
+        if self._force_base_next or not self.base_saved:
             kind = "base" if self._force_base_next else self._first_type()
         elif (
             self.full_snapshot_interval is not None
@@ -366,13 +455,17 @@ class WeightSyncer:
             kind = "base"
         else:
             kind = "delta"
+        if kind == "delta" and self._chain_head() is None:
+            kind = "base"  # the client holds no snapshot a delta could apply onto
+        if kind == "delta" and not self.base_saved and self.base_identity != self._chain_head():
+            kind = "base"  # a first delta must apply onto what the deployment was seen serving
         if kind == "delta" and check_serving and not self._serves_parent(serving):
             logger.warning(
                 "deployment %s serves %r, not %r which the next delta would apply onto; "
                 "saving a full base instead",
                 self.deployment_id,
                 serving,
-                self._last_saved,
+                self._chain_head(),
             )
             kind = "base"
         return kind
@@ -380,33 +473,35 @@ class WeightSyncer:
     def _first_type(self) -> CheckpointType:
         return "delta" if self.first_checkpoint_type == "delta" else "base"
 
+    def _chain_head(self) -> str | None:
+        """The snapshot a delta saved now would apply onto."""
+        if hasattr(self.policy_client, "last_snapshot"):
+            head = self.policy_client.last_snapshot
+            return None if head is None else str(head)
+        return self._last_saved
+
     def _serves_parent(self, serving: str | None) -> bool:
         """Whether a delta saved now would apply onto what the deployment serves."""
-        if serving is None:
-            return False
-        if hasattr(self.policy_client, "last_snapshot"):
-            parent = self.policy_client.last_snapshot  # the client's own chain head
-            return parent is not None and serving == parent
-        if self._last_saved is not None:
-            return serving == self._last_saved
-        session = self.session_id
-        return session is not None and serving.endswith(f"-{session}")
+        head = self._chain_head()
+        return serving is not None and head is not None and serving == head
 
     def _save(self, name: str, kind: CheckpointType, timing: SyncTiming) -> Any:
         result = self.policy_client.save_weights_for_sampler_ext(name, checkpoint_type=kind)
         saved_type = str(getattr(result, "checkpoint_type", kind))
         self._last_saved = str(result.snapshot_name)
-        self._saved_any = True
+        self.base_saved = True
         if saved_type == "delta":
             self._saves_since_base += 1
         else:
             self._has_base = True
             self._saves_since_base = 0
             self._force_base_next = False
-        timing.snapshot_name = self._last_saved
-        timing.checkpoint_type = saved_type
-        timing.payload_bytes = int(getattr(result, "payload_bytes", 0) or 0)
-        timing.full_bytes = int(getattr(result, "full_bytes", 0) or 0)
+        timing.update(
+            snapshot_name=self._last_saved,
+            checkpoint_type=saved_type,
+            payload_bytes=int(getattr(result, "payload_bytes", 0) or 0),
+            full_bytes=int(getattr(result, "full_bytes", 0) or 0),
+        )
         logger.info(
             "saved %s snapshot %s (%d bytes)", saved_type, self._last_saved, timing.payload_bytes
         )
@@ -415,13 +510,15 @@ class WeightSyncer:
     def _incremental_metadata(
         self, identity: str, expected_type: str | None
     ) -> dict[str, Any] | None:
+        """The hot-load metadata of `identity`, from its manifest (what was really written)."""
         manifest = self.policy_client.store.read_manifest(identity)
-        if expected_type is not None and manifest.kind not in (expected_type, "lora"):
+        expected = normalize_checkpoint_type(expected_type)
+        if expected is not None and manifest.kind not in (expected, "lora"):
             logger.warning(
                 "snapshot %s is a %s (its manifest says so), not a %s; loading it as a %s",
                 identity,
                 manifest.kind,
-                expected_type,
+                expected,
                 manifest.kind,
             )
         if manifest.kind != "delta":
@@ -439,52 +536,33 @@ class WeightSyncer:
         timing: SyncTiming,
         *,
         expected_type: str | None = None,
-    ) -> HotloadResult:
+    ) -> None:
         mgr, deployment_id = self._require_sync()
         metadata = self._incremental_metadata(identity, expected_type)
-        if metadata is not None:
-            parent = metadata["previous_snapshot_identity"]
-            serving = self._deployed
-            if serving is None or serving != parent:
-                serving = self.check_deployment_state()
-            if serving != parent:
-                logger.warning(
-                    "delta %s applies onto %r, but deployment %s serves %r: it will be refused",
-                    identity,
-                    parent,
-                    deployment_id,
-                    serving,
-                )
+        if metadata is not None and metadata["previous_snapshot_identity"] != self.base_identity:
+            logger.warning(
+                "delta %s applies onto %r, but deployment %s was last seen serving %r: "
+                "it may be refused",
+                identity,
+                metadata["previous_snapshot_identity"],
+                deployment_id,
+                self.base_identity,
+            )
         try:
             with watch.phase("hotload"):
-                result = mgr.hotload_and_wait(
-                    deployment_id,
-                    self.base_model,
-                    identity,
-                    metadata,
-                    timeout_seconds=self.hotload_timeout,
-                    reset_prompt_cache=self.reset_prompt_cache,
-                    poll_interval=self.hotload_poll_interval_s,
-                )
+                self._hotload_and_wait(mgr, deployment_id, identity, metadata)
         except WeightSyncError:
-            self._deployed = None  # unknown until asked again
+            self.base_identity = None  # unknown until asked again
             if metadata is not None:
                 self._force_base_next = True  # the chain head is not what it serves
             raise
-        self._deployed = identity
-        timing.pause_s = result.pause_s
+        self.base_identity = identity
+        result = getattr(mgr, "last_hotload_result", None)
+        timing["pause_s"] = getattr(result, "pause_s", None)
         logger.info("deployment %s serves %s (verified)", deployment_id, identity)
         if self.warmup_after_hotload and self.warmup_max_retries > 0:
             with watch.phase("warmup"):
-                # A LoRA adapter is addressed by its identity; warm up that, not the base.
-                model = identity if self.lora_rank > 0 else self.base_model or deployment_id
-                timing.warmed_up = mgr.warmup(
-                    model,
-                    max_retries=self.warmup_max_retries,
-                    retry_interval_s=self.warmup_retry_interval_s,
-                    deployment_id=deployment_id,
-                    prompt=self.warmup_prompt,
-                )
+                timing["warmed_up"] = self._warmup(mgr, deployment_id, identity)
             if not timing.warmed_up:
                 logger.warning(
                     "warmup after loading %s did not answer HTTP 200 in %d tries; the snapshot "
@@ -492,14 +570,90 @@ class WeightSyncer:
                     identity,
                     self.warmup_max_retries,
                 )
-        return result
 
-    def _can_recover(self, identity: str) -> bool:
+    def _hotload_and_wait(
+        self,
+        mgr: HotloadManager,
+        deployment_id: str,
+        identity: str,
+        metadata: dict[str, Any] | None,
+    ) -> None:
+        """One `hotload_and_wait` in the SDK's keywords; raises what a False answer meant."""
+        from weightsync.deployment.manager import DeploymentManager
+
+        kwargs: dict[str, Any] = dict(
+            deployment_id=deployment_id,
+            base_model=self.base_model,
+            snapshot_identity=identity,
+            incremental_snapshot_metadata=metadata,
+            reset_prompt_cache=self.reset_prompt_cache,
+            timeout_seconds=self.hotload_timeout,
+            path=None,
+        )
+        if isinstance(mgr, DeploymentManager):
+            if not mgr.hotload_and_wait(**kwargs, poll_interval=self.hotload_poll_interval_s):
+                raise mgr.last_hotload_error or HotloadFailedError(
+                    f"deployment {deployment_id!r} did not load {identity!r}"
+                )
+            return
+        try:
+            ok = mgr.hotload_and_wait(**kwargs)
+        except httpx.HTTPStatusError as e:  # the SDK's manager raises these on a refusal
+            code = e.response.status_code
+            reason = f"HTTP {code}: {e.response.text[:2000]}"
+            if 400 <= code < 500 and code not in (401, 403):
+                raise HotloadRefusedError(
+                    f"deployment {deployment_id!r} refused snapshot {identity!r} ({reason})"
+                ) from e
+            raise DeploymentError(
+                f"hot-load of {identity!r} on deployment {deployment_id!r} failed ({reason})"
+            ) from e
+        except httpx.HTTPError as e:
+            raise DeploymentError(
+                f"hot-load of {identity!r} on deployment {deployment_id!r} failed: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        if not ok:
+            detail = getattr(mgr, "last_hotload_error_message", None) or "no detail reported"
+            if "did not complete within" in str(detail):
+                raise HotloadTimeoutError(str(detail))
+            raise HotloadFailedError(str(detail))
+
+    def _warmup(self, mgr: HotloadManager, deployment_id: str, identity: str) -> bool:
+        from weightsync.deployment.manager import DeploymentManager
+
+        if isinstance(mgr, DeploymentManager):
+            # A LoRA adapter is addressed by its identity; warm up that, not the base.
+            model = identity if self.lora_rank > 0 else self.base_model or deployment_id
+            return mgr.warmup(
+                model,
+                max_retries=self.warmup_max_retries,
+                retry_interval_s=self.warmup_retry_interval_s,
+                deployment_id=deployment_id,
+                prompt=self.warmup_prompt,
+            )
+        try:  # the SDK's manager, as the SDK's syncer calls it
+            return bool(
+                mgr.warmup(
+                    self._sdk_model(mgr, deployment_id),
+                    max_retries=self.warmup_max_retries,
+                    retry_interval_s=self.warmup_retry_interval_s,
+                )
+            )
+        except _MANAGER_ERRORS as e:  # warmup is never fatal (the SDK's rule too)
+            logger.warning("warmup of deployment %s failed: %s", deployment_id, e)
+            return False
+
+    @staticmethod
+    def _sdk_model(mgr: Any, deployment_id: str) -> str:
+        """The model name the SDK sends to a deployment: `accounts/{account}/deployments/{id}`."""
+        return f"accounts/{mgr.account_id}/deployments/{deployment_id}"
+
+    def _can_recover(self, identity: str, timing: SyncTiming) -> bool:
         return (
             self.recover_with_base
             and self.lora_rank == 0
-            and self.last_timing is not None
-            and self.last_timing.checkpoint_type == "delta"
+            and timing.checkpoint_type == "delta"
             and self._last_saved == identity
         )
 
@@ -520,7 +674,7 @@ class WeightSyncer:
             self._load(identity, watch, timing)
         except WeightSyncError as e:
             raise self._explain(e, identity, note=f"recovery after: {error}") from e
-        timing.recovered = True
+        timing["recovered"] = True
         return identity
 
     def _explain(self, error: WeightSyncError, identity: str, *, note: str = "") -> WeightSyncError:
@@ -528,17 +682,18 @@ class WeightSyncer:
         from weightsync.deployment.manager import describe_status
 
         reported = "unavailable"
-        if self.deploy_mgr is not None:
+        if self.deploy_mgr is not None and self.deployment_id is not None:
             try:
                 reported = describe_status(
                     self.deploy_mgr.hotload_check_status(self.deployment_id, self.base_model)
                 )
-            except WeightSyncError as e:
+            except _MANAGER_ERRORS as e:  # the report says it is unknown
                 reported = f"unavailable ({e})"
         if isinstance(error, HotloadRefusedError):
             todo = (
-                "the deployment keeps serving its snapshot; call reset_delta_chain() (or keep "
-                "recover_with_base=True) so the next save is a full base"
+                "the deployment keeps serving its snapshot; the next automatic save is a full "
+                "base (or call reset_delta_chain()); recover_with_base=True does that inside "
+                "the same call"
             )
             cls: type[WeightSyncError] = HotloadRefusedError
         elif isinstance(error, HotloadFailedError):
@@ -566,9 +721,3 @@ class WeightSyncer:
             return cls(message)
         except TypeError:
             return DeploymentError(message)
-
-    def _finish(self, timing: SyncTiming, watch: Stopwatch) -> None:
-        timing.save_s = watch.seconds.get("save", 0.0)
-        timing.hotload_s = watch.seconds.get("hotload", 0.0)
-        timing.warmup_s = watch.seconds.get("warmup", 0.0)
-        timing.total_s = watch.elapsed_s()

@@ -19,18 +19,25 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, cast
 
 import torch
 
-from weightsync.codec import DEFAULT_CHECKSUM, DEFAULT_CODEC, canonical_checksum_name, get_codec
+from weightsync.codec import DEFAULT_CHECKSUM, canonical_checksum_name, get_codec
 from weightsync.errors import (
     ChainError,
     InvalidInputError,
     SnapshotNotFoundError,
     StorageError,
+    UnsupportedOperationError,
 )
 from weightsync.identity import new_session_id, session_identity, validate_identity
+from weightsync.sdk_defaults import (
+    CHECKPOINT_TYPES,
+    DEFAULT_COMPRESSION_FORMAT,
+    CheckpointType,
+    normalize_checkpoint_type,
+)
 from weightsync.snapshot import Manifest, SnapshotStore, write_base, write_delta, write_lora
 from weightsync.storage import Storage, open_storage
 from weightsync.trainer import lora, state
@@ -48,8 +55,7 @@ from weightsync.trainer.promote import LoraBase, promote
 
 logger = logging.getLogger(__name__)
 
-CheckpointType = Literal["base", "delta", "merged_base"]
-CHECKPOINT_TYPES: tuple[str, ...] = get_args(CheckpointType)
+__all__ = ["CHECKPOINT_TYPES", "CheckpointType", "SaveSamplerResult", "TrainingClient"]
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,7 @@ class TrainingClient:
         lora_alpha: int | None = None,
         tokenizer_dir: str | os.PathLike[str] | None = None,
         export_dtype: str | torch.dtype = "bfloat16",
-        compression_format: str = DEFAULT_CODEC,
+        compression_format: str = DEFAULT_COMPRESSION_FORMAT,
         checksum_format: str = DEFAULT_CHECKSUM,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -177,15 +183,23 @@ class TrainingClient:
     # --- sampler snapshots ---------------------------------------------------
 
     def save_weights_for_sampler_ext(
-        self, name: str, checkpoint_type: str | None = None
+        self,
+        name: str,
+        checkpoint_type: str | None = None,
+        ttl_seconds: int | None = None,
+        export_precision: str | None = None,
+        metadata: Any = None,
     ) -> SaveSamplerResult:
         """Save the live weights as snapshot ``{name}-{session_id}``; see the module docstring.
 
-        `checkpoint_type`: None (base first, then deltas), ``"base"``, ``"delta"``, or
-        ``"merged_base"`` (LoRA only: the adapter folded into a full base). With LoRA
-        every save is a standalone adapter unless ``"merged_base"`` is asked for.
+        `checkpoint_type` (any case, as in the SDK): None (base first, then deltas),
+        ``"base"``, ``"delta"``, or ``"merged_base"`` (LoRA only: the adapter folded into
+        a full base). With LoRA every save is a standalone adapter unless
+        ``"merged_base"`` is asked for. The SDK's `ttl_seconds` (it refuses them too),
+        `export_precision` other than ``"source"`` and `metadata` are not supported.
         """
         identity = session_identity(name, self.session_id)
+        _check_sdk_options(identity, checkpoint_type, ttl_seconds, export_precision, metadata)
         kind = self._resolve_type(identity, checkpoint_type)
         if name in self._saved_names:
             warnings.warn(
@@ -232,13 +246,11 @@ class TrainingClient:
         return result
 
     def _resolve_type(
-        self, identity: str, checkpoint_type: str | None
+        self, identity: str, requested: str | None
     ) -> Literal["base", "delta", "lora", "merged_base"]:
-        if checkpoint_type is not None and checkpoint_type not in CHECKPOINT_TYPES:
-            raise InvalidInputError(
-                f"unknown checkpoint_type {checkpoint_type!r} for snapshot {identity!r}; "
-                f"choose None (base first, then deltas) or one of {', '.join(CHECKPOINT_TYPES)}"
-            )
+        checkpoint_type: CheckpointType | None = normalize_checkpoint_type(
+            requested, where=f" for snapshot {identity!r}"
+        )
         if checkpoint_type == "merged_base":
             if not self.is_lora:
                 raise InvalidInputError(
@@ -415,6 +427,37 @@ class TrainingClient:
         raise SnapshotNotFoundError(
             f"no snapshot {snapshot_name!r} (nor {mine!r}) in {self.storage.url}; pass the "
             "snapshot_name that save_weights_for_sampler_ext returned"
+        )
+
+
+def _check_sdk_options(
+    identity: str,
+    checkpoint_type: str | None,
+    ttl_seconds: int | None,
+    export_precision: str | None,
+    metadata: Any,
+) -> None:
+    """Refuse the SDK's save options weightsync does not implement, before anything is written."""
+    if ttl_seconds is not None:
+        raise UnsupportedOperationError(
+            f"snapshot {identity!r}: checkpoint ttl_seconds is not supported (the Fireworks SDK "
+            "refuses it too); snapshots live until removed from storage. Pass ttl_seconds=None"
+        )
+    if export_precision is not None:
+        normalized = normalize_checkpoint_type(checkpoint_type)
+        if normalized != "merged_base":
+            raise InvalidInputError(
+                f"snapshot {identity!r}: export_precision requires checkpoint_type='merged_base'"
+            )
+        if export_precision.lower() != "source":
+            raise UnsupportedOperationError(
+                f"snapshot {identity!r}: export_precision {export_precision!r} is not supported; "
+                "a merged base is written in the client's export_dtype ('source'). Pass None"
+            )
+    if metadata is not None:
+        raise UnsupportedOperationError(
+            f"snapshot {identity!r}: sampler checkpoint metadata (decision calibration) is not "
+            "supported by weightsync's TrainingClient. Pass metadata=None"
         )
 
 
