@@ -113,7 +113,7 @@ def list_snapshots(
 
 
 @snapshot_app.command("inspect")
-def inspect(
+def inspect(  # noqa: PLR0917  (Typer maps parameters to options)
     storage: StorageArg,
     identity: IdentityArg,
     as_json: JsonOpt = False,
@@ -121,13 +121,22 @@ def inspect(
         bool,
         typer.Option("--detailed", help="Materialize parent and delta for key-step stats."),
     ] = False,
+    parent: Annotated[
+        str | None,
+        typer.Option(
+            "--parent",
+            help="The parent of a Fireworks delta (its directory does not name it).",
+        ),
+    ] = None,
     endpoint_url: EndpointOpt = None,
 ) -> None:
-    """Show a snapshot's kind, chain, codec, sizes and per-tensor change statistics."""
+    """Show a snapshot's kind, chain, codec, sizes, per-tensor changes, and what is unproven."""
     from weightsync.snapshot.describe import describe_snapshot
 
     try:
-        info = describe_snapshot(_store(storage, endpoint_url), identity, detailed=detailed)
+        info = describe_snapshot(
+            _store(storage, endpoint_url), identity, detailed=detailed, parent=parent
+        )
     except WeightSyncError as e:
         raise _fail(e) from e
     if as_json:
@@ -136,7 +145,10 @@ def inspect(
     console = Console()
     stats = info["stats"]
     ratio = info["compression_ratio"]
-    console.print(f"[bold]{info['identity']}[/] ({info['kind']}) at {info['url']}", highlight=False)
+    console.print(
+        f"[bold]{info['identity']}[/] ({info['kind']}, {info['layout']} layout) at {info['url']}",
+        highlight=False,
+    )
     console.print(f"chain: {' -> '.join(info['chain'])}", highlight=False)
     console.print(
         f"codec: {info['compression_format'] or '-'}  checksum: {info['checksum_format']}  "
@@ -149,6 +161,8 @@ def inspect(
         + f"  changed: {stats.get('num_changed')}/{stats.get('num_elements')} elements",
         highlight=False,
     )
+    for line in info["cannot_prove"]:
+        console.print(f"[yellow]cannot prove:[/] {line}", highlight=False)
     table = Table()
     for column in ("tensor", "shape", "dtype", "changed", "changed %", "payload"):
         table.add_column(column)

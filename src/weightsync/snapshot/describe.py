@@ -4,29 +4,30 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from weightsync.snapshot.delta_shard import decode_delta_shard
-
 if TYPE_CHECKING:
     from weightsync.snapshot.reader import SnapshotStore
 
 
 def describe_snapshot(
-    store: SnapshotStore, identity: str, *, detailed: bool = False
+    store: SnapshotStore, identity: str, *, detailed: bool = False, parent: str | None = None
 ) -> dict[str, Any]:
-    """Kind, chain, sizes, codec and per-tensor change counts of `identity`.
+    """Kind, chain, sizes, codec, per-tensor change counts of `identity`, and what is unproven.
 
     Payload files are read and verified (per-tensor payload sizes come from the
     delta shards). With `detailed=True` a delta's parent and the delta itself are
     materialized to compute `weightsync.codec.stats.change_stats` per tensor.
+    `parent` names the parent of a Fireworks delta (its directory does not).
     """
-    manifest = store.read_manifest(identity)
+    from weightsync.snapshot.reader import read_delta_shard
+
+    manifest = store.read_manifest(identity, parent=parent)
     chain = store.chain(identity)
     fetched = store.fetch(identity)
     payload_sizes: dict[str, int] = {}
     if manifest.kind == "delta" and manifest.compression_format is not None:
         for file, data in fetched.files.items():
             where = f"snapshot {identity!r}, file {file!r}"
-            shard = decode_delta_shard(
+            shard = read_delta_shard(
                 data, compression_format=manifest.compression_format, where=where
             )
             payload_sizes.update({name: view.nbytes for name, view in shard.items()})
@@ -71,6 +72,8 @@ def describe_snapshot(
         "session_id": manifest.session_id,
         "created_at": manifest.created_at,
         "format_version": manifest.format_version,
+        "layout": "fireworks" if manifest.cannot_prove else "weightsync",
+        "cannot_prove": list(manifest.cannot_prove),
         "files": {n: e.size_bytes for n, e in sorted(manifest.files.items())},
         "stats": stats,
         "compression_ratio": (full / payload) if full and payload else None,

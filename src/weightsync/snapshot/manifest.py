@@ -76,6 +76,10 @@ class Manifest:
     session_id: str | None
     created_at: str
     stats: dict[str, Any] = field(default_factory=dict)
+    #: What the snapshot's format cannot prove, one sentence each; empty for a
+    #: `weightsync.json`. Set on manifests synthesised from a Fireworks layout
+    #: (`snapshot/fireworks_layout.py`); never written.
+    cannot_prove: tuple[str, ...] = ()
 
     def to_json_bytes(self) -> bytes:
         """Canonical bytes: fixed top-level key order, names sorted, 2-space indent, LF."""

@@ -33,6 +33,7 @@ from weightsync.errors import (
     UnsupportedDtypeError,
 )
 from weightsync.identity import validate_identity
+from weightsync.snapshot import fireworks_layout
 from weightsync.snapshot import materialize as _materialize
 from weightsync.snapshot.checks import (
     verify_file,
@@ -40,6 +41,7 @@ from weightsync.snapshot.checks import (
     verify_tensors,
 )
 from weightsync.snapshot.delta_shard import decode_delta_shard
+from weightsync.snapshot.fireworks_layout import FireworksLayouts
 from weightsync.snapshot.layout import ADAPTER_CONFIG_FILE, CONFIG_FILE, TOKENIZER_MARKERS
 from weightsync.snapshot.manifest import (
     MANIFEST_FILE,
@@ -98,7 +100,7 @@ class FetchedSnapshot:
             payloads: dict[str, memoryview] = {}
             for file in sorted({e.file for e in m.tensors.values()}):
                 payloads.update(
-                    decode_delta_shard(
+                    read_delta_shard(
                         self.files[file],
                         compression_format=m.compression_format,
                         where=f"snapshot {m.identity!r}, file {file!r}",
@@ -171,6 +173,7 @@ class SnapshotStore:
         # or a timestamp it cannot miss a snapshot deleted and re-saved under its name.
         self._manifests: OrderedDict[str, tuple[bytes, int, Manifest]] = OrderedDict()
         self._manifests_lock = threading.Lock()
+        self._fireworks = FireworksLayouts(self.storage, self.read_manifest)
 
     def __repr__(self) -> str:
         return f"SnapshotStore({self.storage.url!r})"
@@ -190,11 +193,15 @@ class SnapshotStore:
     def snapshot_url(self, identity: str) -> str:
         return self.storage.child_url(validate_identity(identity))
 
-    def read_manifest(self, identity: str) -> Manifest:
+    def read_manifest(self, identity: str, *, parent: str | None = None) -> Manifest:
         """Parse and validate the manifest; `SnapshotNotFoundError` if there is none.
 
         Its size is checked first (over `max_manifest_bytes`: `SnapshotCorruptError`,
         nothing read); bytes already parsed are not parsed again (the last few kept).
+        Without `weightsync.json`, a Fireworks layout in `<root>/<identity>/` gets a
+        synthesised manifest (`snapshot/fireworks_layout.py`); `parent` is the parent
+        of such a delta as the hot-load request names it (remembered for later reads;
+        ignored for a snapshot with a manifest, which names its own).
         """
         validate_identity(identity)
         path = _manifest_path(identity)
@@ -203,6 +210,9 @@ class SnapshotStore:
             check_manifest_size(size, identity=identity, max_bytes=self.max_manifest_bytes)
             data = self.storage.read_bytes(path)
         except StorageFileNotFoundError as e:
+            synthesised = self._fireworks.manifest(identity, parent)
+            if synthesised is not None:
+                return synthesised
             incomplete = self.storage.exists(identity)
             detail = (
                 "its directory has no manifest (an incomplete or failed write; not a snapshot)"
@@ -262,7 +272,13 @@ class SnapshotStore:
         seen = {identity}
         while chain[-1].kind == "delta":
             child = chain[-1]
-            parent_id = child.parent or ""
+            if child.parent is None:  # a Fireworks delta no one has named the parent of
+                raise ChainError(
+                    f"delta {child.identity!r} (Fireworks layout) does not name its parent; "
+                    "pass it (read_manifest(..., parent=), `--parent`, or the hot-load "
+                    "request's previous_snapshot_identity)"
+                )
+            parent_id = child.parent
             if parent_id in seen:
                 raise ChainError(
                     f"the chain of {identity!r} has a cycle at {parent_id!r}; write a new base"
@@ -325,6 +341,13 @@ def _check_link(child: Manifest, parent: Manifest) -> None:
                 f"{where}: tensor {name!r} is {list(entry.shape)} {entry.dtype} but "
                 f"{list(other.shape)} {other.dtype} in the parent"
             )
+
+
+def read_delta_shard(data: bytes, *, compression_format: str, where: str) -> dict[str, memoryview]:
+    """Weight name -> payload of one delta shard, in the layout its codec uses."""
+    if get_codec(compression_format).shard_layout == "fireworks":
+        return fireworks_layout.decode_shard(data, where=where).payloads
+    return decode_delta_shard(data, compression_format=compression_format, where=where)
 
 
 def _manifest_path(identity: str) -> str:

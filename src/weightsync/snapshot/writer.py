@@ -27,7 +27,9 @@ from weightsync.codec import (
     checksum_bytes,
     checksum_tensor,
     get_codec,
+    list_codecs,
 )
+from weightsync.codec.arc import fireworks_checksum
 from weightsync.codec.bits import bits, dtype_name
 from weightsync.errors import (
     ChainError,
@@ -38,9 +40,11 @@ from weightsync.errors import (
     UnknownChecksumError,
     UnknownCodecError,
     UnsupportedDtypeError,
+    UnsupportedOperationError,
 )
 from weightsync.identity import validate_identity
 from weightsync.snapshot.delta_shard import encode_delta_shard
+from weightsync.snapshot.fireworks_layout import encode_shard
 from weightsync.snapshot.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -140,6 +144,11 @@ def write_delta(
         codec = get_codec(compression_format)
     except UnknownCodecError as e:
         raise UnknownCodecError(f"cannot write delta {identity!r}: {e}") from e
+    if codec.read_only:
+        raise UnsupportedOperationError(
+            f"cannot write delta {identity!r} as {codec.name}: weightsync reads that format "
+            f"but does not write it; write {', '.join(list_codecs())} instead"
+        )
     if parent.kind == "lora":
         raise ChainError(
             f"cannot write delta {identity!r} onto LoRA snapshot {parent.identity!r}; "
@@ -163,7 +172,12 @@ def write_delta(
             )
             changed[name] = int(np.count_nonzero(bits(old_t[name]) != bits(new_t[name])))
         for file in sorted(payloads):
-            shard = encode_delta_shard(payloads[file], compression_format=codec.name)
+            if codec.shard_layout == "fireworks":
+                # fireworks-delta-compression's layout: it decodes these shards in place.
+                checksums = {n: fireworks_checksum(bits(new_t[n])) for n in payloads[file]}
+                shard = encode_shard(payloads[file], checksums)
+            else:
+                shard = encode_delta_shard(payloads[file], compression_format=codec.name)
             out.put(file, shard, weights=True)
         tensors = {
             name: TensorEntry(
@@ -357,7 +371,8 @@ def _put_tokenizer_files(out: _DirWriter, tokenizer_dir: pathlib.Path) -> None:
 
 def _read_parent_side_files(store: Storage, parent: Manifest, identity: str) -> dict[str, bytes]:
     side: dict[str, bytes] = {}
-    for name in (CONFIG_FILE, INDEX_FILE, SPEC_FILE):
+    # A plain HF parent may lack the index and spec; the config it always has.
+    for name in (CONFIG_FILE, *(n for n in (INDEX_FILE, SPEC_FILE) if n in parent.files)):
         try:
             data = store.read_bytes(f"{parent.identity}/{name}")
         except StorageFileNotFoundError as e:

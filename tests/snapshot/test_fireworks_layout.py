@@ -1,0 +1,276 @@
+"""Fireworks' layouts through `SnapshotStore`: a plain HF directory is a base, a
+`delta_compress_dirs` output a delta, both verified by their own checksums; weightsync's
+`arc_v1`/`arc_v2` deltas decode with fireworks-delta-compression's `delta_decompress_inplace`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fireworks_delta_compression import compression as fdc
+from safetensors import safe_open
+from safetensors.torch import load_file
+from snapshot_testkit import assert_bits_equal, perturb, toy_weights
+from typer.testing import CliRunner
+
+import weightsync.cli.snapshot  # noqa: F401  (registers the `snapshot` sub-app)
+from weightsync.cli import app
+from weightsync.errors import (
+    ChainError,
+    SnapshotCorruptError,
+    SnapshotNotFoundError,
+    UnsupportedOperationError,
+)
+from weightsync.snapshot import SnapshotStore, write_base, write_delta
+from weightsync.snapshot.describe import describe_snapshot
+from weightsync.snapshot.fireworks_layout import NO_COMPLETION_MARK
+from weightsync.toymodel import build_model, build_tokenizer, save_model_dir
+
+FORMATS = ["arc_v1", "arc_v2", "arc_v3"]
+
+
+def _hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A plain HF base, a trained step of it (same names), both as `save_pretrained` writes."""
+    work = tmp_path_factory.mktemp("hf")
+    model = build_model("tiny", seed=0)
+    base = save_model_dir(model, work / "base", tokenizer_dir=build_tokenizer(work / "tok"))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            mask = torch.rand(p.shape, generator=gen) < 0.1
+            p[mask] = (p.float() * 1.01 + 0.001)[mask].to(p.dtype)
+    step = save_model_dir(model, work / "step")
+    return {"base": base, "step": step}
+
+
+def _delta_dir(models: dict[str, Path], out: Path, fmt: str) -> Path:
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fdc.delta_compress_dirs(
+            str(models["base"]),
+            str(models["step"]),
+            str(out),
+            fmt,
+            executor=pool,  # type: ignore[arg-type]  # any Executor works; no subprocesses
+        )
+    return out
+
+
+def test_plain_hf_directory_loads_as_a_base(tmp_path: Path, models: dict[str, Path]) -> None:
+    shutil.copytree(models["base"], tmp_path / "hf-base")
+    store = SnapshotStore(tmp_path)
+    manifest = store.read_manifest("hf-base")
+    assert manifest.kind == "base" and manifest.base == "hf-base"
+    assert manifest.checksum_format == "adler32" and manifest.parent is None
+    assert NO_COMPLETION_MARK in manifest.cannot_prove
+    assert any("no tensor checksums" in line for line in manifest.cannot_prove)
+    expected = _hf_weights(models["base"])
+    assert_bits_equal(store.fetch("hf-base").tensors(), expected)
+    assert_bits_equal(store.materialize("hf-base"), expected)
+    assert store.verify("hf-base").ok
+    assert store.read_config("hf-base")["model_type"] == "qwen3"
+    assert store.local_tokenizer_dir("hf-base") == tmp_path / "hf-base"
+    # Never listed (no manifest), and a change after the first read is caught.
+    assert store.list_snapshots() == []
+    shard = tmp_path / "hf-base" / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SnapshotCorruptError, match=r"'hf-base', file 'model.safetensors'"):
+        store.fetch("hf-base")
+
+
+def test_model_files_in_the_storage_root_are_never_a_snapshot(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    for f in models["base"].iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    store = SnapshotStore(tmp_path)
+    assert store.list_snapshots() == []
+    for name in ("model.safetensors", "config.json", "anything"):
+        with pytest.raises(SnapshotNotFoundError):
+            store.read_manifest(name)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_delta_compress_dirs_output_loads_as_a_delta(
+    tmp_path: Path, models: dict[str, Path], fmt: str
+) -> None:
+    shutil.copytree(models["base"], tmp_path / "hf-base")
+    _delta_dir(models, tmp_path / "fw-step", fmt)
+    store = SnapshotStore(tmp_path)
+    with pytest.raises(ChainError, match="previous_snapshot_identity"):
+        store.read_manifest("fw-step")  # no parent named, no spec file: shapes unknown
+    manifest = store.read_manifest("fw-step", parent="hf-base")
+    assert manifest.kind == "delta" and manifest.compression_format == fmt
+    assert (manifest.parent, manifest.base) == ("hf-base", "hf-base")
+    assert any("'hf-base' is what the hot-load request said" in s for s in manifest.cannot_prove)
+    # The parent is remembered: later reads (fetch, chain, materialize) need not repeat it.
+    assert [m.identity for m in store.chain("fw-step")] == ["hf-base", "fw-step"]
+    assert_bits_equal(store.materialize("fw-step"), _hf_weights(models["step"]))
+    assert store.verify("fw-step").ok
+    info = describe_snapshot(store, "fw-step")
+    assert info["layout"] == "fireworks" and info["cannot_prove"] == list(manifest.cannot_prove)
+    assert all(t["payload_bytes"] for t in info["tensors"])
+
+
+def test_a_spec_file_gives_shapes_without_a_parent(tmp_path: Path, models: dict[str, Path]) -> None:
+    base, step = tmp_path / "hf-base", tmp_path / "work" / "step"
+    shutil.copytree(models["base"], base)
+    shutil.copytree(models["step"], step)
+    for d in (base, step):  # Fireworks' own model.weight.spec.json, in both (copied if mutual)
+        fdc.ensure_tensor_metas(str(d))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        args = (str(base), str(step), str(tmp_path / "d"), "arc_v2")
+        fdc.delta_compress_dirs(*args, executor=pool)  # type: ignore[arg-type]
+    store = SnapshotStore(tmp_path)
+    manifest = store.read_manifest("d")
+    assert manifest.kind == "delta" and manifest.parent is None
+    assert any("no hot-load request named one" in s for s in manifest.cannot_prove)
+    with pytest.raises(ChainError, match="'d'"):
+        store.chain("d")
+    assert store.read_manifest("d", parent="hf-base").parent == "hf-base"
+    assert_bits_equal(store.materialize("d"), _hf_weights(models["step"]))
+
+
+def _shard_payload_range(path: Path, tensor: str) -> tuple[int, int]:
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8 : 8 + n])[tensor]["data_offsets"]
+    return 8 + n + begin, 8 + n + end
+
+
+@pytest.mark.parametrize("fmt", ["arc_v1", "arc_v2"])
+def test_a_tampered_delta_is_caught_by_its_adler32(
+    tmp_path: Path, models: dict[str, Path], fmt: str
+) -> None:
+    shutil.copytree(models["base"], tmp_path / "hf-base")
+    delta = _delta_dir(models, tmp_path / "fw", fmt)
+    shard = delta / "model.safetensors"
+    data = shard.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k in sorted(header) if k != "__metadata__")
+    good = header["__metadata__"][name]
+    bad = str((int(good) + 1) % 2**32)
+    # Same length keeps the header size; flip the last digit of one tensor's checksum.
+    tampered = good[:-1] + bad[-1] if len(bad) == len(good) else bad
+    assert len(tampered) == len(good) and tampered != good
+    shard.write_bytes(data.replace(f'"{good}"'.encode(), f'"{tampered}"'.encode(), 1))
+    store = SnapshotStore(tmp_path)
+    store.read_manifest("fw", parent="hf-base")
+    with pytest.raises(SnapshotCorruptError, match=rf"'fw', tensor '{name}' fails its adler32"):
+        store.materialize("fw")
+    # A flipped payload byte is refused too (by the frame or by the checksum).
+    shard.write_bytes(data)
+    begin, end = _shard_payload_range(shard, name)
+    flipped = bytearray(data)
+    flipped[(begin + end) // 2] ^= 0x10
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(SnapshotCorruptError):
+        _materialize_fresh(tmp_path)  # a new store: the first read sees the flipped byte
+
+
+def _materialize_fresh(root: Path) -> dict[str, torch.Tensor]:
+    store = SnapshotStore(root)
+    store.read_manifest("fw", parent="hf-base")
+    return store.materialize("fw")
+
+
+def _weightsync_chain(root: Path, tiny_config: object, fmt: str) -> tuple[Any, Any]:
+    w0 = toy_weights()
+    w1 = perturb(w0, seed=3)
+    base = write_base(root, "b", w0, config=tiny_config)
+    delta = write_delta(root, "d", parent=base, old=w0, new=w1, compression_format=fmt)
+    return (w0, w1), (base, delta)
+
+
+@pytest.mark.parametrize("fmt", ["arc_v1", "arc_v2"])
+def test_our_fireworks_deltas_decode_with_delta_decompress_inplace(
+    tmp_path: Path, tiny_config: object, fmt: str
+) -> None:
+    (_, w1), (base, delta) = _weightsync_chain(tmp_path / "store", tiny_config, fmt)
+    assert delta.checksum_format == "xxh3_64" and delta.compression_format == fmt
+    out = tmp_path / "applied"
+    out.mkdir()
+    for shard in sorted({e.file for e in base.tensors.values()}):
+        shutil.copy(tmp_path / "store" / "b" / shard, out / shard)
+        fdc.delta_decompress_inplace(
+            base_path=str(out / shard),
+            diff_path=str(tmp_path / "store" / "d" / shard),
+            compression_format=fmt,
+        )
+    assert_bits_equal(_hf_weights(out), w1)
+    assert_bits_equal(SnapshotStore(tmp_path / "store").materialize("d"), w1)
+
+
+def test_our_arc_v2_shards_equal_theirs(tmp_path: Path, tiny_config: object) -> None:
+    (w0, w1), (base, _) = _weightsync_chain(tmp_path / "store", tiny_config, "arc_v2")
+    for shard in sorted({e.file for e in base.tensors.values()}):
+        ours = (tmp_path / "store" / "d" / shard).read_bytes()
+        names = sorted(n for n, e in base.tensors.items() if e.file == shard)
+        theirs_path = tmp_path / f"theirs-{shard}"
+        fdc.delta_compress_dicts_to_file(
+            src={n: w0[n] for n in names},
+            dst={n: w1[n] for n in names},
+            diff_file=str(theirs_path),
+            compression_format="arc_v2",
+        )
+        theirs = theirs_path.read_bytes()
+        # Same header (safetensors orders metadata keys by hash; weightsync sorts them)
+        # and the same data bytes.
+        n_ours, n_theirs = (int.from_bytes(b[:8], "little") for b in (ours, theirs))
+        assert json.loads(ours[8 : 8 + n_ours]) == json.loads(theirs[8 : 8 + n_theirs])
+        assert ours[8 + n_ours :] == theirs[8 + n_theirs :]
+        if len(names) == 1:
+            assert ours == theirs
+        with safe_open(str(theirs_path), framework="pt") as f:
+            assert f.metadata() == {
+                n: str(zlib.adler32(w1[n].view(torch.uint8).numpy())) for n in names
+            }
+
+
+def test_arc_v3_is_refused_for_writing_before_anything_is_written(
+    tmp_path: Path, tiny_config: object
+) -> None:
+    w0 = toy_weights()
+    base = write_base(tmp_path, "b", w0, config=tiny_config)
+    with pytest.raises(UnsupportedOperationError, match="does not write it"):
+        write_delta(
+            tmp_path, "d", parent=base, old=w0, new=perturb(w0, seed=1), compression_format="arc_v3"
+        )
+    assert not (tmp_path / "d").exists()
+
+
+def test_snapshot_inspect_says_what_the_format_cannot_prove(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    shutil.copytree(models["base"], tmp_path / "hf-base")
+    _delta_dir(models, tmp_path / "fw", "arc_v2")
+    runner = CliRunner()
+    result = runner.invoke(app, ["snapshot", "inspect", str(tmp_path), "hf-base"])
+    assert result.exit_code == 0, result.output
+    assert "fireworks layout" in result.output and "cannot prove" in result.output
+    result = runner.invoke(
+        app, ["snapshot", "inspect", str(tmp_path), "fw", "--parent", "hf-base", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["compression_format"] == "arc_v2" and info["chain"] == ["hf-base", "fw"]
+    assert any("hot-load request" in line for line in info["cannot_prove"])
+    no_parent = runner.invoke(app, ["snapshot", "inspect", str(tmp_path), "fw"])
+    assert no_parent.exit_code == 1 and "--parent" in no_parent.output
