@@ -106,9 +106,9 @@ def corrupt(codec: str, what: str) -> SnapshotCorruptError:
 
 def _bomb(what: str, max_output_bytes: int) -> SnapshotCorruptError:
     return SnapshotCorruptError(
-        f"{what} decompresses to more than {max_output_bytes} bytes, all that the tensor can "
-        "hold: refused without decoding past that (the payload is corrupt or hostile); re-save "
-        "the snapshot"
+        f"{what} decompresses to more than {max_output_bytes} bytes, the most its tensor "
+        "can need: refused without decoding past that (the payload is corrupt or hostile); "
+        "re-save the snapshot"
     )
 
 

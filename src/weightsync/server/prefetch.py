@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,7 +187,27 @@ class PrefetchingStorage:
         return self.inner.local_path(path)
 
 
-__all__ = ["DEFAULT_PREFETCH_MAX_BYTES", "DEFAULT_PREFETCH_TTL_S", "PrefetchingStorage"]
+__all__ = [
+    "DEFAULT_PREFETCH_MAX_BYTES",
+    "DEFAULT_PREFETCH_TTL_S",
+    "PrefetchingStorage",
+    "hint_snapshot",
+    "read_ahead_dropped_on_refusal",
+]
+
+
+@contextmanager
+def read_ahead_dropped_on_refusal(
+    storage: PrefetchingStorage | None, identity: str
+) -> Iterator[None]:
+    """Around a hot-load's admission: if it raises, `identity`'s read-ahead is dropped
+    (a refused load's hinted bytes would otherwise sit in memory until they expire)."""
+    try:
+        yield
+    except BaseException:
+        if storage is not None:
+            storage.drop(f"{identity}/")
+        raise
 
 
 def hint_snapshot(
