@@ -29,7 +29,11 @@ from weightsync.server.ledger import Ledger
 from weightsync.server.load_pipeline import LoadPipeline
 from weightsync.server.load_report import LoadReport
 from weightsync.server.metrics import ReplicaMetrics
-from weightsync.server.prefetch import PrefetchingStorage, hint_snapshot
+from weightsync.server.prefetch import (
+    PrefetchingStorage,
+    hint_snapshot,
+    read_ahead_dropped_on_refusal,
+)
 from weightsync.server.sources import (
     ModelWeights,
     fingerprint,
@@ -208,17 +212,18 @@ class Replica:
         if early is not None:
             return self._answer(early, identity)
         store = self._require_store()
-        manifest = store.read_manifest(identity)
-        check_admissible(
-            manifest,
-            meta,
-            replica_id=self.config.replica_id,
-            current=self.current_identity,
-            requires_base=self.ledger.requires_base,
-            engine=self.engine,
-            served_config=self.model_config,
-            read_snapshot_config=lambda: store.read_config(manifest.identity),
-        )
+        with read_ahead_dropped_on_refusal(self.storage, identity):
+            manifest = store.read_manifest(identity)
+            check_admissible(
+                manifest,
+                meta,
+                replica_id=self.config.replica_id,
+                current=self.current_identity,
+                requires_base=self.ledger.requires_base,
+                engine=self.engine,
+                served_config=self.model_config,
+                read_snapshot_config=lambda: store.read_config(manifest.identity),
+            )
         early = self.pipeline.begin(manifest, policy)
         if early is not None:
             return self._answer(early, identity)
