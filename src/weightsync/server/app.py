@@ -64,7 +64,14 @@ def create_app(replica: Replica, *, close_replica_on_shutdown: bool = True) -> F
             await run_in_threadpool(replica.close)
 
     app = FastAPI(title="weightsync replica", version=__version__, lifespan=lifespan)
-    install_error_handlers(app)
+    install_error_handlers(
+        app,
+        private_paths={
+            replica.storage.url if replica.storage is not None else None: "<storage>",
+            replica.config.state_dir: "<state dir>",
+            replica.config.model_dir: "<model dir>",
+        },
+    )
     served = replica.config.served
     # Added first, so it runs inside the guard: a wrong key gets 401 before any 404.
     app.add_middleware(DeploymentMiddleware, served=served)
