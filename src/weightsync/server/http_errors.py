@@ -2,11 +2,19 @@
 
 Body: `{"error": {"message": ..., "type": <error class>, "code": <status>}}` (the
 OpenAI shape, so the `openai` client surfaces the message).
+
+A message sent over HTTP never shows the server's own paths: each private path
+(the storage root, the state and model directories) becomes a label such as
+`<storage>`, so a client reads `<storage>/step-1-0badcafe/weightsync.json`, the
+path relative to the storage root; the full message goes to the server log.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,19 +65,47 @@ def status_for(error: WeightSyncError) -> int:
     return 500
 
 
+PrivatePaths = Mapping[str | os.PathLike[str] | None, str]
+
+
+def redact_paths(text: str, private_paths: PrivatePaths) -> str:
+    """`text` with each private path (and its symlink-resolved form) replaced by its label."""
+    labels: dict[str, str] = {}
+    for path, label in private_paths.items():
+        if path is None:
+            continue
+        raw = os.fspath(path).rstrip("/")
+        if not raw:
+            continue
+        labels[raw] = label
+        if "://" not in raw:
+            labels[Path(raw).absolute().as_posix()] = label
+            labels[Path(raw).resolve().as_posix()] = label
+    # Longest first: a state dir inside the storage root keeps its own label.
+    for raw in sorted(labels, key=len, reverse=True):
+        text = text.replace(raw, labels[raw])
+    return text
+
+
 def error_response(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse(
         status_code=status, content={"error": {"message": message, "type": kind, "code": status}}
     )
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, *, private_paths: PrivatePaths | None = None) -> None:
+    """Map errors to statuses and bodies; `private_paths` (path -> label) are redacted."""
+    hidden: PrivatePaths = private_paths or {}
+
     @app.exception_handler(WeightSyncError)
     async def _weightsync(request: Request, exc: WeightSyncError) -> JSONResponse:
         status = status_for(exc)
+        message = redact_paths(str(exc), hidden)
         if status >= 500:
             logger.error("%s %s failed: %s", request.method, request.url.path, exc)
-        return error_response(status, str(exc), type(exc).__name__)
+        elif message != str(exc):  # the full paths stay in the server's log
+            logger.info("%s %s -> %d: %s", request.method, request.url.path, status, exc)
+        return error_response(status, message, type(exc).__name__)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -88,4 +124,5 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("%s %s failed with an unexpected error", request.method, request.url.path)
-        return error_response(500, f"internal error: {exc!r}", type(exc).__name__)
+        message = redact_paths(f"internal error: {exc!r}", hidden)
+        return error_response(500, message, type(exc).__name__)
