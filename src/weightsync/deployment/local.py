@@ -26,10 +26,10 @@ import psutil
 
 from weightsync.errors import DeploymentError, HotloadTimeoutError, InvalidInputError
 from weightsync.identity import validate_identity
+from weightsync.wire import TRANSITIONS, Transition
 
 logger = logging.getLogger(__name__)
 
-Transition = Literal["async", "sync"]
 EngineName = Literal["torch", "vllm"]
 DeploymentState = Literal["running", "stopped"]
 
@@ -75,7 +75,7 @@ class DeploymentConfig:
             )
         if self.replicas < 1:
             raise InvalidInputError(f"replicas must be >= 1, got {self.replicas}")
-        if self.transition not in ("async", "sync"):
+        if self.transition not in TRANSITIONS:
             raise InvalidInputError(
                 f"transition must be 'async' or 'sync', got {self.transition!r}"
             )
@@ -103,6 +103,7 @@ class DeploymentConfig:
             "--engine", self.engine,
             "--state-dir", str(state_dir),
             "--ready-file", str(ready_file),
+            "--deployment-id", self.deployment_id,
         ]  # fmt: skip
         if self.model_name:
             args += ["--model-name", self.model_name]

@@ -54,7 +54,7 @@ from weightsync.errors import (
 )
 from weightsync.server.engines.base import CacheScope, Engine
 from weightsync.server.ledger import Ledger, LedgerEntry, utc_now
-from weightsync.server.load_report import LOADING_STAGES, LoadReport, Stage
+from weightsync.server.load_report import LoadReport
 from weightsync.server.metrics import ReplicaMetrics
 from weightsync.server.prefetch import PrefetchingStorage
 from weightsync.server.sources import (
@@ -68,7 +68,7 @@ from weightsync.server.swap_lock import SwapLock
 from weightsync.server.tokenizer import TextTokenizer, load_tokenizer
 from weightsync.snapshot import FetchedSnapshot, Manifest, SnapshotStore
 from weightsync.snapshot.layout import CONFIG_FILE
-from weightsync.wire import CacheResetPolicy
+from weightsync.wire import LOADING_STAGES, CacheResetPolicy, Stage
 
 logger = logging.getLogger(__name__)
 

@@ -7,18 +7,11 @@ reports it as `last_load`, and the ledger stores it whole (`LedgerEntry.load`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
-#: The hot-load state machine's stages (drawn in `load_pipeline.py`).
-Stage = Literal[
-    "idle", "fetching", "decoding", "verifying", "swapping", "checking", "ready", "error"
-]
-LOADING_STAGES: tuple[Stage, ...] = ("fetching", "decoding", "verifying", "swapping", "checking")
+# The stages (drawn in `load_pipeline.py`), kinds and results are the wire's enumerations.
+from weightsync.wire import LoadKind, LoadResult, SourceKind
 
-LoadKind = Literal["base", "delta", "lora"]
-LoadResult = Literal["ok", "error"]
-#: Where a load's weights were read from: a snapshot storage, or a Hugging Face model directory.
-SourceKind = Literal["storage", "model_dir"]
 #: Fields of `LoadReport` that are seconds (one per stage, plus the whole load).
 TIMING_FIELDS = ("fetch_s", "decode_s", "verify_s", "drain_s", "pause_s", "check_s", "total_s")
 

@@ -47,6 +47,8 @@ _RESET_ALIASES: dict[object, CacheResetPolicy] = {
 #: What a snapshot (and so a load) is.
 LoadKind = Literal["base", "delta", "lora"]
 LoadResult = Literal["ok", "error"]
+#: Where a load's weights were read from: a snapshot storage, or a Hugging Face model directory.
+SourceKind = Literal["storage", "model_dir"]
 #: A replica's answer to a hot-load POST it did not refuse.
 HotLoadDisposition = Literal["accepted", "loading", "already_serving"]
 
@@ -147,7 +149,7 @@ class LoadRecord(WireModel):
     result: LoadResult
     parent: str | None = None
     source: str | None = None
-    source_kind: str | None = None
+    source_kind: SourceKind | None = None
     error: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
