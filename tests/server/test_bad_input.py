@@ -98,7 +98,9 @@ def test_completion_validation(serve) -> None:
         ({"prompt": [1, 2], "temperature": "hot"}, "temperature"),
         ({"prompt": [1, 100000]}, "vocabulary"),
         ({"prompt": []}, "prompt"),
-        ({"prompt": [1, 2], "stream": True}, "stream"),
+        ({"prompt": [1, 2], "stop": ["a"] * 17}, "stop strings"),
+        ({"prompt": [1, 2], "logprobs": 21}, "logprobs"),
+        ({"prompt": [1, 2], "top_k": -2}, "top_k"),
         ({"prompt": [1, 2], "n": 99}, "n"),
     ]
     for body, needle in cases:

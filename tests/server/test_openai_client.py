@@ -48,5 +48,27 @@ def test_openai_client_completions_and_chat(serve, chain: Chain) -> None:
         openai.OpenAI(
             base_url=str(http.base_url).rstrip("/") + "/v1", api_key="wrong", max_retries=0
         ).completions.create(model="weightsync", prompt=[1], max_tokens=1)
-    with pytest.raises(openai.BadRequestError, match="stream"):
-        client.completions.create(model="weightsync", prompt=[1], max_tokens=1, stream=True)
+    # Streaming through the client: the chunks' text is the greedy completion's text.
+    plain = client.completions.create(
+        model="weightsync", prompt="Hello", max_tokens=6, temperature=0
+    )
+    chunks = list(
+        client.completions.create(
+            model="weightsync", prompt="Hello", max_tokens=6, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert {c.model for c in chunks} == {f"weightsync@{BASE}"}
+    chat_chunks = list(
+        client.chat.completions.create(
+            model="weightsync",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+        )
+    )
+    assert chat_chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat_chunks)
+    assert streamed == chat.choices[0].message.content

@@ -17,6 +17,7 @@ from weightsync.cli import app
 from weightsync.errors import WeightSyncError
 from weightsync.server.config import (
     DEFAULT_ACCOUNT_ID,
+    DEFAULT_MAX_ADAPTERS,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MODEL_NAME,
     ServedDeployment,
@@ -28,6 +29,12 @@ from weightsync.server.fetch_policy import (
     DEFAULT_FETCH_BACKOFF_S,
     DEFAULT_FETCH_TIMEOUT_S,
     FetchPolicy,
+)
+from weightsync.server.inference_admission import (
+    DEFAULT_INFERENCE_WORKERS,
+    DEFAULT_MAX_QUEUED_REQUESTS,
+    DEFAULT_MAX_REQUEST_TOKENS,
+    InferenceLimits,
 )
 
 logger = logging.getLogger("weightsync.serve")
@@ -112,6 +119,18 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
     fetch_timeout_s: Annotated[
         float, typer.Option(min=0.001, help="A hot-load's fetch stage fails after this long.")
     ] = DEFAULT_FETCH_TIMEOUT_S,
+    max_adapters: Annotated[
+        int, typer.Option(min=0, help="LoRA adapters kept loaded; the least recently used go.")
+    ] = DEFAULT_MAX_ADAPTERS,
+    inference_workers: Annotated[
+        int, typer.Option(min=1, help="Inference requests generating at once per replica.")
+    ] = DEFAULT_INFERENCE_WORKERS,
+    max_queued_requests: Annotated[
+        int, typer.Option(min=0, help="Inference requests waiting beyond those; then 429.")
+    ] = DEFAULT_MAX_QUEUED_REQUESTS,
+    max_request_tokens: Annotated[
+        int, typer.Option(min=1, help="Tokens one request may generate (prompts x n x max).")
+    ] = DEFAULT_MAX_REQUEST_TOKENS,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
     log_format: Annotated[str, typer.Option(help="text | json")] = "text",
     replica_id: Annotated[str, typer.Option(hidden=True)] = "replica-0",
@@ -158,6 +177,12 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
                 log_level=log_level,
                 replica_id=replica_id,
                 parent_pid=parent_pid,
+                max_adapters=max_adapters,
+                inference=InferenceLimits(
+                    workers=inference_workers,
+                    max_queued=max_queued_requests,
+                    max_request_tokens=max_request_tokens,
+                ),
             )
             return
         from weightsync.server.gateway import ReplicaPool, create_gateway_app
@@ -188,6 +213,14 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
             str(fetch_backoff_s),
             "--fetch-timeout-s",
             str(fetch_timeout_s),
+            "--max-adapters",
+            str(max_adapters),
+            "--inference-workers",
+            str(inference_workers),
+            "--max-queued-requests",
+            str(max_queued_requests),
+            "--max-request-tokens",
+            str(max_request_tokens),
             "--log-level",
             log_level,
             "--log-format",
@@ -242,6 +275,8 @@ def _serve_replica(
     log_level: str,
     replica_id: str,
     parent_pid: int | None,
+    max_adapters: int,
+    inference: InferenceLimits,
 ) -> None:
     from weightsync.server.app import create_app
     from weightsync.server.config import ReplicaConfig
@@ -265,6 +300,8 @@ def _serve_replica(
         api_key=api_key,
         max_body_bytes=max_body_bytes,
         fetch=fetch,
+        max_adapters=max_adapters,
+        inference=inference,
     )
     sock = bind_socket(host, port)  # bind first: a taken port fails before the model loads
     if parent_pid is not None:

@@ -1,7 +1,10 @@
 """The FastAPI app of one replica: hot-load API, ledger, control plane, inference, health, metrics.
 
 Routes speak the wire contract (`weightsync.wire`): requests are parsed into
-its models at the edge and answers are its models.
+its models at the edge and answers are its models. Inference runs on its own
+bounded executor (`inference_admission`); the control routes (health, status,
+hot-load, ledger, weights, metrics) run on the server's thread pool, where no
+completion ever queues, so a flood of completions cannot delay them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from weightsync.server.control_plane import (
     build_control_plane_router,
 )
 from weightsync.server.http_errors import install_error_handlers
+from weightsync.server.inference_admission import InferenceAdmission
 from weightsync.server.metrics import CONTENT_TYPE_LATEST
 from weightsync.server.middleware import DeploymentMiddleware, GuardMiddleware, MetricsMiddleware
 from weightsync.server.openai_api import build_openai_router
@@ -56,9 +60,12 @@ logger = logging.getLogger(__name__)
 def create_app(replica: Replica, *, close_replica_on_shutdown: bool = True) -> FastAPI:
     """The HTTP app of one started replica (`Replica.start()` already ran)."""
 
+    admission = InferenceAdmission(replica.config.inference, replica.metrics.registry)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        admission.close()
         if close_replica_on_shutdown:
             logger.info("replica %s shutting down", replica.config.replica_id)
             await run_in_threadpool(replica.close)
@@ -129,5 +136,5 @@ def create_app(replica: Replica, *, close_replica_on_shutdown: bool = True) -> F
         return DeploymentView.from_statuses([ReplicaStatus.model_validate(replica.status())])
 
     app.include_router(build_control_plane_router(ControlPlane(served=served, describe=describe)))
-    app.include_router(build_openai_router(replica))
+    app.include_router(build_openai_router(replica, admission))
     return app

@@ -10,6 +10,7 @@ from typing import Any
 from weightsync.errors import InvalidInputError
 from weightsync.identity import validate_identity
 from weightsync.server.fetch_policy import FetchPolicy
+from weightsync.server.inference_admission import InferenceLimits
 from weightsync.wire import TRANSITIONS, Transition, deployment_name, parse_deployment_name
 
 #: Default cap on a request body: hot-load and completion requests are small JSON.
@@ -99,6 +100,8 @@ class ReplicaConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Retries of transient storage errors and the time limit of a load's fetch stage.
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
+    #: Inference executor threads, queue bound (429 past it) and per-request token budget.
+    inference: InferenceLimits = field(default_factory=InferenceLimits)
     #: LoRA adapters kept loaded (least recently used unloaded past it); a restart reloads these.
     max_adapters: int = DEFAULT_MAX_ADAPTERS
 
@@ -122,10 +125,10 @@ class ReplicaConfig:
             raise InvalidInputError(
                 f"unknown transition {self.transition!r}; choose one of {', '.join(TRANSITIONS)}"
             )
-        if self.max_body_bytes < 1024:
-            raise InvalidInputError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.max_adapters < 0:
             raise InvalidInputError(f"max_adapters must be >= 0, got {self.max_adapters}")
+        if self.max_body_bytes < 1024:
+            raise InvalidInputError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if not self.model_name or "@" in self.model_name:
             raise InvalidInputError(
                 f"model name {self.model_name!r} must be non-empty and must not contain '@'"

@@ -12,6 +12,7 @@ balances inference over the replicas (round robin; a request with an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -21,15 +22,15 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
@@ -53,6 +54,9 @@ from weightsync.wire import (
     HEALTH_PATH,
     HINT_PATH,
     HOT_LOAD_PATH,
+    INFERENCE_CHAT_COMPLETIONS_PATH,
+    INFERENCE_COMPLETIONS_PATH,
+    INFERENCE_MODELS_PATH,
     LEDGER_PATH,
     LEDGER_RESET_PATH,
     METRICS_PATH,
@@ -70,6 +74,8 @@ from weightsync.wire import (
 )
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _FORWARDED_HEADERS = (
     AUTHORIZATION_HEADER,
@@ -333,32 +339,80 @@ def create_gateway_app(
     async def ledger_reset(request: Request) -> JSONResponse:
         return merged(await fan_out("POST", LEDGER_RESET_PATH, request))
 
-    async def proxy_inference(request: Request, path: str) -> Response:
+    async def proxy_inference(request: Request) -> Response:
+        """Forward to one replica (sticky per session) and pass its answer back as it comes.
+
+        A replica that is unreachable, not serving yet (503) or whose queue is full
+        (429) is skipped for the next. An SSE stream is relayed chunk by chunk. The
+        client going away closes the replica's connection, which stops the generation.
+        """
         body = await request.body()
         session = request.headers.get(SESSION_HEADER)
         first = zlib.crc32(session.encode()) % len(replica_urls) if session else next(round_robin)
         order = [(first + k) % len(replica_urls) for k in range(len(replica_urls))]
-        last: tuple[int, Any] = (503, {"error": {"message": "no replica", "code": 503}})
-        for i in order:
-            last = await call(i, "POST", path, request, body=body, timeout_s=INFERENCE_TIMEOUT_S)
-            if last[0] != 503:  # 503: unreachable or not serving yet; try the next replica
-                break
-        return JSONResponse(last[1], status_code=last[0])
+        upstream: httpx.Response | None = None
+        failure = error_body(503, "no replica answered", "DeploymentError")
+        for k, i in enumerate(order):
+            outgoing = clients["c"].build_request(
+                "POST",
+                replica_urls[i] + request.url.path,
+                content=body,
+                headers=_forward_headers(request),
+                timeout=INFERENCE_TIMEOUT_S,
+            )
+            try:
+                upstream = await _unless_disconnected(
+                    request, clients["c"].send(outgoing, stream=True)
+                )
+            except httpx.HTTPError as e:
+                message = f"{replica_ids[i]} at {replica_urls[i]} is unreachable: {e!r}"
+                failure = error_body(503, message, "DeploymentError")
+                continue
+            if upstream is None:
+                return Response(status_code=499)  # the client is gone; nobody reads this
+            if upstream.status_code in (429, 503) and k < len(order) - 1:
+                await upstream.aclose()
+                upstream = None
+                continue
+            break
+        if upstream is None:
+            return JSONResponse(failure, status_code=503)
+        headers = {
+            h: upstream.headers[h] for h in ("content-type", "retry-after") if h in upstream.headers
+        }
+        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            relayed = upstream
 
-    @app.post(COMPLETIONS_PATH)
-    async def completions(request: Request) -> Response:
-        return await proxy_inference(request, COMPLETIONS_PATH)
+            async def relay() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in relayed.aiter_raw():
+                        yield chunk
+                finally:
+                    await relayed.aclose()
 
-    @app.post(CHAT_COMPLETIONS_PATH)
-    async def chat_completions(request: Request) -> Response:
-        return await proxy_inference(request, CHAT_COMPLETIONS_PATH)
+            return StreamingResponse(relay(), status_code=upstream.status_code, headers=headers)
+        try:
+            content = await _unless_disconnected(request, upstream.aread())
+        finally:
+            await upstream.aclose()
+        return Response(content or b"", status_code=upstream.status_code, headers=headers)
 
-    @app.get(MODELS_PATH)
+    for path in (
+        COMPLETIONS_PATH,
+        CHAT_COMPLETIONS_PATH,
+        INFERENCE_COMPLETIONS_PATH,
+        INFERENCE_CHAT_COMPLETIONS_PATH,
+    ):
+        app.add_api_route(path, proxy_inference, methods=["POST"], response_model=None)
+
     async def models(request: Request) -> JSONResponse:
         status, doc = await call(0, "GET", MODELS_PATH, request)
         if not 200 <= status < 300:
             return error_response(status, str(doc), "ReplicaError")
         return JSONResponse(doc)
+
+    for path in (MODELS_PATH, INFERENCE_MODELS_PATH):
+        app.add_api_route(path, models, methods=["GET"])
 
     async def describe() -> DeploymentView:
         # No request to forward headers from: the gateway's own key reaches the replicas.
@@ -366,6 +420,27 @@ def create_gateway_app(
 
     app.include_router(build_control_plane_router(ControlPlane(served=served, describe=describe)))
     return app
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """`await work`, or cancel it and return None when the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 def _error_message(doc: Any) -> str:

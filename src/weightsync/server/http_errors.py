@@ -29,6 +29,7 @@ from weightsync.errors import (
     HotloadRefusedError,
     HotloadTimeoutError,
     InvalidInputError,
+    OverloadedError,
     SnapshotCorruptError,
     SnapshotNotFoundError,
     StorageError,
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 # First match wins: subclasses before their parents.
 _STATUS: tuple[tuple[type[WeightSyncError], int], ...] = (
     (SwapInProgressError, 425),
+    (OverloadedError, 429),
     (HotloadRefusedError, 409),
     (ChainError, 409),
     (SnapshotNotFoundError, 404),
@@ -105,7 +107,10 @@ def install_error_handlers(app: FastAPI, *, private_paths: PrivatePaths | None =
             logger.error("%s %s failed: %s", request.method, request.url.path, exc)
         elif message != str(exc):  # the full paths stay in the server's log
             logger.info("%s %s -> %d: %s", request.method, request.url.path, status, exc)
-        return error_response(status, message, type(exc).__name__)
+        response = error_response(status, message, type(exc).__name__)
+        if isinstance(exc, OverloadedError):
+            response.headers["retry-after"] = str(exc.retry_after_s)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,84 +1,227 @@
 """OpenAI-compatible inference: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
 
-Every response names the snapshot that produced it: `model` is
-`"<model_name>@<identity>"`, `snapshot_identity` the identity of the last
-generated token, and `snapshot_identities` every identity in token order (more
+Also under `/inference/v1/...` (where the Fireworks SDK sends them). Streaming
+(`stream: true`) answers Server-Sent Events, `data: {chunk}` per step then
+`data: [DONE]`. Every response names the snapshot that produced it: `model` is
+`"<model_name>@<identity>"`; `snapshot_identity` is the identity of the last
+generated token and `snapshot_identities` every identity in token order (more
 than one only when an `async` transition swapped weights mid-generation; each
-choice then lists `snapshot_changes` with the token index where it changed).
+choice then lists `snapshot_changes` with the token index where it changed). A
+stream chunk's `model` names the weights of that chunk's own tokens.
+
+Inference runs on the replica's inference executor behind a bounded queue and a
+token budget, and stops when the client goes away (`inference_admission`).
+Errors found before the first token are HTTP errors; one after the stream began
+is an `event: error` SSE event.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from fastapi import APIRouter, Header
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from weightsync.errors import InvalidInputError
+from weightsync.errors import InvalidInputError, UnsupportedOperationError, WeightSyncError
 from weightsync.server.engines.base import GenerateRequest, GenerateResult
+from weightsync.server.http_errors import error_response, status_for
+from weightsync.server.inference_admission import (
+    InferenceAdmission,
+    Ticket,
+    cancellable,
+    watch_disconnect,
+)
 from weightsync.server.replica import Replica
-from weightsync.server.tokenizer import TextTokenizer
+from weightsync.server.tokenizer import IncrementalText, TextTokenizer
+from weightsync.wire.headers import NO_WAIT_HEADER, SESSION_HEADER
+from weightsync.wire.inference import (
+    DEFAULT_MAX_TOKENS,
+    MAX_STOP_STRINGS,
+    SSE_DONE,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ContentLogprobs,
+    LegacyLogprobs,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    RawOutput,
+    SamplingFields,
+    SnapshotChange,
+    StreamError,
+    StreamErrorEvent,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    sse_data,
+    sse_error,
+)
+from weightsync.wire.paths import (
+    CHAT_COMPLETIONS_PATH,
+    COMPLETIONS_PATH,
+    INFERENCE_CHAT_COMPLETIONS_PATH,
+    INFERENCE_COMPLETIONS_PATH,
+    INFERENCE_MODELS_PATH,
+    MODELS_PATH,
+)
 
-MAX_CHOICES = 16
-MAX_LOGPROBS = 20
+logger = logging.getLogger(__name__)
 
+__all__ = ["NO_WAIT_HEADER", "SESSION_HEADER", "Generator", "build_openai_router"]
 
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    seed: int | None = None
-    stream: bool = False
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    return_token_ids: bool = False
-
-
-class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+Kind = Literal["completion", "chat"]
+LogprobsShape = Literal["legacy", "content"]
+#: What the stream's worker hands the event loop: an SSE event, or the end.
+Emit = Callable[[bytes], None]
 
 
 def _truthy(header: str | None) -> bool:
     return header is not None and header.strip().lower() in ("1", "true", "yes")
 
 
+@dataclass
+class _Plan:
+    """A request resolved against the served model: token ids, stops, logprob shape."""
+
+    kind: Kind
+    req: SamplingFields
+    prompts: list[list[int]]
+    max_tokens: int
+    #: Alternatives per token (None: no logprobs).
+    logprobs: int | None
+    shape: LogprobsShape
+    echo: bool
+    stop_strings: list[str]
+    stop_ids: tuple[int, ...]
+    adapter: str | None
+    session: str | None
+    no_wait: bool
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class _Sequence:
+    """One choice being generated, and what of it was already streamed."""
+
+    index: int
+    prompt_index: int
+    text: IncrementalText
+    result: GenerateResult | None = None
+    sent_tokens: int = 0
+    counted_tokens: int = 0
+    text_offset: int = 0
+    started: bool = False
+
+
 class Generator:
-    """Runs OpenAI requests on a replica (called from FastAPI's thread pool)."""
+    """Runs OpenAI requests on a replica (on its inference executor, one thread per request)."""
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
 
-    # --- request -> GenerateRequests ------------------------------------------
+    # --- request -> plan ---------------------------------------------------------
 
-    def _check_common(self, req: _SamplingFields) -> None:
-        if req.stream:
-            raise InvalidInputError("stream=true is not supported; send stream=false")
-        if req.stop:
-            raise InvalidInputError(
-                "stop strings are not supported; pass stop_token_ids (token ids) instead"
+    def plan_completion(
+        self, req: CompletionRequest, *, session: str | None, no_wait: bool
+    ) -> _Plan:
+        want: int | None
+        if req.content_logprobs:
+            want = (req.top_logprobs or 0) if req.logprobs is not False else None
+        elif req.logprobs is None or req.logprobs is False:
+            want = None
+        else:
+            want = int(req.logprobs)
+        if req.echo and want is not None and not self.replica.engine.supports_prompt_logprobs:
+            raise UnsupportedOperationError(
+                f"echo with logprobs needs prompt logprobs, which engine "
+                f"{self.replica.engine.name!r} does not compute; use the torch engine or "
+                "send echo=false"
             )
+        return self._plan(
+            "completion",
+            req,
+            self._prompts(req.prompt),
+            max_tokens=DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens,
+            logprobs=want,
+            shape="content" if req.content_logprobs else "legacy",
+            echo=req.echo,
+            session=session,
+            no_wait=no_wait,
+        )
+
+    def plan_chat(self, req: ChatCompletionRequest, *, session: str | None, no_wait: bool) -> _Plan:
+        tok = self._tokenizer_or_raise("chat completions")
+        messages = [{"role": m.role, "content": _content_text(m.content)} for m in req.messages]
+        prompt = self._token_ids(tok.render_chat(messages))
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        return self._plan(
+            "chat",
+            req,
+            [prompt],
+            max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            shape="content",
+            echo=False,
+            session=session,
+            no_wait=no_wait,
+        )
+
+    def _plan(
+        self,
+        kind: Kind,
+        req: SamplingFields,
+        prompts: list[list[int]],
+        *,
+        max_tokens: int,
+        logprobs: int | None,
+        shape: LogprobsShape,
+        echo: bool,
+        session: str | None,
+        no_wait: bool,
+    ) -> _Plan:
+        stops = req.stop_strings()
+        if len(stops) > MAX_STOP_STRINGS:
+            raise InvalidInputError(
+                f"{len(stops)} stop strings given; send at most {MAX_STOP_STRINGS}"
+            )
+        stop_ids = list(req.stop_token_ids or [])
+        if stops:
+            tok = self._tokenizer_or_raise("stop strings")
+            # A stop string that is one special token (e.g. "<|im_end|>") never shows in
+            # the decoded text (special tokens are skipped), so stop on its id.
+            stop_ids += [i for i in map(tok.single_token_id, stops) if i is not None]
+        return _Plan(
+            kind=kind,
+            req=req,
+            prompts=prompts,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            shape=shape,
+            echo=echo,
+            stop_strings=stops,
+            stop_ids=self._stop_ids(stop_ids),
+            adapter=self._adapter(req.model),
+            session=session,
+            no_wait=no_wait,
+        )
 
     def _adapter(self, model: str | None) -> str | None:
         """A `model` naming a loaded LoRA adapter selects it; any other name means the base."""
@@ -119,12 +262,13 @@ class Generator:
         if tok is None:
             raise InvalidInputError(
                 f"{what} need a tokenizer, and the served snapshot has none; send token-id "
-                "prompts to /v1/completions, or save the snapshot with its tokenizer files"
+                "prompts and stop_token_ids to /v1/completions, or save the snapshot with "
+                "its tokenizer files"
             )
         return tok
 
-    def _stop_ids(self, req: _SamplingFields) -> tuple[int, ...]:
-        ids: list[int] = list(req.stop_token_ids or [])
+    def _stop_ids(self, extra: list[int]) -> tuple[int, ...]:
+        ids: list[int] = list(extra)
         eos = self.replica.model_config.get("eos_token_id")
         ids += eos if isinstance(eos, list) else ([] if eos is None else [int(eos)])
         tok = self.replica.tokenizer
@@ -132,220 +276,396 @@ class Generator:
             ids.append(tok.eos_token_id)
         return tuple(dict.fromkeys(ids))
 
-    def _run(
-        self,
-        prompts: list[list[int]],
-        req: _SamplingFields,
-        *,
-        max_tokens: int,
-        logprobs: int | None,
-        session: str | None,
-        no_wait: bool,
-    ) -> tuple[list[tuple[int, GenerateResult]], str]:
-        adapter = self._adapter(req.model)
-        stop = self._stop_ids(req)
-        results = []
-        with self.replica.generation(no_wait=no_wait) as step_guard:
+    # --- running -----------------------------------------------------------------
+
+    def run(
+        self, plan: _Plan, cancel: threading.Event, emit: Emit | None = None
+    ) -> tuple[list[_Sequence], str]:
+        """Generate every choice of `plan`; with `emit`, stream each step's chunk as it comes.
+
+        Returns the finished sequences and the identity served when the request started.
+        """
+        req = plan.req
+        tokenizer = self.replica.tokenizer
+        sequences: list[_Sequence] = []
+        with self.replica.generation(no_wait=plan.no_wait) as step_guard:
             started_on = self.replica.current_identity or ""
-            for p_index, ids in enumerate(prompts):
+            if emit is not None:
+                emit(b"")  # the request runs: the caller may now send the 200
+            guard = cancellable(step_guard, cancel)
+            for p_index, ids in enumerate(plan.prompts):
                 for j in range(req.n):
+                    seq = _Sequence(
+                        index=len(sequences),
+                        prompt_index=p_index,
+                        text=IncrementalText(tokenizer, plan.stop_strings),
+                    )
+                    sequences.append(seq)
                     greq = GenerateRequest(
                         prompt_token_ids=ids,
-                        max_tokens=max_tokens,
+                        max_tokens=plan.max_tokens,
                         temperature=req.temperature,
                         top_p=req.top_p,
+                        top_k=max(req.top_k, 0),
                         seed=None if req.seed is None else req.seed + j,
-                        logprobs=logprobs,
-                        stop_token_ids=stop,
-                        adapter=adapter,
-                        cache_session=session,
+                        logprobs=plan.logprobs,
+                        prompt_logprobs=plan.echo and plan.logprobs is not None,
+                        stop_token_ids=plan.stop_ids,
+                        adapter=plan.adapter,
+                        cache_session=plan.session,
                     )
-                    results.append(
-                        (p_index, self.replica.engine.generate(greq, step_guard=step_guard))
+                    seq.result = self.replica.engine.generate(
+                        greq,
+                        step_guard=guard,
+                        on_token=self._on_token(plan, seq, emit, started_on),
                     )
-        self.replica.metrics.generated_tokens.inc(sum(len(r.token_ids) for _, r in results))
-        return results, started_on
+                    seq.text.update(seq.result.token_ids)
+                    # The stop token itself ends the sequence without a callback.
+                    self.replica.metrics.generated_tokens.inc(
+                        len(seq.result.token_ids) - seq.counted_tokens
+                    )
+                    if emit is not None:
+                        last = p_index == len(plan.prompts) - 1 and j == req.n - 1
+                        emit(self._final_chunk(plan, seq, started_on, sequences if last else None))
+        return sequences, started_on
 
-    # --- responses ----------------------------------------------------------
+    def _on_token(
+        self, plan: _Plan, seq: _Sequence, emit: Emit | None, started_on: str
+    ) -> Callable[[GenerateResult], bool]:
+        counter = self.replica.metrics.generated_tokens
 
-    def _envelope(
-        self,
-        obj: str,
-        results: list[tuple[int, GenerateResult]],
-        started_on: str,
-        prompts: list[list[int]],
-        adapter: str | None,
-    ) -> dict[str, Any]:
-        identities: list[str] = []
-        for _, r in results:
-            for ident in r.token_snapshots:
-                if not identities or identities[-1] != ident:
-                    identities.append(ident)
-        if not identities:
-            identities = [started_on]
-        identity = adapter or identities[-1]
-        completion_tokens = sum(len(r.token_ids) for _, r in results)
-        prompt_tokens = sum(len(p) for p in prompts)
-        out: dict[str, Any] = {
-            "id": f"{'chatcmpl' if obj == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
-            "object": obj,
-            "created": int(time.time()),
-            "model": f"{self.replica.config.model_name}@{identity}",
-            "snapshot_identity": identity,
-            "snapshot_identities": identities,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {
-                    "cached_tokens": sum(r.num_cached_prompt_tokens for _, r in results)
-                },
-            },
-        }
-        if adapter is not None:
-            out["adapter"] = adapter
-            out["base_snapshot_identity"] = identities[-1]
-        return out
+        def on_token(result: GenerateResult) -> bool:
+            seq.result = result
+            # Counted as they come, so /metrics shows a generation progress (or stop).
+            counter.inc(len(result.token_ids) - seq.counted_tokens)
+            seq.counted_tokens = len(result.token_ids)
+            go_on = seq.text.update(result.token_ids)
+            if emit is not None:
+                emit(self._step_chunk(plan, seq, started_on))
+            return go_on
 
-    @staticmethod
-    def _changes(r: GenerateResult) -> list[dict[str, Any]] | None:
-        changes = [
-            {"token_index": i, "snapshot_identity": ident}
-            for i, ident in enumerate(r.token_snapshots)
-            if i == 0 or r.token_snapshots[i - 1] != ident
-        ]
-        return changes if len(changes) > 1 else None
+        return on_token
 
-    def _text(self, ids: list[int]) -> str:
-        tok = self.replica.tokenizer
-        return tok.decode(ids) if tok is not None else ""
+    # --- pieces of choices ----------------------------------------------------------
 
     def _token_strings(self, ids: list[int]) -> list[str]:
         tok = self.replica.tokenizer
         return tok.token_strings(ids) if tok is not None else [f"token_id:{i}" for i in ids]
 
-    def completion(
-        self, req: CompletionRequest, *, session: str | None, no_wait: bool
-    ) -> dict[str, Any]:
-        self._check_common(req)
-        if req.echo:
-            raise InvalidInputError("echo=true is not supported; send echo=false")
-        prompts = self._prompts(req.prompt)
-        results, started_on = self._run(
-            prompts,
-            req,
-            max_tokens=req.max_tokens or 16,
-            logprobs=req.logprobs,
-            session=session,
-            no_wait=no_wait,
-        )
-        choices = []
-        for index, (p_index, r) in enumerate(results):
-            choice: dict[str, Any] = {
-                "index": index,
-                "text": self._text(r.token_ids),
-                "logprobs": self._completion_logprobs(r) if req.logprobs is not None else None,
-                "finish_reason": r.finish_reason,
-            }
-            if req.return_token_ids:
-                choice["token_ids"] = list(r.token_ids)
-                choice["prompt_token_ids"] = prompts[p_index]
-            changes = self._changes(r)
-            if changes:
-                choice["snapshot_changes"] = changes
-            choices.append(choice)
-        out = self._envelope(
-            "text_completion", results, started_on, prompts, self._adapter(req.model)
-        )
-        out["choices"] = choices
-        return out
-
-    def _completion_logprobs(self, r: GenerateResult) -> dict[str, Any]:
-        tokens = self._token_strings(r.token_ids)
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        top = None
-        if r.top_logprobs is not None:
-            top = [
-                dict(zip(self._token_strings(list(d)), d.values(), strict=True))
-                for d in r.top_logprobs
-            ]
-        return {
-            "tokens": tokens,
-            "token_logprobs": list(r.logprobs or []),
-            "top_logprobs": top,
-            "text_offset": offsets,
-        }
-
-    def chat(
-        self, req: ChatCompletionRequest, *, session: str | None, no_wait: bool
-    ) -> dict[str, Any]:
-        self._check_common(req)
-        tok = self._tokenizer_or_raise("chat completions")
-        messages = [{"role": m.role, "content": _content_text(m.content)} for m in req.messages]
-        prompt = self._token_ids(tok.render_chat(messages))
-        want = (req.top_logprobs or 0) if req.logprobs else None
-        max_tokens = req.max_completion_tokens or req.max_tokens or 16
-        results, started_on = self._run(
-            [prompt],
-            req,
-            max_tokens=max_tokens,
-            logprobs=want,
-            session=session,
-            no_wait=no_wait,
-        )
-        choices = []
-        for index, (_, r) in enumerate(results):
-            choice: dict[str, Any] = {
-                "index": index,
-                "message": {"role": "assistant", "content": self._text(r.token_ids)},
-                "logprobs": self._chat_logprobs(r) if req.logprobs else None,
-                "finish_reason": r.finish_reason,
-            }
-            if req.return_token_ids:
-                choice["token_ids"] = list(r.token_ids)
-            changes = self._changes(r)
-            if changes:
-                choice["snapshot_changes"] = changes
-            choices.append(choice)
-        out = self._envelope(
-            "chat.completion", results, started_on, [prompt], self._adapter(req.model)
-        )
-        out["choices"] = choices
-        return out
-
-    def _chat_logprobs(self, r: GenerateResult) -> dict[str, Any]:
-        tokens = self._token_strings(r.token_ids)
-        content = []
-        for i, (token, lp) in enumerate(zip(tokens, r.logprobs or [], strict=False)):
-            top = []
-            if r.top_logprobs is not None:
-                d = r.top_logprobs[i]
-                top = [
-                    {"token": s, "logprob": v, "bytes": list(s.encode())}
-                    for s, v in zip(self._token_strings(list(d)), d.values(), strict=True)
-                ]
-            content.append(
-                {"token": token, "logprob": lp, "bytes": list(token.encode()), "top_logprobs": top}
+    def _content(
+        self,
+        ids: list[int],
+        logprobs: list[float],
+        tops: list[dict[int, float]] | None,
+        sampling: list[float] | None,
+    ) -> list[TokenLogprob]:
+        strings = self._token_strings(ids)
+        out = []
+        for i, (token_id, token, lp) in enumerate(zip(ids, strings, logprobs, strict=True)):
+            top: list[TopLogprob] = []
+            if tops is not None:
+                alternatives = tops[i]
+                for alt_id, alt_string, alt_lp in zip(
+                    alternatives,
+                    self._token_strings(list(alternatives)),
+                    alternatives.values(),
+                    strict=True,
+                ):
+                    top.append(
+                        TopLogprob(
+                            token=alt_string,
+                            token_id=alt_id,
+                            logprob=alt_lp,
+                            bytes=list(alt_string.encode()),
+                        )
+                    )
+            out.append(
+                TokenLogprob(
+                    token=token,
+                    token_id=token_id,
+                    logprob=lp,
+                    sampling_logprob=None if sampling is None else sampling[i],
+                    bytes=list(token.encode()),
+                    top_logprobs=top,
+                )
             )
-        return {"content": content}
+        return out
 
-    def models(self) -> dict[str, Any]:
+    def _legacy(
+        self,
+        ids: list[int],
+        logprobs: list[float | None],
+        tops: list[dict[int, float]] | None,
+        seq: _Sequence,
+    ) -> LegacyLogprobs:
+        strings = self._token_strings(ids)
+        offsets = []
+        for s in strings:
+            offsets.append(seq.text_offset)
+            seq.text_offset += len(s)
+        top = None
+        if tops is not None:
+            top = [dict(zip(self._token_strings(list(d)), d.values(), strict=True)) for d in tops]
+        return LegacyLogprobs(
+            tokens=strings, token_logprobs=logprobs, top_logprobs=top, text_offset=offsets
+        )
+
+    def _logprobs(
+        self, plan: _Plan, seq: _Sequence, start: int, end: int, *, with_prompt: bool
+    ) -> LegacyLogprobs | ContentLogprobs | None:
+        """Logprobs of generated tokens [start, end), after the prompt's when `with_prompt`."""
+        r = seq.result
+        if plan.logprobs is None or r is None or r.logprobs is None:
+            return None
+        if start == end and not (with_prompt and plan.echo):
+            return None  # a chunk without tokens (the finish reason alone)
+        ids = list(r.token_ids[start:end])
+        lps: list[float | None] = list(r.logprobs[start:end])
+        tops = None if r.top_logprobs is None else list(r.top_logprobs[start:end])
+        sampling = None if r.sampling_logprobs is None else list(r.sampling_logprobs[start:end])
+        if with_prompt and plan.echo and r.prompt_logprobs is not None:
+            prompt = plan.prompts[seq.prompt_index]
+            # The first prompt token has no context: None in the legacy shape; 0.0 in the
+            # content shape, whose readers (the Fireworks SDK) need a number and drop it.
+            first: float | None = None if plan.shape == "legacy" else 0.0
+            ids = prompt + ids
+            lps = [first, *r.prompt_logprobs, *lps]
+            if tops is not None:
+                tops = [{}, *(r.prompt_top_logprobs or []), *tops]
+            if sampling is not None:
+                sampling = [0.0] * len(prompt) + sampling
+        if plan.shape == "legacy":
+            return self._legacy(ids, lps, tops, seq)
+        return ContentLogprobs(content=self._content(ids, [x or 0.0 for x in lps], tops, sampling))
+
+    def _raw_output(self, plan: _Plan, seq: _Sequence) -> RawOutput | None:
+        if not plan.req.raw_output or seq.result is None:
+            return None
+        prompt = plan.prompts[seq.prompt_index]
+        completion = list(seq.result.token_ids)
+        return RawOutput(
+            prompt_token_ids=prompt,
+            completion_token_ids=(prompt + completion) if plan.echo else completion,
+            completion=self._prompt_text(plan, seq) + seq.text.text,
+        )
+
+    def _prompt_text(self, plan: _Plan, seq: _Sequence) -> str:
+        tok = self.replica.tokenizer
+        if not plan.echo or tok is None:
+            return ""
+        return tok.decode(plan.prompts[seq.prompt_index])
+
+    def _model(self, plan: _Plan, identity: str) -> str:
+        return f"{self.replica.config.model_name}@{plan.adapter or identity}"
+
+    def _usage(self, plan: _Plan, sequences: list[_Sequence]) -> Usage:
+        prompt_tokens = sum(len(p) for p in plan.prompts)
+        completion_tokens = sum(len(s.result.token_ids) for s in sequences if s.result)
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=sum(s.result.num_cached_prompt_tokens for s in sequences if s.result)
+            ),
+        )
+
+    # --- whole responses -------------------------------------------------------------
+
+    def response(
+        self, plan: _Plan, sequences: list[_Sequence], started_on: str
+    ) -> CompletionResponse | ChatCompletionResponse:
+        identities: list[str] = []
+        for s in sequences:
+            for ident in s.result.token_snapshots if s.result else []:
+                if not identities or identities[-1] != ident:
+                    identities.append(ident)
+        if not identities:
+            identities = [started_on]
+        common: dict[str, Any] = dict(
+            created=plan.created,
+            model=self._model(plan, identities[-1]),
+            snapshot_identity=plan.adapter or identities[-1],
+            snapshot_identities=identities,
+            usage=self._usage(plan, sequences),
+            adapter=plan.adapter,
+            base_snapshot_identity=identities[-1] if plan.adapter else None,
+        )
+        if plan.kind == "chat":
+            return ChatCompletionResponse(
+                id=f"chatcmpl-{plan.id}",
+                choices=[self._chat_choice(plan, s) for s in sequences],
+                **common,
+            )
+        return CompletionResponse(
+            id=f"cmpl-{plan.id}",
+            choices=[self._completion_choice(plan, s) for s in sequences],
+            **common,
+        )
+
+    def _extras(self, plan: _Plan, seq: _Sequence) -> dict[str, Any]:
+        r = seq.result
+        assert r is not None
+        want_ids = plan.req.return_token_ids
+        return dict(
+            finish_reason=r.finish_reason,
+            token_ids=list(r.token_ids) if want_ids else None,
+            prompt_token_ids=plan.prompts[seq.prompt_index] if want_ids else None,
+            raw_output=self._raw_output(plan, seq),
+            snapshot_changes=_changes(r),
+        )
+
+    def _completion_choice(self, plan: _Plan, seq: _Sequence) -> CompletionChoice:
+        r = seq.result
+        assert r is not None
+        return CompletionChoice(
+            index=seq.index,
+            text=self._prompt_text(plan, seq) + seq.text.text,
+            logprobs=self._logprobs(plan, seq, 0, len(r.token_ids), with_prompt=True),
+            **self._extras(plan, seq),
+        )
+
+    def _chat_choice(self, plan: _Plan, seq: _Sequence) -> ChatChoice:
+        r = seq.result
+        assert r is not None
+        lp = self._logprobs(plan, seq, 0, len(r.token_ids), with_prompt=False)
+        return ChatChoice(
+            index=seq.index,
+            message=ChatMessageOut(content=seq.text.text),
+            logprobs=lp if isinstance(lp, ContentLogprobs) else None,
+            **self._extras(plan, seq),
+        )
+
+    # --- stream chunks ------------------------------------------------------------------
+
+    def _step_chunk(self, plan: _Plan, seq: _Sequence, started_on: str) -> bytes:
+        """The chunk of the tokens generated since the last one (one engine step's)."""
+        r = seq.result
+        assert r is not None
+        start, end = seq.sent_tokens, len(r.token_ids)
+        seq.sent_tokens = end
+        identity = r.token_snapshots[-1] if r.token_snapshots else started_on
+        return self._chunk(
+            plan, seq, identity, start, end, text=seq.text.take(final=False), finish=False
+        )
+
+    def _final_chunk(
+        self,
+        plan: _Plan,
+        seq: _Sequence,
+        started_on: str,
+        all_sequences: list[_Sequence] | None,
+    ) -> bytes:
+        """The choice's last chunk: remaining tokens and text, finish reason, raw output."""
+        r = seq.result
+        assert r is not None
+        start, end = seq.sent_tokens, len(r.token_ids)
+        seq.sent_tokens = end
+        identity = r.token_snapshots[-1] if r.token_snapshots else started_on
+        out = self._chunk(
+            plan,
+            seq,
+            identity,
+            start,
+            end,
+            text=seq.text.take(final=True),
+            finish=True,
+            usage=None if all_sequences is None else self._usage(plan, all_sequences),
+        )
+        options = plan.req.stream_options
+        if all_sequences is not None and options is not None and options.include_usage:
+            cls = ChatCompletionChunk if plan.kind == "chat" else CompletionChunk
+            out += sse_data(
+                cls(
+                    id=self._chunk_id(plan),
+                    created=plan.created,
+                    model=self._model(plan, identity),
+                    snapshot_identity=plan.adapter or identity,
+                    choices=[],
+                    usage=self._usage(plan, all_sequences),
+                )
+            )
+        return out
+
+    def _chunk_id(self, plan: _Plan) -> str:
+        return f"{'chatcmpl' if plan.kind == 'chat' else 'cmpl'}-{plan.id}"
+
+    def _chunk(
+        self,
+        plan: _Plan,
+        seq: _Sequence,
+        identity: str,
+        start: int,
+        end: int,
+        *,
+        text: str,
+        finish: bool,
+        usage: Usage | None = None,
+    ) -> bytes:
+        r = seq.result
+        assert r is not None
+        first = not seq.started
+        seq.started = True
+        want_ids = plan.req.return_token_ids
+        extras: dict[str, Any] = dict(
+            finish_reason=r.finish_reason if finish else None,
+            token_ids=list(r.token_ids[start:end]) if want_ids else None,
+            prompt_token_ids=plan.prompts[seq.prompt_index] if want_ids and first else None,
+            raw_output=self._raw_output(plan, seq) if finish else None,
+        )
+        logprobs = self._logprobs(plan, seq, start, end, with_prompt=first)
+        envelope: dict[str, Any] = dict(
+            id=self._chunk_id(plan),
+            created=plan.created,
+            model=self._model(plan, identity),
+            snapshot_identity=plan.adapter or identity,
+            adapter=plan.adapter,
+            base_snapshot_identity=identity if plan.adapter else None,
+            usage=usage,
+        )
+        if plan.kind == "chat":
+            delta = ChatDelta(role="assistant" if first else None, content=text)
+            return sse_data(
+                ChatCompletionChunk(
+                    choices=[
+                        ChatChunkChoice(
+                            index=seq.index,
+                            delta=delta,
+                            logprobs=logprobs if isinstance(logprobs, ContentLogprobs) else None,
+                            **extras,
+                        )
+                    ],
+                    **envelope,
+                )
+            )
+        if first:
+            text = self._prompt_text(plan, seq) + text
+        return sse_data(
+            CompletionChunk(
+                choices=[
+                    CompletionChunkChoice(index=seq.index, text=text, logprobs=logprobs, **extras)
+                ],
+                **envelope,
+            )
+        )
+
+    def models(self) -> ModelList:
         created = int(time.time())
         name = self.replica.config.model_name
         ids = [name]
         if self.replica.current_identity:
             ids.append(f"{name}@{self.replica.current_identity}")
         ids += self.replica.engine.loaded_adapters()
-        return {
-            "object": "list",
-            "data": [
-                {"id": i, "object": "model", "created": created, "owned_by": "weightsync"}
-                for i in ids
-            ],
-        }
+        return ModelList(data=[ModelCard(id=i, created=created) for i in ids])
+
+
+def _changes(r: GenerateResult) -> list[SnapshotChange] | None:
+    changes = [
+        SnapshotChange(token_index=i, snapshot_identity=ident)
+        for i, ident in enumerate(r.token_snapshots)
+        if i == 0 or r.token_snapshots[i - 1] != ident
+    ]
+    return changes if len(changes) > 1 else None
 
 
 def _content_text(content: str | list[dict[str, Any]] | None) -> str:
@@ -361,37 +681,170 @@ def _content_text(content: str | list[dict[str, Any]] | None) -> str:
     return "".join(parts)
 
 
-SESSION_HEADER = "x-multi-turn-session-id"
-NO_WAIT_HEADER = "x-weightsync-no-wait"
+def _num_prompts(req: CompletionRequest | ChatCompletionRequest) -> int:
+    if isinstance(req, ChatCompletionRequest):
+        return 1
+    prompt = req.prompt
+    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+        return 1
+    return max(1, len(prompt))
 
 
-def build_openai_router(replica: Replica) -> APIRouter:
-    """Routes of the inference API (sync handlers: FastAPI runs them in its thread pool)."""
+# --- the routes ---------------------------------------------------------------------
+
+
+class _Serving:
+    """One request's trip: budget, queue place, worker, disconnect watch, response."""
+
+    def __init__(self, gen: Generator, admission: InferenceAdmission) -> None:
+        self.gen = gen
+        self.admission = admission
+
+    async def handle(
+        self,
+        request: Request,
+        body: CompletionRequest | ChatCompletionRequest,
+        plan_fn: Callable[[], _Plan],
+    ) -> Response:
+        max_tokens = body.max_tokens
+        if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+            max_tokens = body.max_completion_tokens
+        self.admission.check_budget(
+            num_prompts=_num_prompts(body),
+            n=body.n,
+            max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+            max_positions=self.gen.replica.model_config.get("max_position_embeddings"),
+        )
+        ticket = self.admission.admit()
+        cancel = threading.Event()
+        watcher = asyncio.create_task(watch_disconnect(request.receive, cancel))
+        if not body.stream:
+            try:
+
+                def work() -> dict[str, Any]:
+                    plan = plan_fn()
+                    sequences, started_on = self.gen.run(plan, cancel)
+                    return self.gen.response(plan, sequences, started_on).model_dump(mode="json")
+
+                answer = await self.admission.run(ticket, work)
+            finally:
+                watcher.cancel()
+            return JSONResponse(answer)
+        return await self._stream(ticket, plan_fn, cancel, watcher)
+
+    async def _stream(
+        self,
+        ticket: Ticket,
+        plan_fn: Callable[[], _Plan],
+        cancel: threading.Event,
+        watcher: asyncio.Task[None],
+    ) -> Response:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        def emit(data: bytes) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, data)
+
+        def work() -> None:
+            plan = plan_fn()
+            self.gen.run(plan, cancel, emit)
+
+        done = self.admission.run(ticket, work)
+        done.add_done_callback(lambda _: events.put_nowait(None))
+        # Wait for the request to start (or fail) before answering: an error found
+        # before the first token is an HTTP error, not an event inside a 200 stream.
+        first = await events.get()
+        if first is None:
+            watcher.cancel()
+            exc = done.exception()
+            if isinstance(exc, WeightSyncError):
+                return error_response(status_for(exc), str(exc), type(exc).__name__)
+            done.result()  # a bug: raise it for the app's 500 handler
+            raise AssertionError("unreachable")
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                while (data := await events.get()) is not None:
+                    if data:
+                        yield data
+                exc = done.exception()
+                if exc is None:
+                    yield SSE_DONE
+                elif isinstance(exc, WeightSyncError) and not cancel.is_set():
+                    status = status_for(exc)
+                    yield sse_error(
+                        StreamErrorEvent(
+                            error=StreamError(
+                                message=str(exc),
+                                type=type(exc).__name__,
+                                code=status,
+                                status_code=status,
+                            )
+                        )
+                    )
+                elif not cancel.is_set():
+                    logger.error("streaming inference failed", exc_info=exc)
+                    yield sse_error(
+                        StreamErrorEvent(
+                            error=StreamError(
+                                message=f"internal error: {exc!r}",
+                                type=type(exc).__name__,
+                                code=500,
+                                status_code=500,
+                            )
+                        )
+                    )
+            finally:
+                # The client may be gone (Starlette closes this generator): stop the work.
+                cancel.set()
+                watcher.cancel()
+
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+
+
+def build_openai_router(replica: Replica, admission: InferenceAdmission) -> APIRouter:
+    """Routes of the inference API (async handlers; the work runs on `admission`'s executor)."""
     router = APIRouter()
     gen = Generator(replica)
+    serving = _Serving(gen, admission)
 
-    @router.post("/v1/completions")
-    def completions(
+    async def completions(
+        request: Request,
         body: CompletionRequest,
         x_multi_turn_session_id: str | None = Header(default=None),
         x_weightsync_no_wait: str | None = Header(default=None),
-    ) -> dict[str, Any]:
-        return gen.completion(
-            body, session=x_multi_turn_session_id, no_wait=_truthy(x_weightsync_no_wait)
+    ) -> Response:
+        no_wait = _truthy(x_weightsync_no_wait)
+        return await serving.handle(
+            request,
+            body,
+            lambda: gen.plan_completion(body, session=x_multi_turn_session_id, no_wait=no_wait),
         )
 
-    @router.post("/v1/chat/completions")
-    def chat_completions(
+    async def chat_completions(
+        request: Request,
         body: ChatCompletionRequest,
         x_multi_turn_session_id: str | None = Header(default=None),
         x_weightsync_no_wait: str | None = Header(default=None),
-    ) -> dict[str, Any]:
-        return gen.chat(
-            body, session=x_multi_turn_session_id, no_wait=_truthy(x_weightsync_no_wait)
+    ) -> Response:
+        no_wait = _truthy(x_weightsync_no_wait)
+        return await serving.handle(
+            request,
+            body,
+            lambda: gen.plan_chat(body, session=x_multi_turn_session_id, no_wait=no_wait),
         )
 
-    @router.get("/v1/models")
-    def models() -> dict[str, Any]:
-        return gen.models()
+    async def models() -> dict[str, Any]:
+        return gen.models().model_dump(mode="json")
 
+    for path in (COMPLETIONS_PATH, INFERENCE_COMPLETIONS_PATH):
+        router.add_api_route(path, completions, methods=["POST"], response_model=None)
+    for path in (CHAT_COMPLETIONS_PATH, INFERENCE_CHAT_COMPLETIONS_PATH):
+        router.add_api_route(path, chat_completions, methods=["POST"], response_model=None)
+    for path in (MODELS_PATH, INFERENCE_MODELS_PATH):
+        router.add_api_route(path, models, methods=["GET"])
     return router

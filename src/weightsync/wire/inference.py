@@ -25,6 +25,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 MAX_CHOICES = 16
@@ -87,6 +88,14 @@ class CompletionRequest(SamplingFields):
             raise ValueError(f"logprobs must be true, false or a count in [0, {MAX_LOGPROBS}]")
         return value
 
+    @model_validator(mode="after")
+    def _zero_tokens_only_with_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError(
+                "max_tokens must be >= 1 (0 only with echo=true, to score the prompt alone)"
+            )
+        return self
+
     @property
     def content_logprobs(self) -> bool:
         """`logprobs: true` (or a `top_logprobs` count): the `content[]` shape."""
@@ -102,9 +111,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
 # --- response parts ------------------------------------------------------------

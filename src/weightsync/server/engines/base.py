@@ -31,9 +31,14 @@ class GenerateRequest:
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    #: Sample from the k most likely tokens only (0: no limit).
+    top_k: int = 0
     seed: int | None = None
     #: None: no logprobs; 0: the sampled token's logprob; k > 0: also the top-k.
     logprobs: int | None = None
+    #: Also the logprob of every prompt token after the first (same top-k as `logprobs`);
+    #: only engines with `supports_prompt_logprobs`.
+    prompt_logprobs: bool = False
     stop_token_ids: tuple[int, ...] = ()
     adapter: str | None = None
     #: Multi-turn session key (the `x-multi-turn-session-id` header) for cache scoping.
@@ -45,6 +50,12 @@ class GenerateResult:
     token_ids: list[int]
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    #: Logprob of each token under the distribution it was sampled from (after
+    #: temperature, top-k, top-p; 0.0 when greedy); None when the engine cannot tell.
+    sampling_logprobs: list[float] | None = None
+    #: With `prompt_logprobs`: one entry per prompt token after the first.
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[dict[int, float]] | None = None
     finish_reason: Literal["stop", "length"] = "length"
     #: Identity of the snapshot that produced each generated token (same length as token_ids).
     token_snapshots: list[str] = field(default_factory=list)
@@ -77,6 +88,8 @@ def check_generate_request(
         raise InvalidInputError(f"temperature must be >= 0, got {request.temperature}")
     if not 0.0 < request.top_p <= 1.0:
         raise InvalidInputError(f"top_p must be in (0, 1], got {request.top_p}")
+    if request.top_k < 0:
+        raise InvalidInputError(f"top_k must be >= 0 (0: no limit), got {request.top_k}")
     if request.logprobs is not None and request.logprobs < 0:
         raise InvalidInputError(f"logprobs must be >= 0 or None, got {request.logprobs}")
 
@@ -85,11 +98,18 @@ def check_generate_request(
 #: The replica uses it to pause generation at a token boundary during a swap.
 StepGuard = Callable[[], AbstractContextManager[str]]
 
+#: Called after each generated token with the result so far; returning False ends the
+#: sequence there with `finish_reason` "stop" (a stop string matched). It must not
+#: block for long: a forward step of every other request may wait on it.
+TokenCallback = Callable[[GenerateResult], bool]
+
 
 class Engine(ABC):
     """A model runtime held by one replica."""
 
     name: ClassVar[str]
+    #: Whether `generate` honours `GenerateRequest.prompt_logprobs` (echo with logprobs).
+    supports_prompt_logprobs: ClassVar[bool] = False
 
     @abstractmethod
     def load_base(
@@ -109,12 +129,29 @@ class Engine(ABC):
         """
 
     @abstractmethod
-    def apply_patches(self, patches: Mapping[str, Patch]) -> dict[str, Patch]:
-        """Apply patches in place to the named weights; return the patches that undo them."""
+    def apply_patches(
+        self, patches: Mapping[str, Patch], *, keep_undo: bool = True
+    ) -> dict[str, Patch]:
+        """Apply patches in place to the named weights; return the patches that undo them.
+
+        `keep_undo=False` holds no undo of the patched elements (one copy of the changed
+        data less) and returns `{}`; a failure part way then leaves the weights partly
+        patched, and the caller puts back verified weights (`load_base`).
+        """
 
     @abstractmethod
-    def generate(self, request: GenerateRequest, *, step_guard: StepGuard) -> GenerateResult:
-        """Generate one sequence, holding `step_guard()` around every forward step."""
+    def generate(
+        self,
+        request: GenerateRequest,
+        *,
+        step_guard: StepGuard,
+        on_token: TokenCallback | None = None,
+    ) -> GenerateResult:
+        """Generate one sequence, holding `step_guard()` around every forward step.
+
+        An exception raised by `step_guard()` (a cancelled request) ends the
+        sequence and propagates; `on_token` sees every token as it is produced.
+        """
 
     @abstractmethod
     def reset_prompt_cache(self, scope: CacheScope = "all") -> int:
@@ -137,6 +174,7 @@ class Engine(ABC):
         )
 
     def loaded_adapters(self) -> list[str]:
+        """Names of the loaded adapters, least recently used first."""
         return []
 
     def weights_checksums(self, checksum_format: str) -> dict[str, str]:

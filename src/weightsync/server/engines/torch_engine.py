@@ -36,10 +36,16 @@ from weightsync.server.engines.base import (
     GenerateRequest,
     GenerateResult,
     StepGuard,
+    TokenCallback,
     check_generate_request,
 )
 from weightsync.server.engines.prefix_cache import LayerKV, PrefixCache
-from weightsync.server.engines.sampling import new_generator, pick_token, token_logprobs
+from weightsync.server.engines.sampling import (
+    new_generator,
+    pick_token,
+    sampling_logprob,
+    token_logprobs,
+)
 from weightsync.server.engines.torch_adapters import LoraAdapters
 
 logger = logging.getLogger(__name__)
@@ -67,6 +73,7 @@ class TorchEngine(Engine):
     """In-process PyTorch engine (CPU) with prompt-prefix caching and LoRA adapters."""
 
     name = "torch"
+    supports_prompt_logprobs = True
 
     def __init__(
         self,
@@ -140,11 +147,15 @@ class TorchEngine(Engine):
         """The live parameter tensors under snapshot names (tied duplicates once)."""
         return dict(self._require_loaded().weights)
 
-    def apply_patches(self, patches: Mapping[str, Patch]) -> dict[str, Patch]:
-        """Patch the live tensors in place (all or none); return the undo patches.
+    def apply_patches(
+        self, patches: Mapping[str, Patch], *, keep_undo: bool = True
+    ) -> dict[str, Patch]:
+        """Patch the live tensors in place; return the undo patches (see `Engine`).
 
-        Does not wait for running generations: it takes only the step lock, which a
-        generation holds just inside one forward step.
+        With `keep_undo` all or none is applied; without, each tensor's undo is dropped
+        as soon as it is written (at most one tensor's undo is held). Does not wait for
+        running generations: it takes only the step lock, which a generation holds just
+        inside one forward step.
         """
         loaded = self._require_loaded()
         for name, patch in patches.items():
@@ -159,7 +170,10 @@ class TorchEngine(Engine):
         with self._step_lock:
             try:
                 for name, patch in patches.items():
-                    undo[name] = patch.apply_(loaded.weights[name])
+                    back = patch.apply_(loaded.weights[name])
+                    if keep_undo:
+                        undo[name] = back
+                    del back
             except (ValueError, IndexError, UnsupportedDtypeError) as e:
                 for done, undo_patch in undo.items():
                     undo_patch.apply_(loaded.weights[done])
@@ -199,19 +213,28 @@ class TorchEngine(Engine):
 
     # -- generation -------------------------------------------------------------
 
-    def generate(self, request: GenerateRequest, *, step_guard: StepGuard) -> GenerateResult:
+    def generate(
+        self,
+        request: GenerateRequest,
+        *,
+        step_guard: StepGuard,
+        on_token: TokenCallback | None = None,
+    ) -> GenerateResult:
         """Generate one sequence; the stop token (EOS or a stop id) ends the output.
 
         Each forward step (the prefill is one) runs inside `step_guard()`, and each
         token records the identity the guard yielded for the step that produced it.
-        Logprobs are fp32 log-softmax of the raw logits (independent of temperature).
+        Logprobs are fp32 log-softmax of the raw logits (independent of temperature);
+        sampling logprobs those of the distribution the token was drawn from.
         """
         loaded = self._require_loaded()
         _validate_request(request, loaded)
         with self._generate_lock, torch.inference_mode():
-            return self._generate(request, step_guard)
+            return self._generate(request, step_guard, on_token)
 
-    def _generate(self, request: GenerateRequest, step_guard: StepGuard) -> GenerateResult:
+    def _generate(
+        self, request: GenerateRequest, step_guard: StepGuard, on_token: TokenCallback | None
+    ) -> GenerateResult:
         generator = new_generator(request.seed)
         want_logprobs = request.logprobs is not None
         top_k = request.logprobs or 0
@@ -219,8 +242,9 @@ class TorchEngine(Engine):
             token_ids=[],
             logprobs=[] if want_logprobs else None,
             top_logprobs=[] if top_k > 0 else None,
+            sampling_logprobs=[] if want_logprobs else None,
         )
-        if request.max_tokens == 0:
+        if request.max_tokens == 0 and not request.prompt_logprobs:
             return result
         prompt = list(request.prompt_token_ids)
         stop_ids: frozenset[int] = frozenset(request.stop_token_ids)
@@ -235,8 +259,10 @@ class TorchEngine(Engine):
                         max_new = min(max_new, loaded.max_positions - len(prompt))
                     stop_ids = stop_ids | loaded.eos_token_ids
                     cache, logits, result.num_cached_prompt_tokens = self._prefill(
-                        loaded, request, prompt
+                        loaded, request, prompt, result
                     )
+                    if max_new <= 0:
+                        return result  # echo of the prompt's logprobs only
                 else:
                     if self._loaded is not loaded:
                         raise DeploymentError(
@@ -252,6 +278,7 @@ class TorchEngine(Engine):
                     logits,
                     temperature=request.temperature,
                     top_p=request.top_p,
+                    top_k=request.top_k,
                     generator=generator,
                 )
             result.token_ids.append(token)
@@ -262,7 +289,17 @@ class TorchEngine(Engine):
                 result.logprobs.append(chosen)
                 if result.top_logprobs is not None and top is not None:
                     result.top_logprobs.append(top)
-            if token in stop_ids:
+                assert result.sampling_logprobs is not None
+                result.sampling_logprobs.append(
+                    sampling_logprob(
+                        logits,
+                        token,
+                        temperature=request.temperature,
+                        top_p=request.top_p,
+                        top_k=request.top_k,
+                    )
+                )
+            if token in stop_ids or (on_token is not None and not on_token(result)):
                 result.finish_reason = "stop"
                 return result
             if len(result.token_ids) >= max_new:
@@ -270,19 +307,29 @@ class TorchEngine(Engine):
                 return result
 
     def _prefill(
-        self, loaded: _Loaded, request: GenerateRequest, prompt: list[int]
+        self,
+        loaded: _Loaded,
+        request: GenerateRequest,
+        prompt: list[int],
+        result: GenerateResult,
     ) -> tuple[DynamicCache, torch.Tensor, int]:
         """Fill a fresh KV cache with the prompt; return it, the last logits (fp32), cached count.
 
         Runs in chunks aligned to the cache's blocks so cached and computed prefixes
         give the same bits. Called inside the first step guard, so the cached KV and
-        the weights that compute the rest belong to the same snapshot.
+        the weights that compute the rest belong to the same snapshot. With
+        `prompt_logprobs` every position's logits are kept (no cached prefix is used)
+        and each prompt token's logprob goes into `result`.
         """
         loaded.adapters.activate(request.adapter)
         block = self._prefix_cache.block_tokens
         cache = DynamicCache(config=loaded.model.config)
         num_cached = 0
-        if loaded.prefix_cacheable:
+        top_k = request.logprobs or 0
+        if request.prompt_logprobs:
+            result.prompt_logprobs = []
+            result.prompt_top_logprobs = [] if top_k > 0 else None
+        if loaded.prefix_cacheable and not request.prompt_logprobs:
             # Keep at least one prompt token to compute: its logits start the decode.
             usable = (len(prompt) - 1) // block * block
             num_cached, layers = self._prefix_cache.lookup(
@@ -294,10 +341,23 @@ class TorchEngine(Engine):
         logits: torch.Tensor | None = None
         for start in range(num_cached, len(prompt), block):
             chunk = torch.tensor([prompt[start : start + block]], dtype=torch.long)
+            keep = 0 if request.prompt_logprobs else 1  # 0: logits of every position
             out = loaded.model(
-                input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1
+                input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=keep
             )
             logits = out.logits[0, -1].float()
+            if result.prompt_logprobs is not None:
+                # Position i's logits predict token i + 1 of the prompt.
+                for offset in range(out.logits.shape[1]):
+                    target = start + offset + 1
+                    if target >= len(prompt):
+                        break
+                    chosen, top = token_logprobs(
+                        out.logits[0, offset].float(), prompt[target], top_k=top_k
+                    )
+                    result.prompt_logprobs.append(chosen)
+                    if result.prompt_top_logprobs is not None and top is not None:
+                        result.prompt_top_logprobs.append(top)
         assert logits is not None  # the prompt is non-empty and num_cached < len(prompt)
         if loaded.prefix_cacheable:
             self._prefix_cache.store(

@@ -46,6 +46,7 @@ from weightsync.server.engines.base import (
     GenerateRequest,
     GenerateResult,
     StepGuard,
+    TokenCallback,
     check_generate_request,
 )
 
@@ -247,8 +248,14 @@ class VllmEngine(Engine):
         """The host copy (snapshot names and dtypes) that vLLM was last pushed."""
         return dict(self._require_loaded().host)
 
-    def apply_patches(self, patches: Mapping[str, Patch]) -> dict[str, Patch]:
-        """Patch the host copy, push what changed into vLLM, read back what can be; all or none."""
+    def apply_patches(
+        self, patches: Mapping[str, Patch], *, keep_undo: bool = True
+    ) -> dict[str, Patch]:
+        """Patch the host copy, push what changed into vLLM, read back what can be; all or none.
+
+        The undo is held until the push is done (a failed push is rolled back); it is
+        returned only with `keep_undo`.
+        """
         loaded = self._require_loaded()
         unknown = sorted(set(patches) - set(loaded.host))
         if unknown:
@@ -273,7 +280,7 @@ class VllmEngine(Engine):
                     back.apply_(loaded.host[name])
                 self._restore(loaded, names, e)
                 raise
-        return undo
+        return undo if keep_undo else {}
 
     def _push(self, loaded: _Loaded, names: list[str]) -> None:
         """Push these host tensors into vLLM (engine lock held), then read back what can be."""
@@ -318,7 +325,13 @@ class VllmEngine(Engine):
 
     # --- serving --------------------------------------------------------------------
 
-    def generate(self, request: GenerateRequest, *, step_guard: StepGuard) -> GenerateResult:
+    def generate(
+        self,
+        request: GenerateRequest,
+        *,
+        step_guard: StepGuard,
+        on_token: TokenCallback | None = None,
+    ) -> GenerateResult:
         """Generate one sequence; each engine step runs inside `step_guard()`.
 
         Stops at a stop token (included in the output) or the model's EOS, like
@@ -343,6 +356,7 @@ class VllmEngine(Engine):
             max_tokens=max_tokens,
             temperature=request.temperature,
             top_p=request.top_p,
+            top_k=request.top_k if request.top_k > 0 else -1,  # -1: no limit (every vLLM)
             seed=request.seed,
             logprobs=request.logprobs,
             stop_token_ids=sorted(set(request.stop_token_ids) | loaded.eos_token_ids),
@@ -351,6 +365,7 @@ class VllmEngine(Engine):
         )
         request_id = uuid.uuid4().hex
         pending = _Pending(result=result, want_top=top_k)
+        reported = 0  # tokens `on_token` has seen (a vLLM step may add several)
         with self._engine_lock:
             loaded.engine.add_request(
                 request_id, {"prompt_token_ids": list(request.prompt_token_ids)}, params
@@ -367,6 +382,11 @@ class VllmEngine(Engine):
                             "send the request again"
                         )
                     self._step(loaded, identity)
+                    if on_token is not None and len(result.token_ids) > reported:
+                        reported = len(result.token_ids)
+                        if not on_token(result):
+                            result.finish_reason = "stop"
+                            break
         finally:
             if not pending.finished:
                 with self._engine_lock:
