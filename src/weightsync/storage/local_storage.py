@@ -10,6 +10,7 @@ anything else `StorageError`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pathlib
 import secrets
@@ -17,6 +18,8 @@ import shutil
 
 from weightsync.errors import StoragePathError
 from weightsync.storage.base import classify_os_error, split_path
+
+logger = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".tmp"
 
@@ -48,9 +51,11 @@ class LocalStorage:
         except OSError as e:
             raise classify_os_error(e, "resolve", target) from e
         if resolved != root and not resolved.is_relative_to(root):
+            # Where the link leads stays in the log: the error may travel to a client.
+            logger.warning("refused %s: it resolves to %s, outside %s", target, resolved, root)
             raise StoragePathError(
-                f"storage path {path!r} under {self.url} resolves to {resolved}, outside the "
-                "storage root (a symlink leads out); weightsync reads and writes only inside it"
+                f"storage path {path!r} under {self.url} resolves outside the storage root "
+                "(a symlink leads out); weightsync reads and writes only inside it"
             )
         return target
 
