@@ -22,6 +22,8 @@ from fireworks_delta_compression.backends import arc3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from weightsync.bench.codecs import measure_codec
+from weightsync.bench.methods import bench_methods
 from weightsync.codec import get_codec, list_codecs
 from weightsync.codec.arc import fireworks_checksum
 from weightsync.codec.arc_v3 import ENVELOPE_PREFIX
@@ -262,3 +264,16 @@ def test_arc_v3_is_read_only_and_listed_as_such() -> None:
     assert get_codec("wsdelta1").shard_layout == "weightsync"
     with pytest.raises(UnknownCodecError, match="arc_v3"):
         get_codec("arc_v4")
+
+
+def test_the_bench_measures_fireworks_codecs_against_their_implementation() -> None:
+    old, new = _pair(12, torch.bfloat16, (256, 64), 0.05)
+    sets = ({"w": old, "b": old[0].clone()}, {"w": new, "b": new[0].clone()})
+    arc_v3 = measure_codec("arc_v3", *sets)
+    assert arc_v3.lossless and arc_v3.encoder == "fireworks-delta-compression"
+    arc_v2 = measure_codec("arc_v2", *sets)
+    assert arc_v2.lossless and arc_v2.encoder == "weightsync"
+    assert arc_v2.reference_decode_s is not None and arc_v3.reference_decode_s is not None
+    assert measure_codec("wsdelta1", *sets).reference_decode_s is None
+    assert {"arc_v1", "arc_v2", "arc_v3"} <= {m.codec for m in bench_methods()}
+    assert not next(m for m in bench_methods() if m.codec == "arc_v3").syncs_end_to_end

@@ -4,6 +4,11 @@ against this machine's memcpy bandwidth measured in the same run.
 Speeds are GB/s of the *tensor set's* bytes (what the sampler holds), so a codec
 that skips unchanged data is credited for it; decoding includes applying the
 patch in place, as a replica does. Timings are best-of-`repeats` wall clock.
+
+Fireworks' formats are measured against their own implementation
+(fireworks-delta-compression, the `fireworks` extra): `arc_v3`, which weightsync
+only reads, is encoded by it; for every `arc_*` codec its decoder is timed too
+(`reference_decode_s`), next to weightsync's.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import numpy as np
 import torch
 
 from weightsync.codec import Codec, Patch, get_codec
+from weightsync.codec.arc import fireworks_checksum
 from weightsync.codec.bits import bits
 from weightsync.codec.stats import change_stats
+from weightsync.errors import UnsupportedOperationError
 
 DEFAULT_THREADS = 2
 # Densities (changed fraction) of the synthetic sweep: the ≤1.05x-of-bound target range.
@@ -41,6 +48,10 @@ class CodecMeasurement:
     encode_s: float
     decode_s: float
     lossless: bool
+    #: Who encoded: "weightsync", or the format's reference implementation.
+    encoder: str = "weightsync"
+    #: fireworks-delta-compression decoding the same payloads (arc_* only), seconds.
+    reference_decode_s: float | None = None
 
     @property
     def encode_gbps(self) -> float:
@@ -54,13 +65,69 @@ class CodecMeasurement:
     def x_smaller(self) -> float:
         return self.full_bytes / max(self.payload_bytes, 1)
 
+    @property
+    def reference_decode_gbps(self) -> float | None:
+        if self.reference_decode_s is None:
+            return None
+        return self.full_bytes / max(self.reference_decode_s, 1e-9) / 1e9
+
     def to_json(self) -> dict[str, Any]:
         return {
             **asdict(self),
             "encode_gbps": self.encode_gbps,
             "decode_gbps": self.decode_gbps,
+            "reference_decode_gbps": self.reference_decode_gbps,
             "x_smaller": self.x_smaller,
         }
+
+
+Encoder = Callable[[torch.Tensor, torch.Tensor], bytes]
+
+
+def reference_encoder(codec: str) -> tuple[str, Encoder]:
+    """Who encodes `codec` in the benchmark, and how: weightsync, or for a format it
+    only reads, that format's own implementation (imported when needed)."""
+    impl = get_codec(codec)
+    if not impl.read_only:
+        return "weightsync", impl.encode
+    fdc = _fireworks_delta_compression(codec)
+
+    def encode(old: torch.Tensor, new: torch.Tensor) -> bytes:
+        payload, _ = fdc.delta_compress(src=old, dst=new, compression_format=codec)
+        return bytes(payload.numpy().tobytes())
+
+    return "fireworks-delta-compression", encode
+
+
+def _fireworks_delta_compression(codec: str) -> Any:
+    try:
+        from fireworks_delta_compression import compression
+    except ImportError as e:
+        raise UnsupportedOperationError(
+            f"measuring {codec} needs its reference implementation: pip install "
+            "'weightsync[fireworks]' (fireworks-delta-compression)"
+        ) from e
+    return compression
+
+
+def _reference_decode_s(
+    codec: str, old: TensorSet, new: TensorSet, payloads: Mapping[str, bytes], repeats: int
+) -> float | None:
+    """fireworks-delta-compression decoding `payloads` (None if it is not installed)."""
+    try:
+        fdc = _fireworks_delta_compression(codec)
+    except UnsupportedOperationError:
+        return None
+    checksums = {n: fireworks_checksum(bits(new[n])) for n in payloads}
+    diffs = {n: torch.frombuffer(bytearray(p), dtype=torch.uint8) for n, p in payloads.items()}
+
+    def decode_all() -> None:
+        for n, diff in diffs.items():
+            fdc.delta_decompress(
+                src=old[n], compressed_diff=diff, checksum=checksums[n], compression_format=codec
+            )
+
+    return min(_timed(decode_all) for _ in range(max(1, repeats)))
 
 
 def measure_memcpy_gbps(*, size_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
@@ -86,15 +153,16 @@ def measure_codec(
     chunk a large tensor also run its chunks in parallel.
     """
     impl = get_codec(codec)
+    encoder, encode = reference_encoder(codec)
     names = sorted(old, key=lambda name: -old[name].numel())
     full_bytes = sum(old[n].numel() * old[n].element_size() for n in names)
     if names:
-        _warm_up(impl, old[names[0]], new[names[0]])
+        _warm_up(impl, encode, old[names[0]], new[names[0]])
     payloads: dict[str, bytes] = {}
     targets: dict[str, torch.Tensor] = {}
 
     def encode_one(n: str) -> bytes:
-        return impl.encode(old[n], new[n])
+        return encode(old[n], new[n])
 
     def decode_one(n: str) -> Patch:
         return impl.decode_patch(payloads[n], old[n]).apply_(targets[n])
@@ -111,6 +179,9 @@ def measure_codec(
             targets.update({n: old[n].clone() for n in names})
             decode_s = min(decode_s, _timed(lambda: list(pool.map(decode_one, names))))
     lossless = all(np.array_equal(bits(targets[n]), bits(new[n])) for n in names)
+    reference = None
+    if impl.shard_layout == "fireworks":
+        reference = _reference_decode_s(codec, old, new, payloads, repeats)
     return CodecMeasurement(
         codec=codec,
         num_elements=sum(old[n].numel() for n in names),
@@ -119,6 +190,8 @@ def measure_codec(
         encode_s=encode_s,
         decode_s=decode_s,
         lossless=lossless,
+        encoder=encoder,
+        reference_decode_s=reference,
     )
 
 
@@ -195,7 +268,7 @@ def density_sweep(
         old, new = synthetic_rl_update(num_elements, density, seed=seed)
         stats = change_stats(old, new)
         for name in codecs:
-            payload = get_codec(name).encode(old, new)
+            payload = reference_encoder(name)[1](old, new)
             rows.append(
                 SweepRow(
                     codec=name,
@@ -210,11 +283,11 @@ def density_sweep(
     return rows
 
 
-def _warm_up(impl: Codec, old: torch.Tensor, new: torch.Tensor) -> None:
+def _warm_up(impl: Codec, encode: Encoder, old: torch.Tensor, new: torch.Tensor) -> None:
     """One small round trip, so JIT compilation or cache loading is not timed."""
     count = min(old.numel(), 4096)
     small_old, small_new = old.reshape(-1)[:count], new.reshape(-1)[:count]
-    impl.decode(impl.encode(small_old, small_new), small_old)
+    impl.decode(encode(small_old, small_new), small_old)
 
 
 def _timed(func: Callable[[], object]) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from weightsync.codec import DEFAULT_CODEC, list_codecs
+from weightsync.codec import DEFAULT_CODEC, get_codec, list_codecs
 from weightsync.errors import UnknownCodecError
 
 CheckpointType = Literal["base", "delta"]
@@ -28,6 +28,11 @@ class Method:
     @property
     def is_full_reload(self) -> bool:
         return self.checkpoint_type == "base"
+
+    @property
+    def syncs_end_to_end(self) -> bool:
+        """False for a format weightsync only reads: measured as a codec, never synced."""
+        return not get_codec(self.codec).read_only
 
 
 FULL_RELOAD = "full-reload"
@@ -57,7 +62,25 @@ _FIELD_METHODS: tuple[Method, ...] = (
         name="xor-zstd",
         codec="xor-zstd",
         checkpoint_type="delta",
-        practice="XOR of raw bits + zstd (Fireworks ARC2 / slime-current style)",
+        practice="XOR of raw bits + zstd, self-checking payload (slime-current style)",
+    ),
+    Method(
+        name="arc_v1",
+        codec="arc_v1",
+        checkpoint_type="delta",
+        practice="Fireworks arc_v1: XOR + zlib (fireworks-delta-compression, byte-exact)",
+    ),
+    Method(
+        name="arc_v2",
+        codec="arc_v2",
+        checkpoint_type="delta",
+        practice="Fireworks SDK default arc_v2: XOR + zstd (byte-exact)",
+    ),
+    Method(
+        name="arc_v3",
+        codec="arc_v3",
+        checkpoint_type="delta",
+        practice="Fireworks arc_v3: encoded by fireworks-delta-compression, decoded by weightsync",
     ),
 )
 
@@ -67,9 +90,11 @@ def bench_methods(codecs: tuple[str, ...] | None = None) -> list[Method]:
 
     `codecs` restricts the list to methods whose codec is named there (`full`
     selects the full-reload method); an unregistered name raises with the known
-    names.
+    names. Read-only formats (`arc_v3`) are included: their reference encoder is
+    the format's own implementation (`weightsync.bench.codecs.reference_encoder`),
+    and they are left out of end-to-end runs, which save through weightsync.
     """
-    known = list_codecs()
+    known = list_codecs(include_read_only=True)
     if codecs is not None:
         unknown = [c for c in codecs if c not in known]
         if unknown:

@@ -259,6 +259,7 @@ def _run_end_to_end(
     if config.e2e_codecs is not None:
         wanted = {m.name for m in bench_methods(config.e2e_codecs)}
         methods = [m for m in methods if m.name in wanted]
+    methods = [m for m in methods if m.syncs_end_to_end]
     try:
         for method in methods:
             report.end_to_end.append(
