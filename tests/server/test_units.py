@@ -9,6 +9,7 @@ import pytest
 
 from weightsync.errors import InvalidInputError, SwapInProgressError
 from weightsync.server.ledger import Ledger, LedgerEntry
+from weightsync.server.load_report import LoadReport
 from weightsync.server.swap_lock import SwapLock
 from weightsync.wire import cache_reset_policy
 
@@ -51,16 +52,16 @@ def test_swap_lock_prefers_the_writer() -> None:
 
 
 def _entry(identity: str, kind: str = "delta", result: str = "ok") -> LedgerEntry:
-    return LedgerEntry(
+    load = LoadReport(
         identity=identity,
-        kind=kind,
-        parent=None,
-        source="/store",  # type: ignore[arg-type]
-        result=result,
+        kind=kind,  # type: ignore[arg-type]
+        source="/store",
+        result=result,  # type: ignore[arg-type]
         started_at="t0",
         finished_at="t1",
         pause_s=0.5,
-    )  # type: ignore[arg-type]
+    )
+    return LedgerEntry(load=load)
 
 
 def test_ledger_records_resets_and_plans_recovery(tmp_path) -> None:
@@ -71,10 +72,10 @@ def test_ledger_records_resets_and_plans_recovery(tmp_path) -> None:
     ledger.record(_entry("d2", result="error"))
     last, adapters = ledger.recovery_plan()
     assert last is not None and last.identity == "d1"
-    assert [a.identity for a in adapters] == ["a1"]
+    assert adapters == ["a1"]
     reopened = Ledger(tmp_path)
     assert [e.identity for e in reopened.entries()] == ["b", "d1", "a1", "d2"]
-    assert reopened.entries()[1].pause_s == 0.5
+    assert reopened.entries()[1].load.pause_s == 0.5
     assert reopened.reset() == 4
     assert reopened.requires_base and reopened.recovery_plan() == (None, [])
     reopened.record(_entry("d3"))
