@@ -16,10 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from pydantic import BaseModel
 from server_helpers import Chain, hot_load, running_gateway, wait_loaded
 
 from weightsync.server.config import ServedDeployment
+from weightsync.server.gateway import create_gateway_app
+from weightsync.server.runner import ServerThread
 from weightsync.wire import (
     ACCOUNTS_PATH,
     HINT_PATH,
@@ -201,3 +204,21 @@ def test_gateway_status_of_an_unreachable_replica_is_typed(chain: Chain, tmp_pat
         assert refused.status_code == 503
         body = assert_exact(ErrorBody, refused.json())
         assert isinstance(body, ErrorBody) and "replica-1" in body.error.message
+
+
+def test_gateway_refuses_a_replica_answer_outside_the_contract() -> None:
+    """A 'replica' (a real HTTP server) whose ledger answer is not `LedgerAnswers`: 502, named."""
+    stray = FastAPI()
+
+    @stray.get(LEDGER_PATH)
+    def ledger() -> dict[str, Any]:
+        return {"replicas": [{"replica_id": "replica-0", "entries": [{"identity": 7}]}]}
+
+    with ServerThread(stray) as stray_url:
+        app = create_gateway_app([stray_url], api_key=None, max_body_bytes=1 << 20)
+        with ServerThread(app) as url:
+            r = httpx.get(url + LEDGER_PATH, timeout=30)
+    assert r.status_code == 502
+    body = assert_exact(ErrorBody, r.json())
+    assert isinstance(body, ErrorBody)
+    assert "replica-0: answered outside the wire contract" in body.error.message

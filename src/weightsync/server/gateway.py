@@ -66,16 +66,24 @@ from weightsync.wire import (
     SESSION_HEADER,
     WEIGHTS_PATH,
     ErrorBody,
+    HintAnswers,
+    HotLoadAnswers,
     HotLoadStatus,
+    LedgerAnswers,
+    LedgerResetAnswers,
     LoadingState,
     ReplicaFailure,
     ReplicaStatus,
+    WeightsAnswers,
     error_body,
 )
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: The answers a gateway fans out and lists, one entry per replica.
+FanOutAnswers = HotLoadAnswers | HintAnswers | WeightsAnswers | LedgerAnswers | LedgerResetAnswers
 
 _FORWARDED_HEADERS = (
     AUTHORIZATION_HEADER,
@@ -259,21 +267,28 @@ def create_gateway_app(
             )
         )
 
-    def merged(results: list[tuple[int, Any]], *, ok_status: int = 200) -> JSONResponse:
+    def merged(results: list[tuple[int, Any]], answers: type[FanOutAnswers]) -> JSONResponse:
+        """Every replica's entries, parsed as `answers`; the first failure's status if any failed.
+
+        A replica's answer that is not its wire model counts as a failure (502).
+        """
         entries: list[Any] = []
         failures = []
-        for i, (status, doc) in enumerate(results):
-            if 200 <= status < 300 and isinstance(doc, dict) and "replicas" in doc:
-                entries.extend(doc["replicas"])
-            else:
-                message = _error_message(doc)
-                failures.append((status, f"{replica_ids[i]}: {message}"))
-                failure = ReplicaFailure(
-                    replica_id=replica_ids[i], status_code=status, error=message
-                )
-                entries.append(failure.model_dump(mode="json"))
+        for i, (answered, doc) in enumerate(results):
+            status, message = answered, ""
+            if 200 <= answered < 300:
+                try:
+                    parsed = answers.model_validate(doc)
+                    entries.extend(r.model_dump(mode="json") for r in parsed.replicas)
+                    continue
+                except ValidationError as e:
+                    status, message = 502, f"answered outside the wire contract: {e}"
+            message = message or _error_message(doc)
+            failures.append((status, f"{replica_ids[i]}: {message}"))
+            failure = ReplicaFailure(replica_id=replica_ids[i], status_code=status, error=message)
+            entries.append(failure.model_dump(mode="json"))
         if not failures:
-            return JSONResponse({"replicas": entries}, status_code=ok_status)
+            return JSONResponse({"replicas": entries})
         status = failures[0][0]
         message = "; ".join(m for _, m in failures)
         body = {**error_body(status, message, "ReplicaError"), "replicas": entries}
@@ -313,9 +328,9 @@ def create_gateway_app(
     @app.post(HOT_LOAD_PATH)
     async def hot_load(request: Request) -> JSONResponse:
         results = await fan_out("POST", HOT_LOAD_PATH, request, body=await request.body())
-        # Replicas answer {"status", "replica_id", "identity"}; wrap into the list shape.
+        # Each replica answers with its own HotLoadAnswer; the gateway lists them.
         wrapped = [(s, {"replicas": [d]} if 200 <= s < 300 else d) for s, d in results]
-        return merged(wrapped)
+        return merged(wrapped, HotLoadAnswers)
 
     @app.get(HOT_LOAD_PATH)
     async def hot_load_status(request: Request) -> HotLoadStatus:
@@ -324,20 +339,21 @@ def create_gateway_app(
 
     @app.post(HINT_PATH)
     async def hint(request: Request) -> JSONResponse:
-        return merged(await fan_out("POST", HINT_PATH, request, body=await request.body()))
+        results = await fan_out("POST", HINT_PATH, request, body=await request.body())
+        return merged(results, HintAnswers)
 
     @app.get(WEIGHTS_PATH)
     async def weights(request: Request) -> JSONResponse:
         query = f"?{request.url.query}" if request.url.query else ""
-        return merged(await fan_out("GET", WEIGHTS_PATH + query, request))
+        return merged(await fan_out("GET", WEIGHTS_PATH + query, request), WeightsAnswers)
 
     @app.get(LEDGER_PATH)
     async def ledger(request: Request) -> JSONResponse:
-        return merged(await fan_out("GET", LEDGER_PATH, request))
+        return merged(await fan_out("GET", LEDGER_PATH, request), LedgerAnswers)
 
     @app.post(LEDGER_RESET_PATH)
     async def ledger_reset(request: Request) -> JSONResponse:
-        return merged(await fan_out("POST", LEDGER_RESET_PATH, request))
+        return merged(await fan_out("POST", LEDGER_RESET_PATH, request), LedgerResetAnswers)
 
     async def proxy_inference(request: Request) -> Response:
         """Forward to one replica (sticky per session) and pass its answer back as it comes.
