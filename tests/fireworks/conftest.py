@@ -1,0 +1,112 @@
+"""Fixtures for the Fireworks SDK tests: real `weightsync serve` processes, real SDK objects.
+
+The deployments serve the untrained tiny model from a Hugging Face directory; the
+trainers are weightsync `TrainingClient`s on the same storage (the SDK's
+`policy_client`). Every SDK object is built with its defaults except the URLs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fireworks_helpers import API_KEY
+
+from weightsync.deployment import DeploymentConfig, DeploymentManager
+from weightsync.toymodel import build_model, build_tokenizer, save_model_dir
+from weightsync.trainer import TrainingClient
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tok_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+@pytest.fixture(scope="session")
+def storage_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("snapshots")
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
+    return save_model_dir(
+        build_model("tiny", seed=0),
+        tmp_path_factory.mktemp("base") / "tiny-base",
+        tokenizer_dir=tok_dir,
+    )
+
+
+@pytest.fixture(scope="session")
+def local_mgr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeploymentManager]:
+    """weightsync's manager, only to start and stop the `weightsync serve` processes."""
+    mgr = DeploymentManager(registry_dir=tmp_path_factory.mktemp("registry"))
+    yield mgr
+    for info in mgr.list_deployments():
+        mgr.delete(info.deployment_id)
+    mgr.close()
+
+
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def serve(
+    local_mgr: DeploymentManager, storage_dir: Path, base_model_dir: Path
+) -> Callable[..., tuple[str, str]]:
+    """Start a `weightsync serve` with `replicas`; return (deployment id, URL)."""
+
+    def start(replicas: int = 1) -> tuple[str, str]:
+        deployment_id = f"fw-{next(_ids)}"
+        info = local_mgr.create_or_get(
+            DeploymentConfig(
+                deployment_id=deployment_id,
+                storage=str(storage_dir),
+                model_dir=str(base_model_dir),
+                replicas=replicas,
+                api_key=API_KEY,
+                model_name="tiny",
+                startup_timeout_s=240.0,
+            )
+        )
+        assert info.url is not None
+        return deployment_id, info.url
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def one_replica(serve: Callable[..., tuple[str, str]]) -> tuple[str, str]:
+    return serve(1)
+
+
+@pytest.fixture(scope="session")
+def two_replicas(serve: Callable[..., tuple[str, str]]) -> tuple[str, str]:
+    return serve(2)
+
+
+@pytest.fixture
+def make_client(storage_dir: Path, tok_dir: Path) -> Callable[..., TrainingClient]:
+    """A training client with its defaults (arc_v2 deltas) and an optimizer."""
+
+    def make(*, seed: int = 0, lora_rank: int = 0, **options: Any) -> TrainingClient:
+        model = build_model("tiny", seed=seed)
+        model.train()
+        client = TrainingClient(
+            model, storage=str(storage_dir), lora_rank=lora_rank, tokenizer_dir=tok_dir, **options
+        )
+        params = [p for p in client.model.parameters() if p.requires_grad]
+        client.optimizer = torch.optim.AdamW(params, lr=5e-2 if lora_rank else 1e-2)
+        return client
+
+    return make
