@@ -419,3 +419,29 @@ def test_a_ledger_written_by_the_previous_schema_still_opens(tmp_path: Path) -> 
     conn = sqlite3.connect(tmp_path / LEDGER_FILE)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
+
+
+def test_a_patch_denser_than_its_tensor_is_held_dense(tmp_path: Path) -> None:
+    """What the decoding stage holds for a delta: positions + values while that is smaller,
+    the tensor's new bits once it is not; applying either gives the same bits."""
+    import numpy as np
+
+    from weightsync.codec.bits import bits
+    from weightsync.snapshot import SnapshotStore, write_base, write_delta
+
+    gen = torch.Generator().manual_seed(0)
+    old = {"dense": torch.randn(64, 64, generator=gen).to(torch.bfloat16),
+           "sparse": torch.randn(64, 64, generator=gen).to(torch.bfloat16)}  # fmt: skip
+    new = {"dense": torch.nextafter(old["dense"], torch.full_like(old["dense"], 9.0)),
+           "sparse": old["sparse"].clone()}  # fmt: skip
+    new["sparse"][0, :3] += 1.0
+    base = write_base(tmp_path, "b-1", old, config={})
+    write_delta(tmp_path, "d-1", parent=base, old=old, new=new)
+    fetched = SnapshotStore(tmp_path).fetch("d-1")
+    compact = fetched.patches(old, dense_when_smaller=True)
+    assert compact["dense"].positions is None and compact["sparse"].positions is not None
+    assert fetched.patches(old)["dense"].positions is not None  # the default is unchanged
+    for name, patch in compact.items():
+        target = old[name].clone()
+        patch.apply_(target)
+        assert np.array_equal(bits(target), bits(new[name])), name

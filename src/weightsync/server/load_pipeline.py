@@ -18,7 +18,8 @@ holds the swap lock's exclusive side (the serving pause: apply in place +
 prompt-cache reset). `checking` re-checksums the live weights against the
 manifest; on a mismatch the previous weights are read again from where the
 ledger says they came from (verified) and put back — no undo copy of the
-patched elements is held, so a dense delta costs one copy of its changed data.
+patched elements is held, and a patch denser than its tensor is held as the
+tensor's new bits, so a delta costs at most about one copy of the model.
 Then the new identity, config and tokenizer become current (nothing there can
 fail) and the load is written to the ledger. A ledger write that still fails
 after its bounded retries ends the load as `error` with the replica `degraded`:
@@ -431,7 +432,7 @@ class LoadPipeline:
                 n: Patch(None, bits(t.contiguous()).copy()) for n, t in fetched.tensors().items()
             }
         else:
-            patches = fetched.patches(live)
+            patches = fetched.patches(live, dense_when_smaller=True)
         t2 = time.perf_counter()
         report.decode_s = t2 - t1
         if manifest.kind == "delta":

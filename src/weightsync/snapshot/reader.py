@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_torch
 
 from weightsync.codec import Patch, get_codec
-from weightsync.codec.bits import dtype_name
+from weightsync.codec.bits import bits, dtype_name
 from weightsync.errors import (
     ChainError,
     InvalidIdentityError,
@@ -114,10 +114,15 @@ class FetchedSnapshot:
             self._payloads = payloads
         return self._payloads
 
-    def patches(self, current: Mapping[str, torch.Tensor]) -> dict[str, Patch]:
+    def patches(
+        self, current: Mapping[str, torch.Tensor], *, dense_when_smaller: bool = False
+    ) -> dict[str, Patch]:
         """Delta: one patch per tensor against `current` (read only).
 
         A tensor missing from `current`, or of another shape or dtype, is a `ChainError`.
+        `dense_when_smaller`: a patch whose positions + values take more bytes than the
+        whole tensor's new bits becomes a dense patch, one tensor at a time (a delta that
+        changes most elements then holds about one copy of the model, not five).
         """
         m = self.manifest
         codec = get_codec(m.compression_format or "")
@@ -138,11 +143,12 @@ class FetchedSnapshot:
                     f"snapshot; load its parent {m.parent!r} first"
                 )
             try:
-                patches[name] = codec.decode_patch(payloads[name], old)
+                patch = codec.decode_patch(payloads[name], old)
             except SnapshotCorruptError as e:
                 raise SnapshotCorruptError(
                     f"snapshot {m.identity!r}, tensor {name!r} ({entry.file}): {e}"
                 ) from e
+            patches[name] = _densified(patch, old) if dense_when_smaller else patch
         return patches
 
     def verify_patched(self, name: str, current: Mapping[str, torch.Tensor], patch: Patch) -> None:
@@ -321,6 +327,20 @@ class SnapshotStore:
     def verify(self, identity: str) -> _materialize.VerifyReport:
         """Check every file of the chain and the materialized weights; return a report."""
         return _materialize.verify(self, identity)
+
+
+def _densified(patch: Patch, old: torch.Tensor) -> Patch:
+    """`patch` as a dense patch when that holds fewer bytes; positions out of range keep it
+    sparse (the verification refuses it then)."""
+    positions = patch.positions
+    numel = old.numel()
+    if positions is None or patch.nbytes <= numel * patch.values.dtype.itemsize:
+        return patch
+    if positions.size and (int(positions.min()) < 0 or int(positions.max()) >= numel):
+        return patch
+    dense = bits(old.detach().contiguous()).reshape(-1).copy()
+    dense[positions] = patch.values
+    return Patch(None, dense)
 
 
 def _check_link(child: Manifest, parent: Manifest) -> None:
