@@ -9,8 +9,16 @@ the swap). After each swap every replica's live-weight checksums must equal the
 trainer's. Reported: the serving pause per swap (each replica's `pause_s`), and
 completion latency percentiles before / during / after the swaps.
 
+The soak (`--soak-streams N`): N more clients stream long sampled completions
+(`--soak-max-tokens`, default 300) the whole time, far more than the replica can
+run at once, while a probe times `/health` and the hot-load status every 50 ms.
+Reported: those latencies and each hot-load's, as percentiles, and every soak
+completion's outcome (all must be answered without error; a soak client hangs up
+at the end, which cancels its generation).
+
     .venv/bin/python benchmarks/load_test.py                   # 1 and 2 replicas, async + sync
     .venv/bin/python benchmarks/load_test.py --replicas 2 --streams 8 --deltas 5 --json out.json
+    .venv/bin/python benchmarks/load_test.py --replicas 1 --transition async --soak-streams 200
 
 `tests/load/test_load.py` runs a small configuration of the same code in CI.
 """
@@ -55,6 +63,9 @@ class LoadConfig:
     after_s: float = 2.0  # load after the last swap
     max_duration_s: float = 300.0  # hard bound on the whole run
     engine_threads: int = 1
+    soak_streams: int = 0  # more clients streaming long sampled completions (the soak)
+    soak_max_tokens: int = 300
+    probe_interval_s: float = 0.05  # how often the probe times /health and the status
 
 
 @dataclass
@@ -77,6 +88,8 @@ class Swap:
     started: float
     finished: float
     pause_s: dict[str, float]
+    hotload_only_s: float = 0.0  # the syncer's hot-load phase: POST until every replica is ready
+    warmup_s: float = 0.0  # its warmup: a completion that queues like any other
 
 
 def _percentiles(values: list[float]) -> dict[str, float | int]:
@@ -156,6 +169,62 @@ def _stream(url: str, index: int, cfg: LoadConfig, stop: threading.Event, out: l
             out.append(record)
 
 
+@dataclass
+class SoakCompletion:
+    status: int = 0
+    chunks: int = 0
+    finished: bool = False  # ended with [DONE] (else cut when the run stopped)
+    error: str = ""
+
+
+def _soak(url: str, index: int, cfg: LoadConfig, stop: threading.Event,
+          out: list[SoakCompletion]) -> None:  # fmt: skip
+    """Stream long sampled completions until `stop`; hang up mid-stream then (a cancel)."""
+    body = {"prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": cfg.soak_max_tokens,
+            "temperature": 0.8, "stream": True}  # fmt: skip
+    with httpx.Client(base_url=url, timeout=600) as client:
+        while not stop.is_set():
+            record = SoakCompletion()
+            try:
+                with client.stream("POST", "/v1/completions", json=body) as r:
+                    record.status = r.status_code
+                    if r.status_code != 200:
+                        record.error = r.read().decode(errors="replace")[:300]
+                    else:
+                        for line in r.iter_lines():
+                            if line.startswith("event: error"):
+                                record.error = "error event in the stream"
+                            elif line == "data: [DONE]":
+                                record.finished = True
+                            elif line.startswith("data:"):
+                                record.chunks += 1
+                            if stop.is_set():
+                                break  # leaving the block hangs up mid-stream
+            except httpx.HTTPError as e:
+                if stop.is_set():
+                    break  # the deployment is shutting down after the run
+                record.error = f"{type(e).__name__}: {e}"
+            out.append(record)
+
+
+def _probe(url: str, cfg: LoadConfig, stop: threading.Event,
+           latencies: dict[str, list[float]], errors: list[str]) -> None:  # fmt: skip
+    """Time the control routes every `probe_interval_s` while the load runs."""
+    routes = {"health": "/health", "status": "/hot_load/v1/models/hot_load"}
+    with httpx.Client(base_url=url, timeout=120) as client:
+        while not stop.is_set():
+            for name, path in routes.items():
+                started = time.perf_counter()
+                try:
+                    r = client.get(path)
+                    if r.status_code != 200:
+                        errors.append(f"{path}: HTTP {r.status_code} {r.text[:200]}")
+                except httpx.HTTPError as e:
+                    errors.append(f"{path}: {type(e).__name__}: {e}")
+                latencies[name].append(time.perf_counter() - started)
+            stop.wait(cfg.probe_interval_s)
+
+
 def run_load_test(cfg: LoadConfig, work_dir: Path) -> dict[str, Any]:
     """Run one configuration; return the report (see the module docstring)."""
     from weightsync import WeightSyncer
@@ -194,12 +263,23 @@ def run_load_test(cfg: LoadConfig, work_dir: Path) -> dict[str, Any]:
     completions: list[Completion] = []
     swaps: list[Swap] = []
     served_checks: list[dict[str, Any]] = []
+    soaked: list[SoakCompletion] = []
+    control: dict[str, list[float]] = {"health": [], "status": []}
+    control_errors: list[str] = []
     stop = threading.Event()
     deadline = time.perf_counter() + cfg.max_duration_s
     threads = [
         threading.Thread(target=_stream, args=(url, i, cfg, stop, completions), daemon=True)
         for i in range(cfg.streams)
     ]
+    threads += [
+        threading.Thread(target=_soak, args=(url, i, cfg, stop, soaked), daemon=True)
+        for i in range(cfg.soak_streams)
+    ]
+    if cfg.soak_streams:
+        threads.append(threading.Thread(
+            target=_probe, args=(url, cfg, stop, control, control_errors), daemon=True
+        ))  # fmt: skip
     try:
         for t in threads:
             t.start()
@@ -216,10 +296,12 @@ def run_load_test(cfg: LoadConfig, work_dir: Path) -> dict[str, Any]:
             assert identity is not None
             weights[identity] = client.exported_weights()
             status = mgr.hotload_check_status(deployment_id)
+            timing = syncer.last_timing
             swaps.append(Swap(
                 identity=identity,
-                kind=str(syncer.last_timing.checkpoint_type if syncer.last_timing else "?"),
+                kind=str(timing.checkpoint_type if timing else "?"),
                 started=started, finished=finished,
+                hotload_only_s=timing.hotload_time_s, warmup_s=timing.warmup_time_s,
                 pause_s={r["replica_id"]: float((r.get("last_load") or {}).get("pause_s", -1))
                          for r in status["replicas"]},
             ))  # fmt: skip
@@ -242,7 +324,23 @@ def run_load_test(cfg: LoadConfig, work_dir: Path) -> dict[str, Any]:
             t.join(120)
         mgr.delete(deployment_id)
         mgr.close()
-    return _report(cfg, completions, swaps, served_checks, weights, model_config)
+    report = _report(cfg, completions, swaps, served_checks, weights, model_config)
+    report["control"] = {
+        **{name: _percentiles(values) for name, values in control.items()},
+        "hot-load (POST to ready)": _percentiles([s.hotload_only_s for s in swaps]),
+        "warmup (queued like any completion)": _percentiles([s.warmup_s for s in swaps]),
+        "whole sync (save, hot-load, warmup)": _percentiles(
+            [s.finished - s.started for s in swaps]
+        ),
+    }
+    report["control_errors"] = control_errors[:5]
+    report["soak"] = {
+        "completions": len(soaked),
+        "finished": sum(c.finished for c in soaked),
+        "failed": sum(1 for c in soaked if c.status != 200 or c.error),
+        "failures": [asdict(c) for c in soaked if c.status != 200 or c.error][:5],
+    }
+    return report
 
 
 def _report(
@@ -338,6 +436,24 @@ def format_report(report: dict[str, Any]) -> str:
                 f"| {window} | {stats['count']} | {stats['p50_ms']:.0f} | {stats['p90_ms']:.0f} "
                 f"| {stats['p99_ms']:.0f} | {stats['max_ms']:.0f} |"
             )
+    soak = report.get("soak") or {}
+    if soak.get("completions") or cfg.get("soak_streams"):
+        lines += [
+            "",
+            f"soak: {cfg['soak_streams']} clients streaming {cfg['soak_max_tokens']}-token "
+            f"sampled completions; {soak['completions']} answered ({soak['finished']} to the "
+            f"end, the rest cut when the run stopped), {soak['failed']} failed; control "
+            f"errors {len(report['control_errors'])}",
+            "",
+            "| control route under the soak | n | p50 ms | p90 ms | p99 ms | max ms |",
+            "| --- |" + " --- |" * 5,
+        ]
+        for route, stats in report["control"].items():
+            if stats["count"]:
+                lines.append(
+                    f"| {route} | {stats['count']} | {stats['p50_ms']:.1f} | "
+                    f"{stats['p90_ms']:.1f} | {stats['p99_ms']:.1f} | {stats['max_ms']:.1f} |"
+                )
     return "\n".join(lines)
 
 
@@ -349,6 +465,8 @@ def main() -> None:
     parser.add_argument("--deltas", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--model-size", default="tiny")
+    parser.add_argument("--soak-streams", type=int, default=0)
+    parser.add_argument("--soak-max-tokens", type=int, default=300)
     parser.add_argument("--json", type=Path, default=None, help="write the reports here")
     args = parser.parse_args()
     reports = []
@@ -357,7 +475,8 @@ def main() -> None:
             cfg = LoadConfig(
                 replicas=replicas, streams=args.streams, num_deltas=args.deltas,
                 max_tokens=args.max_tokens, transition=transition, model_size=args.model_size,
-                before_s=3.0, gap_s=2.0, after_s=3.0,
+                before_s=3.0, gap_s=2.0, after_s=3.0, soak_streams=args.soak_streams,
+                soak_max_tokens=args.soak_max_tokens,
             )  # fmt: skip
             with tempfile.TemporaryDirectory(prefix="weightsync-load-") as tmp:
                 report = run_load_test(cfg, Path(tmp))
@@ -365,7 +484,10 @@ def main() -> None:
             print(format_report(report), end="\n\n", flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(reports, indent=2))
-    bad = sum(r["failed"] + r["corrupted"] + r["unnamed"] for r in reports)
+    bad = sum(
+        r["failed"] + r["corrupted"] + r["unnamed"] + r["soak"]["failed"] + len(r["control_errors"])
+        for r in reports
+    )
     raise SystemExit(1 if bad else 0)
 
 

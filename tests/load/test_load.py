@@ -53,3 +53,22 @@ def test_no_failed_or_corrupted_response_while_syncing(tmp_path, replicas, trans
         assert check["replicas_matching"] == check["replicas"] == replicas, check
     seen = {i for s in report["swaps"] for i in [s["identity"]]}
     assert seen == {c["identity"] for c in report["served_checks"]}
+
+
+def test_soak_control_routes_and_hot_loads_answer_under_a_flood(tmp_path) -> None:
+    """Concurrent long completions plus hot-loads: every control call and swap answered."""
+    cfg = load_test.LoadConfig(
+        replicas=1, transition="async", streams=2, num_deltas=2, max_tokens=6,
+        soak_streams=24, soak_max_tokens=64, before_s=1.0, gap_s=0.5, after_s=1.0,
+        max_duration_s=180,
+    )  # fmt: skip
+    report = load_test.run_load_test(cfg, tmp_path)
+    print(load_test.format_report(report))
+    assert report["control_errors"] == []
+    assert report["soak"]["failed"] == 0, report["soak"]["failures"]
+    assert report["soak"]["completions"] > 0
+    assert report["control"]["health"]["count"] > 0 and report["control"]["status"]["count"] > 0
+    assert [s["kind"] for s in report["swaps"]] == ["base", "delta", "delta"]
+    assert report["failed"] == 0 and report["corrupted"] == 0, report["failures"]
+    for check in report["served_checks"]:
+        assert check["replicas_matching"] == check["replicas"] == 1, check
