@@ -220,11 +220,12 @@ def hint_snapshot(
     validated identity and the file names now queued.
     """
     identity = validate_identity(identity)
+    for name in files or ():  # a name that could leave the snapshot is refused unread
+        validate_identity(name, what="file name")
     manifest = store.read_manifest(identity)
     names = files if files is not None else sorted(manifest.files)
     wanted: dict[str, int] = {}
     for name in names:
-        validate_identity(name, what="file name")
         entry = manifest.files.get(name)
         if entry is None:
             raise InvalidInputError(
