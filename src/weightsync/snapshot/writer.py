@@ -136,7 +136,10 @@ def write_delta(
 
     `parent` must be stored in the same storage; its config, index and spec are
     copied. `old` must match the parent's checksums and `new` its names, shapes
-    and dtypes, else `ChainError`.
+    and dtypes, else `ChainError`. With `compression_format="arc_v1"|"arc_v2"`
+    the shards are Fireworks delta shards (FORMAT.md §8.2: per-tensor adler32 in
+    their metadata, decodable by fireworks-delta-compression); a read-only format
+    (`arc_v3`) raises `UnsupportedOperationError` before anything is written.
     """
     store = open_storage(storage)
     validate_identity(identity)
