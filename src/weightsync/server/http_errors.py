@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -87,6 +88,21 @@ def redact_paths(text: str, private_paths: PrivatePaths) -> str:
     for raw in sorted(labels, key=len, reverse=True):
         text = text.replace(raw, labels[raw])
     return text
+
+
+def redact_error_fields(doc: Any, private_paths: PrivatePaths) -> Any:
+    """A copy of a JSON-like `doc` whose `"error"` strings (at any depth) are redacted:
+    a status reports a failed load's error as it was raised, server paths included."""
+    if isinstance(doc, dict):
+        return {
+            key: redact_paths(value, private_paths)
+            if key == "error" and isinstance(value, str)
+            else redact_error_fields(value, private_paths)
+            for key, value in doc.items()
+        }
+    if isinstance(doc, list):
+        return [redact_error_fields(item, private_paths) for item in doc]
+    return doc
 
 
 def error_response(status: int, message: str, kind: str) -> JSONResponse:
