@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
@@ -24,7 +25,7 @@ from weightsync.server.control_plane import (
     DeploymentView,
     build_control_plane_router,
 )
-from weightsync.server.http_errors import install_error_handlers
+from weightsync.server.http_errors import PrivatePaths, install_error_handlers, redact_error_fields
 from weightsync.server.inference_admission import InferenceAdmission
 from weightsync.server.metrics import CONTENT_TYPE_LATEST
 from weightsync.server.middleware import DeploymentMiddleware, GuardMiddleware, MetricsMiddleware
@@ -71,14 +72,16 @@ def create_app(replica: Replica, *, close_replica_on_shutdown: bool = True) -> F
             await run_in_threadpool(replica.close)
 
     app = FastAPI(title="weightsync replica", version=__version__, lifespan=lifespan)
-    install_error_handlers(
-        app,
-        private_paths={
-            replica.storage.url if replica.storage is not None else None: "<storage>",
-            replica.config.state_dir: "<state dir>",
-            replica.config.model_dir: "<model dir>",
-        },
-    )
+    private_paths: PrivatePaths = {
+        replica.storage.url if replica.storage is not None else None: "<storage>",
+        replica.config.state_dir: "<state dir>",
+        replica.config.model_dir: "<model dir>",
+    }
+    install_error_handlers(app, private_paths=private_paths)
+
+    def redacted_status() -> dict[str, Any]:
+        return dict(redact_error_fields(replica.status(), private_paths))
+
     served = replica.config.served
     # Added first, so it runs inside the guard: a wrong key gets 401 before any 404.
     app.add_middleware(DeploymentMiddleware, served=served)
@@ -105,7 +108,7 @@ def create_app(replica: Replica, *, close_replica_on_shutdown: bool = True) -> F
 
     @app.get(HOT_LOAD_PATH)
     def hot_load_status() -> HotLoadStatus:
-        return HotLoadStatus(replicas=[ReplicaStatus.model_validate(replica.status())])
+        return HotLoadStatus(replicas=[ReplicaStatus.model_validate(redacted_status())])
 
     @app.post(HINT_PATH)
     def hot_load_hint(body: HintRequest) -> HintAnswers:
@@ -133,7 +136,7 @@ def create_app(replica: Replica, *, close_replica_on_shutdown: bool = True) -> F
         return LedgerResetAnswers(replicas=[reset])
 
     async def describe() -> DeploymentView:
-        return DeploymentView.from_statuses([ReplicaStatus.model_validate(replica.status())])
+        return DeploymentView.from_statuses([ReplicaStatus.model_validate(redacted_status())])
 
     app.include_router(build_control_plane_router(ControlPlane(served=served, describe=describe)))
     app.include_router(build_openai_router(replica, admission))
