@@ -222,3 +222,35 @@ def test_gateway_refuses_a_replica_answer_outside_the_contract() -> None:
     body = assert_exact(ErrorBody, r.json())
     assert isinstance(body, ErrorBody)
     assert "replica-0: answered outside the wire contract" in body.error.message
+
+
+def test_wire_sits_at_the_bottom_of_the_import_graph() -> None:
+    """wire imports only the standard library, pydantic and `weightsync.errors`."""
+    import ast
+    import sys
+
+    import weightsync.wire
+
+    package = Path(weightsync.wire.__file__).parent
+    outside = []
+    for source in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                allowed = (
+                    top in sys.stdlib_module_names
+                    or top in ("__future__", "pydantic", "pydantic_core")
+                    or name == "weightsync.errors"
+                    or name.startswith("weightsync.wire")
+                )
+                if not allowed:
+                    outside.append(f"{source.name}: {name}")
+    assert outside == []
+    assert {"HotLoadStatus", "Deployment", "HOT_LOAD_PATH", "Stage"} <= set(weightsync.wire.__all__)
+    assert all(hasattr(weightsync.wire, name) for name in weightsync.wire.__all__)
