@@ -92,9 +92,8 @@ def test_refused_delta_raises_and_the_sdks_recovery_is_reset_then_base(
     with pytest.raises(httpx.HTTPStatusError) as info:
         syncer.save_and_hotload("mine-00001")  # the SDK re-raises the refusal
     assert info.value.response.status_code == 409
-    assert f"mine-00001-{client.session_id}" in info.value.response.text or (
-        theirs in info.value.response.text
-    )
+    reason = info.value.response.text  # the server says which parent and what it serves
+    assert f"mine-00001-{client.session_id}" in reason and theirs in reason
     assert serving(url) == {theirs}  # it kept serving what it had
     assert_serves_trainer_bits(url, other, 1)
 

@@ -45,11 +45,10 @@ def check_admissible(
     `read_snapshot_config` is called only once the cheaper checks passed.
     """
     identity = manifest.identity
-    fmt = canonical_checksum_name(manifest.checksum_format)
     if (
         meta is not None
         and meta.checksum_format is not None
-        and canonical_checksum_name(meta.checksum_format) != fmt
+        and not _names_a_checksum_of(manifest, meta.checksum_format)
     ):
         raise InvalidInputError(
             f"checksum_format {meta.checksum_format!r} does not match snapshot "
@@ -78,6 +77,22 @@ def check_admissible(
             )
         return
     _check_same_model(manifest, engine, served_config, read_snapshot_config())
+
+
+#: Codecs whose shards carry Fireworks' per-tensor adler32 (checked when decoded) besides the
+#: manifest's own checksums: the Fireworks SDK names that one ("alder32") in its requests.
+_ADLER32_SHARD_CODECS = ("arc_v1", "arc_v2", "arc_v3")
+
+
+def _names_a_checksum_of(manifest: Manifest, checksum_format: str) -> bool:
+    requested = canonical_checksum_name(checksum_format)
+    if requested == canonical_checksum_name(manifest.checksum_format):
+        return True
+    return (
+        manifest.kind == "delta"
+        and requested == "adler32"
+        and manifest.compression_format in _ADLER32_SHARD_CODECS
+    )
 
 
 def _check_parent(
