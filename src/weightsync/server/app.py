@@ -139,5 +139,5 @@ def create_app(replica: Replica, *, close_replica_on_shutdown: bool = True) -> F
         return DeploymentView.from_statuses([ReplicaStatus.model_validate(redacted_status())])
 
     app.include_router(build_control_plane_router(ControlPlane(served=served, describe=describe)))
-    app.include_router(build_openai_router(replica, admission))
+    app.include_router(build_openai_router(replica, admission, private_paths=private_paths))
     return app

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from weightsync.errors import InvalidInputError, UnsupportedOperationError, WeightSyncError
 from weightsync.server.engines.base import GenerateRequest, GenerateResult
-from weightsync.server.http_errors import error_response, status_for
+from weightsync.server.http_errors import PrivatePaths, redact_paths, status_for
 from weightsync.server.inference_admission import (
     InferenceAdmission,
     Ticket,
@@ -696,9 +696,12 @@ def _num_prompts(req: CompletionRequest | ChatCompletionRequest) -> int:
 class _Serving:
     """One request's trip: budget, queue place, worker, disconnect watch, response."""
 
-    def __init__(self, gen: Generator, admission: InferenceAdmission) -> None:
+    def __init__(
+        self, gen: Generator, admission: InferenceAdmission, private_paths: PrivatePaths
+    ) -> None:
         self.gen = gen
         self.admission = admission
+        self.private_paths = private_paths
 
     async def handle(
         self,
@@ -756,11 +759,8 @@ class _Serving:
         first = await events.get()
         if first is None:
             watcher.cancel()
-            exc = done.exception()
-            if isinstance(exc, WeightSyncError):
-                return error_response(status_for(exc), str(exc), type(exc).__name__)
-            done.result()  # a bug: raise it for the app's 500 handler
-            raise AssertionError("unreachable")
+            done.result()  # raises: the app's error handlers answer it
+            raise AssertionError("a stream that never started ended without an error")
 
         async def body() -> AsyncIterator[bytes]:
             try:
@@ -775,7 +775,7 @@ class _Serving:
                     yield sse_error(
                         StreamErrorEvent(
                             error=StreamError(
-                                message=str(exc),
+                                message=redact_paths(str(exc), self.private_paths),
                                 type=type(exc).__name__,
                                 code=status,
                                 status_code=status,
@@ -787,7 +787,9 @@ class _Serving:
                     yield sse_error(
                         StreamErrorEvent(
                             error=StreamError(
-                                message=f"internal error: {exc!r}",
+                                message=redact_paths(
+                                    f"internal error: {exc!r}", self.private_paths
+                                ),
                                 type=type(exc).__name__,
                                 code=500,
                                 status_code=500,
@@ -806,11 +808,17 @@ class _Serving:
         )
 
 
-def build_openai_router(replica: Replica, admission: InferenceAdmission) -> APIRouter:
-    """Routes of the inference API (async handlers; the work runs on `admission`'s executor)."""
+def build_openai_router(
+    replica: Replica, admission: InferenceAdmission, *, private_paths: PrivatePaths | None = None
+) -> APIRouter:
+    """Routes of the inference API (async handlers; the work runs on `admission`'s executor).
+
+    `private_paths` are redacted from errors sent inside a stream (as the app's
+    error handlers redact them from error answers).
+    """
     router = APIRouter()
     gen = Generator(replica)
-    serving = _Serving(gen, admission)
+    serving = _Serving(gen, admission, private_paths or {})
 
     async def completions(
         request: Request,
