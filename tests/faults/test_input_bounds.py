@@ -331,3 +331,23 @@ def test_error_bodies_name_paths_relative_to_the_storage_root(faults_rig) -> Non
         answers[0], allowed={base},
     )  # fmt: skip
     assert not [e for e in rig.ledger() if "0badcafe" in e["identity"]]  # nothing recorded
+
+
+def test_a_failed_load_reports_its_error_without_server_paths(faults_rig) -> None:
+    rig = faults_rig
+    client, syncer, base = _started(rig)
+    train_step(client, seed=2)
+    delta = rig.save(client, syncer, "step-1", checkpoint_type="delta")
+    shard = sorted((rig.root / "store" / delta).glob("model-*.safetensors"))[0]
+    shard.unlink()
+    answer = rig.http.post(HOT_LOAD, json={"identity": delta})
+    assert answer.status_code == 200, answer.text
+    obs = rig.observe(
+        "a load that fails on a missing shard: its status error", "error names <storage>/…",
+        answer, allowed={base},
+    )  # fmt: skip
+    error = obs.error or ""
+    assert obs.stage == "error" and f"<storage>/{delta}" in error, error
+    assert str(rig.root) not in error and str(rig.root.resolve()) not in error, error
+    last = rig.status()["last_load"]
+    assert last is not None and str(rig.root) not in (last.get("error") or ""), last
