@@ -61,7 +61,9 @@ def test_streamed_tokens_equal_the_unstreamed_greedy_and_the_reference(serve, ch
         "return_token_ids": True,
         "raw_output": True,
     }
-    plain = client.post("/v1/completions", json=body).json()["choices"][0]
+    answer = client.post("/v1/completions", json=body)
+    assert float(answer.headers["fireworks-prefill-queue-duration"]) >= 0
+    plain = answer.json()["choices"][0]
     for path in ("/v1/completions", "/inference/v1/completions"):
         chunks = stream(client, path, body)
         tokens = joined(chunks, "token_ids")
@@ -79,6 +81,11 @@ def test_streamed_tokens_equal_the_unstreamed_greedy_and_the_reference(serve, ch
         assert last["raw_output"]["completion_token_ids"] == tokens
         assert last["raw_output"]["prompt_token_ids"] == PROMPT_IDS
         assert chunks[-1]["usage"]["completion_tokens"] == len(tokens)
+        assert "perf_metrics" not in chunks[-1]
+    timed = stream(client, "/v1/completions", {**body, "perf_metrics_in_response": True})
+    perf = timed[-1]["perf_metrics"]
+    assert 0 <= perf["prefill-queue-duration"] <= perf["server-time-to-first-token"]
+    assert perf["server-time-to-first-token"] <= perf["server-processing-time"]
 
 
 def test_streamed_chat_and_several_choices(serve) -> None:
@@ -287,6 +294,8 @@ def test_fireworks_sdk_sampler_and_warmup(serve, chain, tokenizer_dir: Path) -> 
             )
 
         completions = asyncio.run(sample())
+        # The queue wait and first-token time reach the SDK's adaptive concurrency.
+        metrics = sampler.drain_metrics()
     expected = greedy(client, prompt, max_tokens=8)["choices"][0]
     reference, ref_logprobs = reference_greedy(chain.config, chain.weights[BASE], prompt, 8)
     assert len(completions) == 2
@@ -299,3 +308,8 @@ def test_fireworks_sdk_sampler_and_warmup(serve, chain, tokenizer_dir: Path) -> 
         assert c.finish_reason == expected["finish_reason"]
         assert c.inference_topk_token_ids is not None
         assert [ids[0] for ids in c.inference_topk_token_ids] == completion  # greedy = top-1
+    assert len(metrics) == 2
+    for m in metrics:
+        assert m.prefill_queue_duration is not None and m.prefill_queue_duration >= 0
+        assert m.server_ttft is not None and m.server_ttft >= m.prefill_queue_duration
+        assert m.num_concurrent_requests is not None and m.num_concurrent_requests >= 1

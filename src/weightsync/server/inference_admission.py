@@ -139,6 +139,11 @@ class InferenceAdmission:
             self._update_gauges()
         return Ticket(self)
 
+    @property
+    def running(self) -> int:
+        """Requests on a worker now."""
+        return self._running
+
     # --- running ------------------------------------------------------------------
 
     def run(self, ticket: Ticket, work: Callable[[], T]) -> asyncio.Future[T]:

@@ -61,6 +61,7 @@ from weightsync.wire.inference import (
     LegacyLogprobs,
     ModelCard,
     ModelList,
+    PerfMetrics,
     PromptTokensDetails,
     RawOutput,
     SamplingFields,
@@ -115,6 +116,31 @@ class _Plan:
     no_wait: bool
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
+    timing: _Timing | None = None
+
+
+@dataclass
+class _Timing:
+    """When a request arrived, started on a worker, and produced its first token."""
+
+    arrived: float
+    started: float
+    concurrent: int
+    first_token: float | None = None
+
+    def perf_metrics(self, sequences: list[_Sequence] | None = None) -> PerfMetrics:
+        """The Fireworks SDK's server metrics (it adapts its concurrency to the queue wait)."""
+        now = time.perf_counter()
+        out: PerfMetrics = {
+            "prefill-queue-duration": self.started - self.arrived,
+            "num-concurrent-requests": self.concurrent,
+        }
+        if self.first_token is not None:
+            out["server-time-to-first-token"] = self.first_token - self.arrived
+        if sequences is not None:
+            out["server-processing-time"] = now - self.arrived
+            out["generation-duration"] = now - self.started
+        return out
 
 
 @dataclass
@@ -336,6 +362,8 @@ class Generator:
 
         def on_token(result: GenerateResult) -> bool:
             seq.result = result
+            if plan.timing is not None and plan.timing.first_token is None:
+                plan.timing.first_token = time.perf_counter()
             # Counted as they come, so /metrics shows a generation progress (or stop).
             counter.inc(len(result.token_ids) - seq.counted_tokens)
             seq.counted_tokens = len(result.token_ids)
@@ -562,6 +590,9 @@ class Generator:
         start, end = seq.sent_tokens, len(r.token_ids)
         seq.sent_tokens = end
         identity = r.token_snapshots[-1] if r.token_snapshots else started_on
+        perf = None
+        if all_sequences is not None and plan.req.perf_metrics_in_response and plan.timing:
+            perf = plan.timing.perf_metrics(all_sequences)
         out = self._chunk(
             plan,
             seq,
@@ -571,6 +602,7 @@ class Generator:
             text=seq.text.take(final=True),
             finish=True,
             usage=None if all_sequences is None else self._usage(plan, all_sequences),
+            perf_metrics=perf,
         )
         options = plan.req.stream_options
         if all_sequences is not None and options is not None and options.include_usage:
@@ -601,6 +633,7 @@ class Generator:
         text: str,
         finish: bool,
         usage: Usage | None = None,
+        perf_metrics: PerfMetrics | None = None,
     ) -> bytes:
         r = seq.result
         assert r is not None
@@ -622,6 +655,7 @@ class Generator:
             adapter=plan.adapter,
             base_snapshot_identity=identity if plan.adapter else None,
             usage=usage,
+            perf_metrics=perf_metrics,
         )
         if plan.kind == "chat":
             delta = ChatDelta(role="assistant" if first else None, content=text)
@@ -681,6 +715,13 @@ def _content_text(content: str | list[dict[str, Any]] | None) -> str:
     return "".join(parts)
 
 
+def _perf_headers(perf: PerfMetrics) -> dict[str, str]:
+    """The server metrics as the `fireworks-*` response headers the SDK reads."""
+    return {
+        f"fireworks-{k}": f"{v:.6f}" if isinstance(v, float) else str(v) for k, v in perf.items()
+    }
+
+
 def _num_prompts(req: CompletionRequest | ChatCompletionRequest) -> int:
     if isinstance(req, ChatCompletionRequest):
         return 1
@@ -718,22 +759,34 @@ class _Serving:
             max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
             max_positions=self.gen.replica.model_config.get("max_position_embeddings"),
         )
+        arrived = time.perf_counter()
         ticket = self.admission.admit()
         cancel = threading.Event()
         watcher = asyncio.create_task(watch_disconnect(request.receive, cancel))
+
+        def planned() -> _Plan:
+            plan = plan_fn()
+            started = time.perf_counter()
+            plan.timing = _Timing(
+                arrived=arrived, started=started, concurrent=self.admission.running
+            )
+            return plan
+
         if not body.stream:
             try:
 
-                def work() -> dict[str, Any]:
-                    plan = plan_fn()
+                def work() -> tuple[dict[str, Any], PerfMetrics]:
+                    plan = planned()
                     sequences, started_on = self.gen.run(plan, cancel)
-                    return self.gen.response(plan, sequences, started_on).model_dump(mode="json")
+                    answer = self.gen.response(plan, sequences, started_on)
+                    assert plan.timing is not None
+                    return answer.model_dump(mode="json"), plan.timing.perf_metrics(sequences)
 
-                answer = await self.admission.run(ticket, work)
+                answer, perf = await self.admission.run(ticket, work)
             finally:
                 watcher.cancel()
-            return JSONResponse(answer)
-        return await self._stream(ticket, plan_fn, cancel, watcher)
+            return JSONResponse(answer, headers=_perf_headers(perf))
+        return await self._stream(ticket, planned, cancel, watcher)
 
     async def _stream(
         self,
@@ -748,8 +801,11 @@ class _Serving:
         def emit(data: bytes) -> None:
             loop.call_soon_threadsafe(events.put_nowait, data)
 
+        started: list[_Plan] = []
+
         def work() -> None:
             plan = plan_fn()
+            started.append(plan)
             self.gen.run(plan, cancel, emit)
 
         done = self.admission.run(ticket, work)
@@ -801,10 +857,15 @@ class _Serving:
                 cancel.set()
                 watcher.cancel()
 
+        timing = started[0].timing if started else None
         return StreamingResponse(
             body(),
             media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            headers={
+                "cache-control": "no-cache",
+                "x-accel-buffering": "no",
+                **(_perf_headers(timing.perf_metrics()) if timing is not None else {}),
+            },
         )
 
 

@@ -66,6 +66,9 @@ class SamplingFields(BaseModel):
     return_token_ids: bool = False
     #: Fireworks' spelling: `raw_output.{prompt,completion}_token_ids` on each choice.
     raw_output: bool = False
+    #: Fireworks': `perf_metrics` (queue wait, time to first token, ...) on the last chunk
+    #: of a stream; the same values are response headers either way.
+    perf_metrics_in_response: bool = False
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -220,8 +223,12 @@ class ChatChoice(_Out):
     snapshot_changes: list[SnapshotChange] | None = None
 
 
+#: `perf_metrics` / header name -> value (seconds, or a count), as the Fireworks SDK reads them.
+PerfMetrics = dict[str, float | int]
+
+
 class _Envelope(_Out):
-    _omit_if_none = frozenset({"adapter", "base_snapshot_identity", "usage"})
+    _omit_if_none = frozenset({"adapter", "base_snapshot_identity", "usage", "perf_metrics"})
 
     id: str
     created: int
@@ -232,6 +239,8 @@ class _Envelope(_Out):
     adapter: str | None = None
     base_snapshot_identity: str | None = None
     usage: Usage | None = None
+    #: On a stream's last chunk with `perf_metrics_in_response`.
+    perf_metrics: PerfMetrics | None = None
 
 
 class CompletionResponse(_Envelope):
