@@ -200,3 +200,42 @@ def test_control_routes_answer_while_200_completions_are_in_flight(serve, chain)
         ),
         "the abandoned requests to drain",
     )
+
+
+def test_the_gateway_skips_full_replicas_and_passes_hang_ups_on(serve, tmp_path) -> None:
+    from weightsync.server.gateway import create_gateway_app
+    from weightsync.server.runner import ServerThread
+
+    limits = InferenceLimits(workers=1, max_queued=0)
+    replicas = [
+        serve(inference=limits, state_dir=tmp_path / f"state-{i}", replica_id=f"replica-{i}")[0]
+        for i in range(2)
+    ]
+    urls = [str(c.base_url).rstrip("/") for c in replicas]
+    with ServerThread(create_gateway_app(urls, api_key=None, max_body_bytes=1 << 20)) as gateway:
+        small = {"prompt": [1, 2], "max_tokens": 1}
+        # One replica full: the gateway answers from the other.
+        held = HeldStream(urls[0], LONG)
+        assert held.started.wait(60)
+        for _ in range(2):  # round robin would pick the full one once
+            r = httpx.post(f"{gateway}/v1/completions", json=small, timeout=60)
+            assert r.status_code == 200, r.text
+        # Both full: 429 with the replica's Retry-After.
+        other = HeldStream(urls[1], LONG)
+        assert other.started.wait(60)
+        r = httpx.post(f"{gateway}/v1/completions", json=small, timeout=60)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+        held.release()
+        other.release()
+        for c in replicas:
+            wait_for(lambda c=c: metric(c, "weightsync_inference_running") == 0, "replicas free")
+        # A client hanging up on the gateway mid-stream cancels the replica's generation.
+        through = HeldStream(gateway, LONG)
+        assert through.started.wait(60)
+        through.release()
+        wait_for(
+            lambda: sum(metric(c, "weightsync_inference_cancelled_total") for c in replicas) == 3,
+            "the relayed hang-up to cancel the generation",
+        )
+        for c in replicas:
+            wait_for(lambda c=c: metric(c, "weightsync_inference_running") == 0, "replicas free")
