@@ -338,3 +338,19 @@ def test_a_replica_hot_loads_fireworks_layouts_bit_exactly(
                 assert torch.equal(live[name].view(torch.int16), tensor.view(torch.int16)), name
     finally:
         server.stop()
+
+
+def test_a_sharded_hf_directory_loads_and_a_missing_shard_is_an_incomplete_write(
+    tmp_path: Path,
+) -> None:
+    model = build_model("tiny", seed=2).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    store = SnapshotStore(tmp_path)
+    manifest = store.read_manifest("sharded")
+    assert {e.file for e in manifest.tensors.values()} == {s.name for s in shards}
+    assert_bits_equal(store.materialize("sharded"), _hf_weights(tmp_path / "sharded"))
+    shards[-1].unlink()
+    with pytest.raises(SnapshotNotFoundError, match=r"incomplete.*index names missing files"):
+        SnapshotStore(tmp_path).read_manifest("sharded")

@@ -31,7 +31,7 @@ import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from weightsync.codec import get_codec
@@ -233,6 +233,21 @@ class FireworksLayouts:
         return tuple(sizes)
 
 
+@dataclass
+class _Scan:
+    """What one pass over the directory learnt; each weight file is held only while scanned."""
+
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    side: dict[str, bytes] = field(default_factory=dict)  # the small JSON side files
+    plain: dict[str, dict[str, TensorEntry]] = field(default_factory=dict)  # file -> tensors
+    # file -> tensor -> (decimal adler32, codec recognised from the payload's first bytes)
+    delta: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
+    weightsync_shards: bool = False
+
+
+_SIDE_FILES = (CONFIG_FILE, INDEX_FILE, SPEC_FILE)
+
+
 def _synthesise(
     storage: Storage,
     identity: str,
@@ -241,98 +256,122 @@ def _synthesise(
     read_parent: Callable[[str], Manifest],
 ) -> Manifest:
     where = f"snapshot {identity!r} (a directory without weightsync.json)"
-    files = _read_files(storage, identity, names)
-    index = _side_json(files, INDEX_FILE, where)
-    shard_names = sorted(n for n in files if n.endswith(".safetensors"))
-    if index is not None:
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(v, str) for v in weight_map.values()
-        ):
-            raise SnapshotCorruptError(f"{where}: {INDEX_FILE} has no valid weight_map")
-        missing = sorted(set(weight_map.values()) - set(files))
-        if missing:
-            raise _incomplete(storage, identity, f"its index names missing files {missing[:5]}")
-        shard_names = sorted(set(weight_map.values()))
-    headers = {n: read_header(files[n], f"{where}, file {n!r}") for n in shard_names}
-    formats = {(h.get("__metadata__") or {}).get("format") for h, _ in headers.values()}
-    if DELTA_SHARD_FORMAT in formats:
+    scan = _Scan()
+    for name in (n for n in _SIDE_FILES if n in names):
+        path = f"{identity}/{name}"
+        size = storage.size_bytes(path)
+        if size > MAX_SIDE_FILE_BYTES:
+            raise SnapshotCorruptError(
+                f"{where}: {name} has {size} bytes, over the {MAX_SIDE_FILE_BYTES}-byte cap"
+            )
+        data = _read_file(storage, path)
+        if data is not None:
+            scan.files[name] = FileEntry(size_bytes=len(data), checksum=_adler32_hex(data))
+            scan.side[name] = data
+    indexed = _index_shards(scan.side, where)  # the shards to read, if there is an index
+    for name in names:
+        if name in _SIDE_FILES:
+            continue
+        weights = name.endswith(".safetensors")
+        if weights and indexed is not None and name not in indexed:
+            continue
+        # One file at a time: a base is checksummed without holding the whole model.
+        data = _read_file(storage, f"{identity}/{name}")
+        if data is None:
+            continue
+        scan.files[name] = FileEntry(size_bytes=len(data), checksum=_adler32_hex(data))
+        if weights:
+            _scan_shard(scan, name, data, f"{where}, file {name!r}")
+        del data
+    missing = sorted((indexed or set()) - set(scan.files))
+    if missing:
+        raise _incomplete(storage, identity, f"its index names missing files {missing[:5]}")
+    if scan.weightsync_shards:
         raise _incomplete(storage, identity, "it holds weightsync delta shards")
-    deltas = {n: _try_decode_shard(files[n], where=f"{where}, file {n!r}") for n in shard_names}
-    is_delta = {n: d is not None for n, d in deltas.items() if headers[n][0]}
-    if len(set(is_delta.values())) > 1:
+    if scan.plain and scan.delta:
         raise SnapshotCorruptError(
             f"{where} mixes Fireworks delta shards and plain weight shards; re-save it"
         )
-    file_entries = {
-        n: FileEntry(size_bytes=len(d), checksum=f"{zlib.adler32(d) & 0xFFFFFFFF:08x}")
-        for n, d in files.items()
-    }
-    if any(is_delta.values()):
-        shards = {n: d for n, d in deltas.items() if d is not None}
-        return _delta_manifest(
-            identity,
-            files,
-            shards,
-            file_entries,
-            parent=parent,
-            read_parent=read_parent,
-            where=where,
-        )
-    return _base_manifest(identity, files, headers, file_entries, where)
+    if scan.delta:
+        return _delta_manifest(identity, scan, parent=parent, read_parent=read_parent, where=where)
+    return _base_manifest(identity, scan, where)
 
 
-def _read_files(storage: Storage, identity: str, names: list[str]) -> dict[str, bytes]:
-    files: dict[str, bytes] = {}
-    for name in names:
-        path = f"{identity}/{name}"
-        local = storage.local_path(path)
-        if local is not None and local.is_dir():
-            continue
-        try:
-            files[name] = storage.read_bytes(path)
-        except StorageFileNotFoundError:
-            continue  # an object-store "directory" (a prefix), not a file
-    return files
+def _index_shards(side: dict[str, bytes], where: str) -> set[str] | None:
+    index = _side_json(side, INDEX_FILE, where)
+    if index is None:
+        return None
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SnapshotCorruptError(f"{where}: {INDEX_FILE} has no valid weight_map")
+    return set(weight_map.values())
 
 
-def _base_manifest(
-    identity: str,
-    files: dict[str, bytes],
-    headers: dict[str, tuple[dict[str, Any], int]],
-    file_entries: dict[str, FileEntry],
-    where: str,
-) -> Manifest:
-    tensors: dict[str, TensorEntry] = {}
-    for file, (header, start) in headers.items():
-        data = memoryview(files[file])
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            at = f"{where}, file {file!r}, tensor {name!r}"
-            if name in tensors:
-                raise SnapshotCorruptError(f"{at} is also in {tensors[name].file!r}")
+def _read_file(storage: Storage, path: str) -> bytes | None:
+    local = storage.local_path(path)
+    if local is not None and local.is_dir():
+        return None
+    try:
+        return storage.read_bytes(path)
+    except StorageFileNotFoundError:
+        return None  # an object-store "directory" (a prefix), not a file
+
+
+def _adler32_hex(data: bytes | memoryview) -> str:
+    return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
+
+
+def _scan_shard(scan: _Scan, file: str, data: bytes, where: str) -> None:
+    header, start = read_header(data, where)
+    metadata = header.get("__metadata__") or {}
+    if isinstance(metadata, dict) and metadata.get("format") == DELTA_SHARD_FORMAT:
+        scan.weightsync_shards = True
+        return
+    shard = _try_decode_shard(data, where=where)
+    if shard is not None:
+        found: dict[str, tuple[str, str]] = {}
+        for name, payload in shard.payloads.items():
             try:
-                dtype, shape = str(info["dtype"]), [int(d) for d in info["shape"]]
-                begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise SnapshotCorruptError(f"{at} has a malformed header entry") from e
-            if dtype not in SUPPORTED_DTYPES:
-                raise UnsupportedDtypeError(
-                    f"{at} is {dtype}; weightsync serves {', '.join(SUPPORTED_DTYPES)}"
-                )
-            if not 0 <= begin <= end <= len(data) - start:
-                raise SnapshotCorruptError(f"{at} lies outside the file (truncated?)")
-            raw = data[start + begin : start + end]
-            tensors[name] = TensorEntry(
-                shape=tuple(shape),
-                dtype=dtype,
-                file=file,
-                checksum=f"{zlib.adler32(raw) & 0xFFFFFFFF:08x}",
+                found[name] = (shard.checksums[name], sniff_codec(payload))
+            except SnapshotCorruptError as e:
+                raise SnapshotCorruptError(f"{where}, tensor {name!r}: {e}") from e
+        scan.delta[file] = found
+        return
+    view = memoryview(data)[start:]
+    tensors: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        at = f"{where}, tensor {name!r}"
+        try:
+            dtype, shape = str(info["dtype"]), tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SnapshotCorruptError(f"{at} has a malformed header entry") from e
+        if dtype not in SUPPORTED_DTYPES:
+            raise UnsupportedDtypeError(
+                f"{at} is {dtype}; weightsync serves {', '.join(SUPPORTED_DTYPES)}"
             )
+        if not 0 <= begin <= end <= len(view):
+            raise SnapshotCorruptError(f"{at} lies outside the file (truncated?)")
+        tensors[name] = TensorEntry(
+            shape=shape, dtype=dtype, file=file, checksum=_adler32_hex(view[begin:end])
+        )
+    if tensors:
+        scan.plain[file] = tensors
+
+
+def _base_manifest(identity: str, scan: _Scan, where: str) -> Manifest:
+    tensors: dict[str, TensorEntry] = {}
+    for file in sorted(scan.plain):
+        for name, entry in scan.plain[file].items():
+            if name in tensors:
+                raise SnapshotCorruptError(
+                    f"{where}: tensor {name!r} is in {tensors[name].file!r} and {file!r}"
+                )
+            tensors[name] = entry
     if not tensors:
         raise SnapshotCorruptError(f"{where} holds no tensors")
-    full = sum(len(files[f]) for f in headers)
     return Manifest(
         format_version=FORMAT_VERSION,
         identity=identity,
@@ -342,14 +381,14 @@ def _base_manifest(
         compression_format=None,
         checksum_format=CHECKSUM_FORMAT,
         tensors=tensors,
-        files=file_entries,
+        files=scan.files,
         session_id=None,
         created_at="",
         stats={
             "layout": "fireworks-hf-base",
             "num_tensors": len(tensors),
             "num_elements": sum(e.num_elements for e in tensors.values()),
-            "payload_bytes": full,
+            "payload_bytes": sum(scan.files[f].size_bytes for f in scan.plain),
         },
         cannot_prove=(BASE_NO_TENSOR_CHECKSUMS, NO_FILE_CHECKSUMS, NO_COMPLETION_MARK),
     )
@@ -357,9 +396,7 @@ def _base_manifest(
 
 def _delta_manifest(
     identity: str,
-    files: dict[str, bytes],
-    shards: dict[str, DeltaShard],
-    file_entries: dict[str, FileEntry],
+    scan: _Scan,
     *,
     parent: str | None,
     read_parent: Callable[[str], Manifest],
@@ -367,20 +404,17 @@ def _delta_manifest(
 ) -> Manifest:
     located: dict[str, tuple[str, str]] = {}  # tensor -> (file, decimal adler32)
     codecs: set[str] = set()
-    for file, shard in shards.items():
-        for name, payload in shard.payloads.items():
+    for file in sorted(scan.delta):
+        for name, (decimal, codec_name) in scan.delta[file].items():
             if name in located:
                 raise SnapshotCorruptError(f"{where}: tensor {name!r} is in two shards")
-            located[name] = (file, shard.checksums[name])
-            try:
-                codecs.add(sniff_codec(payload))
-            except SnapshotCorruptError as e:
-                raise SnapshotCorruptError(f"{where}, file {file!r}, tensor {name!r}: {e}") from e
+            located[name] = (file, decimal)
+            codecs.add(codec_name)
     if len(codecs) != 1:
         raise SnapshotCorruptError(f"{where} mixes payloads of {sorted(codecs)}; re-save it")
     codec = get_codec(codecs.pop()).name
     specs, base = _specs(
-        identity, files, set(located), parent=parent, read_parent=read_parent, where=where
+        identity, scan.side, set(located), parent=parent, read_parent=read_parent, where=where
     )
     tensors = {
         name: TensorEntry(
@@ -405,14 +439,14 @@ def _delta_manifest(
         compression_format=codec,
         checksum_format=CHECKSUM_FORMAT,
         tensors=tensors,
-        files=file_entries,
+        files=scan.files,
         session_id=None,
         created_at="",
         stats={
             "layout": "fireworks-delta",
             "num_tensors": len(tensors),
             "num_elements": sum(e.num_elements for e in tensors.values()),
-            "payload_bytes": sum(len(files[f]) for f in shards),
+            "payload_bytes": sum(scan.files[f].size_bytes for f in scan.delta),
             "full_bytes": sum(
                 e.num_elements * SUPPORTED_DTYPES[e.dtype].itemsize for e in tensors.values()
             ),
@@ -478,13 +512,9 @@ def _specs(
 
 
 def _side_json(files: dict[str, bytes], name: str, where: str) -> dict[str, Any] | None:
-    data = files.get(name)
+    data = files.get(name)  # its size was checked against MAX_SIDE_FILE_BYTES before reading
     if data is None:
         return None
-    if len(data) > MAX_SIDE_FILE_BYTES:
-        raise SnapshotCorruptError(
-            f"{where}: {name} has {len(data)} bytes, over the {MAX_SIDE_FILE_BYTES}-byte cap"
-        )
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
