@@ -120,7 +120,7 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
         float, typer.Option(min=0.001, help="A hot-load's fetch stage fails after this long.")
     ] = DEFAULT_FETCH_TIMEOUT_S,
     max_adapters: Annotated[
-        int, typer.Option(min=0, help="LoRA adapters kept loaded; the least recently used go.")
+        int, typer.Option(min=1, help="LoRA adapters kept loaded; the least recently used go.")
     ] = DEFAULT_MAX_ADAPTERS,
     inference_workers: Annotated[
         int, typer.Option(min=1, help="Inference requests generating at once per replica.")

@@ -125,8 +125,8 @@ class ReplicaConfig:
             raise InvalidInputError(
                 f"unknown transition {self.transition!r}; choose one of {', '.join(TRANSITIONS)}"
             )
-        if self.max_adapters < 0:
-            raise InvalidInputError(f"max_adapters must be >= 0, got {self.max_adapters}")
+        if self.max_adapters < 1:
+            raise InvalidInputError(f"max_adapters must be >= 1, got {self.max_adapters}")
         if self.max_body_bytes < 1024:
             raise InvalidInputError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if not self.model_name or "@" in self.model_name:

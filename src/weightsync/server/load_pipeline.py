@@ -199,7 +199,7 @@ class LoadPipeline:
             self._served = Served(load=load, config=dict(weights.config), tokenizer=tokenizer)
             self._stage, self._target = "ready", load.identity
         kept: list[str] = []
-        for identity in adapters[-self.max_adapters :] if self.max_adapters else []:
+        for identity in adapters[-self.max_adapters :]:
             self._load_adapter_now(identity)
             kept.append(identity)
         # At startup a ledger that cannot be written is fatal: start again once it can.
