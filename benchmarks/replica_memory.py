@@ -9,6 +9,10 @@ delta load holds about one extra copy of the changed data, never a second full m
 
     flock /tmp/weightsync-bigrun.lock .venv/bin/python benchmarks/replica_memory.py
     .venv/bin/python benchmarks/replica_memory.py --size small --fraction 0.05 --json out.json
+    # the ~55 MiB model of docs/reliability.md's dense-delta table:
+    .venv/bin/python benchmarks/replica_memory.py --size small --fraction 1.0 \
+        --override num_hidden_layers=12 --override hidden_size=384 \
+        --override intermediate_size=1536 --override head_dim=64
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ T = TypeVar("T")
 BASE, WARM, DELTA = "base-0a0a0a0a", "step1-0a0a0a0a", "step2-0a0a0a0a"
 
 
-def _write_snapshots(store: Path, size: str, fraction: float) -> dict[str, Any]:
+def _write_snapshots(
+    store: Path, size: str, fraction: float, overrides: dict[str, int]
+) -> dict[str, Any]:
     from weightsync.snapshot import write_base, write_delta
     from weightsync.toymodel import build_model
 
-    model = build_model(size, seed=0, dtype=torch.bfloat16)
+    model = build_model(size, seed=0, dtype=torch.bfloat16, **overrides)
     config = model.config.to_dict()
     old = {k: v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     base = write_base(store, BASE, old, config=config)
@@ -106,9 +112,15 @@ def _hot_load(url: str, identity: str, parent: str) -> tuple[dict[str, Any], flo
         time.sleep(0.01)
 
 
-def measure(size: str, fraction: float, engine_threads: int, work: Path) -> dict[str, Any]:
+def measure(
+    size: str,
+    fraction: float,
+    engine_threads: int,
+    work: Path,
+    overrides: dict[str, int] | None = None,
+) -> dict[str, Any]:
     store = work / "store"
-    facts = _write_snapshots(store, size, fraction)
+    facts = _write_snapshots(store, size, fraction, overrides or {})
     ready = work / "ready.json"
     log = (work / "serve.log").open("wb")
     proc = subprocess.Popen(
@@ -176,10 +188,19 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.05, help="elements changed")
     parser.add_argument("--engine-threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=INT",
+        help="model config override, e.g. --override num_hidden_layers=12 (repeatable)",
+    )
     args = parser.parse_args()
+    overrides = {k: int(v) for k, _, v in (o.partition("=") for o in args.override)}
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(prefix="weightsync-mem-") as tmp:
-        report = measure(args.size, args.fraction, args.engine_threads, Path(tmp))
+        report = measure(args.size, args.fraction, args.engine_threads, Path(tmp), overrides)
+    report["overrides"] = overrides
     mib = 1024**2
     print(f"model {args.size}: {report['model_bytes'] / mib:.0f} MiB bf16, "
           f"{report['num_changed']:,} of {report['num_elements']:,} elements changed "
