@@ -16,12 +16,16 @@ def _replica(rid, current, ready=True, stage="ready", target=None, error=None, a
     if error:
         state["error"] = error
     return {
-        "replica_id": rid,
+        "replica_id": f"replica-{rid}",
         "current_snapshot_identity": current,
         "readiness": ready,
         "loading_state": state,
         "loaded_adapters": list(adapters),
     }
+
+
+def _load(identity, *, pause_s):
+    return {"identity": identity, "kind": "delta", "result": "ok", "pause_s": pause_s}
 
 
 def test_config_needs_exactly_one_source_of_weights(tmp_path):
@@ -76,26 +80,32 @@ def test_outcome_error_only_for_this_target_stale_errors_ignored():
     assert hotload_outcome(stale, "new")[0] == "pending"
     failed = {"replicas": [_replica(0, "a", stage="error", target="new", error="checksum")]}
     outcome, detail = hotload_outcome(failed, "new")
-    assert outcome == "error" and "checksum" in detail and "replica 0" in detail
+    assert outcome == "error" and "checksum" in detail and "replica-0" in detail
 
 
 def test_outcome_counts_a_loaded_adapter_as_serving_it():
-    status = {"replicas": [_replica(0, "base", adapters=[{"identity": "lora-1"}])]}
-    assert hotload_outcome(status, "lora-1")[0] == "ready"
     status = {"replicas": [_replica(0, "base", adapters=["lora-2"])]}
     assert hotload_outcome(status, "lora-2")[0] == "ready"
+    assert hotload_outcome(status, "lora-3")[0] == "pending"
+
+
+def test_a_status_outside_the_wire_contract_is_named():
+    broken = _replica(0, "a")
+    broken["readiness"] = "maybe"
+    with pytest.raises(DeploymentError, match=r"not the wire contract's.*replicas\.0\.readiness"):
+        hotload_outcome({"replicas": [broken]}, "a")
 
 
 def test_describe_status_and_reported_pause():
     status = {
         "replicas": [
-            {**_replica(0, "a"), "last_load": {"identity": "a", "pause_s": 0.01}},
-            {**_replica(1, "a"), "last_load": {"identity": "a", "pause_s": 0.03}},
+            {**_replica(0, "a"), "last_load": _load("a", pause_s=0.01)},
+            {**_replica(1, "a"), "last_load": _load("a", pause_s=0.03)},
         ]
     }
     assert reported_pause_s(status, "a") == pytest.approx(0.03)
     assert reported_pause_s(status, "other") is None
-    assert "replica 1: serving 'a'" in describe_status(status)
+    assert "replica-1: serving 'a'" in describe_status(status)
 
 
 def test_retry_policy_backs_off_and_validates():

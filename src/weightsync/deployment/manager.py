@@ -14,8 +14,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+from pydantic import ValidationError
 
 from weightsync.deployment.http import DeploymentHTTP, RetryPolicy, auth_headers
 from weightsync.deployment.local import (
@@ -38,6 +41,18 @@ from weightsync.errors import (
 )
 from weightsync.identity import validate_identity
 from weightsync.sdk_defaults import HOTLOAD_WAIT_TIMEOUT_S
+from weightsync.wire import (
+    AccountList,
+    HotLoadRequest,
+    HotLoadStatus,
+    IncrementalSnapshotMetadata,
+    LedgerAnswers,
+    ReplicaStatus,
+    WeightsAnswers,
+    WireModel,
+    cache_reset_policy,
+    parse_deployment_name,
+)
 from weightsync.wire.paths import (
     ACCOUNTS_PATH,
     COMPLETIONS_PATH,
@@ -50,6 +65,7 @@ from weightsync.wire.paths import (
 logger = logging.getLogger(__name__)
 
 ResetPromptCache = bool | Literal["all", "none", "new_session"]
+_Answer = TypeVar("_Answer", bound=WireModel)
 HotloadOutcome = Literal["ready", "error", "pending"]
 #: First wait between hot-load status polls (it doubles up to the poll interval).
 FIRST_POLL_S = 0.005
@@ -66,55 +82,63 @@ class HotloadResult:
     pause_s: float | None = None
 
 
-def adapter_names(replica: dict[str, Any]) -> list[str]:
-    names = []
-    for adapter in replica.get("loaded_adapters") or []:
-        if isinstance(adapter, str):
-            names.append(adapter)
-        elif isinstance(adapter, dict):
-            name = adapter.get("identity") or adapter.get("name")
-            if name:
-                names.append(str(name))
-    return names
+def parse_status(status: HotLoadStatus | Mapping[str, Any]) -> HotLoadStatus:
+    """`status` as the wire's `HotLoadStatus` (parsed once, here); a malformed one is named."""
+    if isinstance(status, HotLoadStatus):
+        return status
+    try:
+        return HotLoadStatus.model_validate(status)
+    except ValidationError as e:
+        raise DeploymentError(
+            f"the deployment's hot-load status is not the wire contract's "
+            f"({e.error_count()} problem(s): {e.errors()[0]['msg']} at "
+            f"{'.'.join(str(x) for x in e.errors()[0]['loc'])}): {str(dict(status))[:500]}"
+        ) from e
 
 
-def hotload_outcome(status: dict[str, Any], identity: str) -> tuple[HotloadOutcome, str]:
+def _serves(replica: ReplicaStatus, identity: str) -> bool:
+    return replica.readiness and (
+        replica.current_snapshot_identity == identity or identity in replica.loaded_adapters
+    )
+
+
+def hotload_outcome(
+    status: HotLoadStatus | Mapping[str, Any], identity: str
+) -> tuple[HotloadOutcome, str]:
     """Classify a hot-load status for `identity`: ready on every replica, failed, or pending.
 
     Errors whose target is another identity are stale (an earlier load) and ignored.
     """
-    replicas = status.get("replicas") or []
+    replicas = parse_status(status).replicas
     if not replicas:
         return "pending", "the deployment reports no replicas yet"
-    errors = []
-    for replica in replicas:
-        state = replica.get("loading_state") or {}
-        if state.get("stage") == "error" and state.get("target_snapshot_identity") == identity:
-            errors.append(f"{_replica_name(replica)}: {state.get('error') or 'error'}")
+    errors = [
+        f"{_replica_name(r)}: {r.loading_state.error or 'error'}"
+        for r in replicas
+        if r.loading_state.stage == "error" and r.loading_state.target_snapshot_identity == identity
+    ]
     if errors:
         return "error", "; ".join(errors)
-    pending = [
-        replica
-        for replica in replicas
-        if not (
-            replica.get("readiness")
-            and (
-                replica.get("current_snapshot_identity") == identity
-                or identity in adapter_names(replica)
-            )
-        )
-    ]
+    pending = [r for r in replicas if not _serves(r, identity)]
     if pending:
-        return "pending", describe_status({"replicas": pending})
+        return "pending", describe_status(HotLoadStatus(replicas=pending))
     return "ready", ""
 
 
 def deployment_id_of_model(model: str) -> str:
     """`accounts/{a}/deployments/{d}` (the SDK's name of a deployment) -> `d`; else `model`."""
-    parts = model.split("/")
-    if len(parts) == 4 and parts[0] == "accounts" and parts[2] == "deployments" and parts[3]:
-        return parts[3]
-    return model
+    parsed = parse_deployment_name(model)
+    return model if parsed is None else parsed[1]
+
+
+def _parse(model: type[_Answer], body: Any, url: str) -> _Answer:
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise DeploymentError(
+            f"GET {url}: the answer is not the wire contract's {model.__name__} "
+            f"({e.errors()[0]['msg']}): {str(body)[:500]}"
+        ) from e
 
 
 def _is_identity(name: str) -> bool:
@@ -125,41 +149,35 @@ def _is_identity(name: str) -> bool:
     return True
 
 
-def _replica_name(replica: dict[str, Any]) -> str:
-    rid = str(replica.get("replica_id"))
+def _replica_name(replica: ReplicaStatus) -> str:
+    rid = replica.replica_id
     return rid if rid.startswith("replica") else f"replica {rid}"
 
 
-def describe_status(status: dict[str, Any]) -> str:
+def describe_status(status: HotLoadStatus | Mapping[str, Any]) -> str:
     """One line per replica: what it serves, whether it is ready, what it is doing."""
     lines = []
-    for replica in status.get("replicas") or []:
-        state = replica.get("loading_state") or {}
+    for replica in parse_status(status).replicas:
+        state = replica.loading_state
         line = (
-            f"{_replica_name(replica)}: serving "
-            f"{replica.get('current_snapshot_identity')!r}, readiness={replica.get('readiness')}, "
-            f"stage={state.get('stage')!r}"
+            f"{_replica_name(replica)}: serving {replica.current_snapshot_identity!r}, "
+            f"readiness={replica.readiness}, stage={state.stage!r}"
         )
-        if state.get("target_snapshot_identity"):
-            line += f" (target {state.get('target_snapshot_identity')!r})"
-        if state.get("error"):
-            line += f", error: {state.get('error')}"
+        if state.target_snapshot_identity:
+            line += f" (target {state.target_snapshot_identity!r})"
+        if state.error:
+            line += f", error: {state.error}"
         lines.append(line)
     return "; ".join(lines) or "no replicas reported"
 
 
-def reported_pause_s(status: dict[str, Any], identity: str) -> float | None:
+def reported_pause_s(status: HotLoadStatus | Mapping[str, Any], identity: str) -> float | None:
     """The longest serving pause the replicas report for their last load of `identity`."""
-    pauses = []
-    for replica in status.get("replicas") or []:
-        last = replica.get("last_load") or {}
-        if last.get("identity", identity) != identity:
-            continue
-        value = last.get("pause_s")
-        if value is None:
-            value = (last.get("timings") or {}).get("pause_s")
-        if isinstance(value, int | float):
-            pauses.append(float(value))
+    pauses = [
+        r.last_load.pause_s
+        for r in parse_status(status).replicas
+        if r.last_load is not None and r.last_load.identity == identity
+    ]
     return max(pauses) if pauses else None
 
 
@@ -261,16 +279,19 @@ class DeploymentManager:
         url = f"{root}{ACCOUNTS_PATH}?pageSize=2"
         headers = {"X-Api-Key": self.api_key} if self.api_key else {}
         body = self._http.get_json(url, headers=headers)
-        accounts = body.get("accounts") if isinstance(body, dict) else None
-        if not isinstance(accounts, list) or len(accounts) != 1:
+        try:
+            accounts = AccountList.model_validate(body).accounts
+        except ValidationError as e:
             raise DeploymentError(
-                f"GET {url}: expected exactly one account for this API key, got {body!r}; "
-                "check the URL (a `weightsync serve` deployment) and the API key"
-            )
-        name = str(accounts[0].get("name", "")) if isinstance(accounts[0], dict) else ""
-        account = name.removeprefix("accounts/")
+                f"GET {url}: not an account list ({str(body)[:500]}); check the URL "
+                "(a `weightsync serve` deployment)"
+            ) from e
+        account = accounts[0].name.removeprefix("accounts/") if len(accounts) == 1 else ""
         if not account:
-            raise DeploymentError(f"GET {url}: the account has no name ({accounts[0]!r})")
+            raise DeploymentError(
+                f"GET {url}: expected exactly one named account for this API key, got "
+                f"{[a.name for a in accounts]}; check the API key"
+            )
         return account
 
     def headers_for(self, deployment_id: str | None) -> dict[str, str]:
@@ -331,9 +352,8 @@ class DeploymentManager:
         last = "no answer yet"
         while True:
             try:
-                status = self.hotload_check_status(deployment_id)
-                replicas = status.get("replicas") or []
-                if replicas and all(r.get("readiness") for r in replicas):
+                status = parse_status(self.hotload_check_status(deployment_id))
+                if status.replicas and all(r.readiness for r in status.replicas):
                     return self._record_of(deployment_id)
                 last = describe_status(status)
             except DeploymentError as e:
@@ -433,21 +453,30 @@ class DeploymentManager:
                 "a weightsync deployment loads snapshots from the storage it was started with "
                 "(`weightsync serve --storage`). Pass path=None and cmek_resource=None"
             )
-        body: dict[str, Any] = {
-            "identity": snapshot_identity,
-            "reset_prompt_cache": reset_prompt_cache,
-        }
-        if incremental_snapshot_metadata is not None:
-            body["incremental_snapshot_metadata"] = dict(incremental_snapshot_metadata)
+        try:
+            request = HotLoadRequest(
+                identity=snapshot_identity,
+                incremental_snapshot_metadata=None
+                if incremental_snapshot_metadata is None
+                else IncrementalSnapshotMetadata.model_validate(incremental_snapshot_metadata),
+                reset_prompt_cache=cache_reset_policy(reset_prompt_cache),
+            )
+        except ValidationError as e:
+            raise InvalidInputError(
+                f"hot-load of {snapshot_identity!r}: incremental_snapshot_metadata "
+                f"{incremental_snapshot_metadata!r} is not valid ({e.errors()[0]['msg']}); "
+                "it needs previous_snapshot_identity, and may carry compression_format "
+                "and checksum_format"
+            ) from e
+        body = request.model_dump(exclude_none=True)
         url = self.hotload_url(deployment_id) + HOT_LOAD_PATH
+        meta = request.incremental_snapshot_metadata
         logger.info(
             "hot-load %s on %s (%s): %s",
             snapshot_identity,
             deployment_id or url,
             base_model or "model",
-            "delta of " + str(incremental_snapshot_metadata.get("previous_snapshot_identity"))
-            if incremental_snapshot_metadata
-            else "base",
+            "base" if meta is None else f"delta of {meta.previous_snapshot_identity}",
         )
         try:
             result = self._http.post_json(
@@ -582,10 +611,8 @@ class DeploymentManager:
         if checksum_format is not None:
             url += f"?checksum_format={checksum_format}"
         body = self._http.get_json(url, headers=self.headers_for(deployment_id))
-        return {
-            str(replica.get("replica_id")): dict(replica.get("checksums") or {})
-            for replica in body.get("replicas") or []
-        }
+        answers = _parse(WeightsAnswers, body, url)
+        return {replica.replica_id: dict(replica.checksums) for replica in answers.replicas}
 
     # --- ledger and warmup -------------------------------------------------------
 
@@ -593,17 +620,13 @@ class DeploymentManager:
         """Every load the deployment recorded (per replica, oldest first), flattened."""
         url = self.hotload_url(deployment_id) + LEDGER_PATH
         body = self._http.get_json(url, headers=self.headers_for(deployment_id))
-        if isinstance(body, dict) and isinstance(body.get("replicas"), list):
-            # One list per replica: flatten, each entry naming its replica.
-            return [
-                {"replica_id": replica.get("replica_id"), **entry}
-                for replica in body["replicas"]
-                for entry in replica.get("entries") or []
-            ]
-        if isinstance(body, dict):
-            entries = body.get("entries", [])
-            return list(entries) if isinstance(entries, list) else [body]
-        return list(body)
+        answers = _parse(LedgerAnswers, body, url)
+        # One list per replica: flatten, each entry naming its replica.
+        return [
+            {"replica_id": replica.replica_id, **entry.model_dump()}
+            for replica in answers.replicas
+            for entry in replica.entries
+        ]
 
     def reset_ledger(self, deployment_id: str | None) -> dict[str, Any]:
         """Clear the deployment's ledger; afterwards it accepts only a base."""

@@ -51,8 +51,6 @@ _SAVE_FAILURES = (WeightSyncError, OSError, RuntimeError, ValueError)
 #: What asking a deployment manager can raise: ours raises WeightSyncError, the SDK's
 #: httpx errors (HTTP status, connection) and RuntimeError; a malformed answer ValueError.
 _MANAGER_ERRORS = (WeightSyncError, httpx.HTTPError, OSError, RuntimeError, ValueError)
-#: Stages in which a replica's hot-load manager does not take requests yet.
-_NOT_READY_STAGES = ("initializing", "starting")
 
 
 class HotloadManager(Protocol):
@@ -289,24 +287,26 @@ class WeightSyncer:
         None when weight sync is disabled, the deployment serves nothing, its replicas
         disagree, or it cannot be asked (logged as a warning, as the SDK does).
         """
+        from weightsync.deployment.manager import parse_status
+
         if self.deploy_mgr is None or self.deployment_id is None:
             return None
         try:
-            status = self.deploy_mgr.hotload_check_status(self.deployment_id, self.base_model)
+            replicas = parse_status(
+                self.deploy_mgr.hotload_check_status(self.deployment_id, self.base_model)
+            ).replicas
         except _MANAGER_ERRORS as e:
             logger.warning("could not check deployment %s: %s", self.deployment_id, e)
             return None
-        replicas = status.get("replicas") or []
-        identities = {r.get("current_snapshot_identity") for r in replicas}
+        identities = {r.current_snapshot_identity for r in replicas}
         for replica in replicas:
-            state = replica.get("loading_state") or {}
             logger.info(
                 "deployment %s replica %s: serving %r, readiness=%s, stage=%s",
                 self.deployment_id,
-                replica.get("replica_id"),
-                replica.get("current_snapshot_identity"),
-                replica.get("readiness"),
-                state.get("stage"),
+                replica.replica_id,
+                replica.current_snapshot_identity,
+                replica.readiness,
+                replica.loading_state.stage,
             )
         if len(identities) != 1:
             if replicas:
@@ -327,6 +327,8 @@ class WeightSyncer:
         Returns at once when weight sync is disabled; raises `HotloadTimeoutError`
         (a `TimeoutError`) after `timeout_s`.
         """
+        from weightsync.deployment.manager import parse_status
+
         if self.deploy_mgr is None or self.deployment_id is None:
             return
         deadline = time.monotonic() + timeout_s
@@ -334,11 +336,9 @@ class WeightSyncer:
         while True:
             try:
                 status = self.deploy_mgr.hotload_check_status(self.deployment_id, self.base_model)
-                replicas = status.get("replicas") or []
-                stages = [(r.get("loading_state") or {}).get("stage") for r in replicas]
-                if replicas and not any(s in _NOT_READY_STAGES for s in stages):
+                if parse_status(status).replicas:  # the SDK's test: it lists its replicas
                     return
-                last = f"{len(replicas)} replica(s), stages {stages}"
+                last = "no replicas yet (the deployment may be scaling up)"
             except InvalidInputError:
                 raise
             except _MANAGER_ERRORS as e:  # not answering yet: keep polling
