@@ -23,6 +23,7 @@ import bz2
 import io
 import json
 import pickle
+import pickletools
 import struct
 from typing import Any
 
@@ -67,6 +68,33 @@ _ARC_V2 = ArcV2Codec()
 _MANTISSA_BITS = {"BF16": 7, "F16": 10, "F32": 23, "F8_E4M3": 3, "F8_E5M2": 2}
 
 
+# Opcodes that call, import or build anything beyond plain data, or refer outside the
+# stream. A plain-data pickle has none; they are refused before the stream is unpickled.
+_FORBIDDEN_OPCODES = frozenset(
+    {
+        "GLOBAL",
+        "STACK_GLOBAL",
+        "INST",
+        "OBJ",
+        "REDUCE",
+        "BUILD",
+        "NEWOBJ",
+        "NEWOBJ_EX",
+        "EXT1",
+        "EXT2",
+        "EXT4",
+        "PERSID",
+        "BINPERSID",
+        "NEXT_BUFFER",
+        "READONLY_BUFFER",
+    }
+)
+
+
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+
+
 class _NoGlobalsUnpickler(pickle.Unpickler):
     """An unpickler for plain data: every global (class, function) is refused."""
 
@@ -74,11 +102,57 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"the pickle names {module}.{name}, which is not data")
 
 
+def _check_opcodes(data: bytes | memoryview, what: str) -> None:
+    """Walk the opcodes without building anything, so nothing the stream claims is allocated
+    unchecked: no forbidden opcode; lengths within the bytes there; frames that end on an
+    opcode boundary (else the C unpickler and this walk would parse differently); memo
+    indices numbered as a pickler numbers them (the unpickler sizes its memo by them)."""
+    raw = bytes(data)
+    try:
+        ops = list(pickletools.genops(raw))
+    except (ValueError, EOFError, struct.error, KeyError, IndexError) as e:
+        raise SnapshotCorruptError(f"{what} is not a valid pickle ({e})") from e
+    memo, frame_end = 0, 0
+    for i, (op, arg, pos) in enumerate(ops):
+        at = f"{what}: pickle opcode {op.name} at byte {pos}"
+        following = ops[i + 1][2] if i + 1 < len(ops) else (pos or 0) + 1
+        if op.name in _FORBIDDEN_OPCODES:
+            raise SnapshotCorruptError(
+                f"{at} would import or call code: not a plain-data pickle; refused without "
+                "running it"
+            )
+        if op.name == "FRAME":
+            if (pos or 0) < frame_end or not isinstance(arg, int):
+                raise SnapshotCorruptError(f"{at} starts inside the previous frame")
+            frame_end = (following or 0) + arg
+            if frame_end > len(raw):
+                raise SnapshotCorruptError(f"{at} declares {arg} bytes, beyond the pickle's end")
+        elif (pos or 0) < frame_end < (following or 0):
+            raise SnapshotCorruptError(f"{at} runs past the end of its frame")
+        if op.name == "MEMOIZE":
+            memo += 1
+        elif op.name in _MEMO_PUTS or op.name in _MEMO_GETS:
+            limit = memo if op.name in _MEMO_PUTS else memo - 1
+            if not isinstance(arg, int) or not 0 <= arg <= limit:
+                raise SnapshotCorruptError(f"{at} uses memo index {arg!r} out of sequence")
+            memo = max(memo, arg + 1)
+
+
 def load_plain_pickle(data: bytes | memoryview, *, what: str) -> Any:
     """Unpickle plain data (containers, numbers, str, bytes); anything else is refused."""
+    _check_opcodes(data, what)
     try:
         return _NoGlobalsUnpickler(io.BytesIO(data)).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        struct.error,
+    ) as e:
         raise SnapshotCorruptError(
             f"{what} is not a plain-data pickle ({e}); weightsync reads arc_v3 payloads only "
             "if they hold dicts, lists, numbers, strings and bytes — refused without running it"
