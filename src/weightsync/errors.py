@@ -108,6 +108,11 @@ class UnsupportedOperationError(WeightSyncError, RuntimeError):
     """The component cannot do this (e.g. an engine without LoRA support)."""
 
 
+class DistributedSaveError(WeightSyncError, RuntimeError):
+    """A sharded save did not complete on every rank (one failed, died or timed out);
+    nothing was published."""
+
+
 class SwapInProgressError(DeploymentError):
     """A weight swap is in progress and the caller asked not to wait (HTTP 425)."""
 

@@ -135,7 +135,7 @@ def read_side_files(store: SnapshotStore, manifest: Manifest) -> dict[str, bytes
     A file whose bytes differ from the manifest, or a `.json` file that is not JSON, is a
     `SnapshotCorruptError` naming snapshot and file: found before anything is swapped.
     """
-    weight_files = {e.file for e in manifest.tensors.values()}
+    weight_files = {f for e in manifest.tensors.values() for f in e.payload_files}
     out: dict[str, bytes] = {}
     for name in sorted(set(manifest.files) - weight_files):
         data = store.read_file(manifest, name)

@@ -25,7 +25,10 @@ from weightsync.identity import validate_identity
 
 MANIFEST_FILE = "weightsync.json"
 FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = frozenset({FORMAT_VERSION})
+#: The version of a manifest whose tensors are stored in pieces (FORMAT.md §9): a
+#: reader of version 1 would take a piece for the whole tensor, so it must refuse it.
+PIECES_FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = frozenset({FORMAT_VERSION, PIECES_FORMAT_VERSION})
 #: A manifest larger than this is refused unread: ~250 bytes per tensor fits 200 000
 #: tensors, far beyond any checkpoint, while a parse costs ~5x its size in memory.
 MAX_MANIFEST_BYTES = 64 * 1024**2
@@ -35,14 +38,12 @@ SNAPSHOT_KINDS: tuple[SnapshotKind, ...] = ("base", "delta", "lora")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TensorEntry:
-    """One tensor the snapshot stands for; `checksum` is of its bits after any delta."""
+class Piece:
+    """A box of a tensor stored in its own file: rows/columns `offset` .. `offset + shape`."""
 
+    file: str
+    offset: tuple[int, ...]
     shape: tuple[int, ...]
-    dtype: str  # safetensors spelling: BF16, F16, F32, F8_E4M3, F8_E5M2 (lora: any)
-    file: str  # the payload file that holds it (a delta: its encoded diff)
-    checksum: str
-    num_changed: int | None = None  # delta: elements whose bits differ from the parent
 
     @property
     def num_elements(self) -> int:
@@ -50,6 +51,38 @@ class TensorEntry:
         for d in self.shape:
             n *= d
         return n
+
+    def slices(self) -> tuple[slice, ...]:
+        """Index of this piece in the whole tensor (`whole[piece.slices()]`)."""
+        return tuple(slice(o, o + n) for o, n in zip(self.offset, self.shape, strict=True))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorEntry:
+    """One tensor the snapshot stands for; `checksum` is of its bits after any delta.
+
+    With `pieces` (FORMAT.md §9, format version 2) the tensor is stored as boxes
+    that tile it exactly, each in its own file; `file` is then the first piece's.
+    """
+
+    shape: tuple[int, ...]
+    dtype: str  # safetensors spelling: BF16, F16, F32, F8_E4M3, F8_E5M2 (lora: any)
+    file: str  # the payload file that holds it (a delta: its encoded diff)
+    checksum: str
+    num_changed: int | None = None  # delta: elements whose bits differ from the parent
+    pieces: tuple[Piece, ...] = ()
+
+    @property
+    def num_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def payload_files(self) -> tuple[str, ...]:
+        """Every file holding (part of) this tensor: its pieces' files, or `file`."""
+        return tuple(dict.fromkeys(p.file for p in self.pieces)) if self.pieces else (self.file,)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +170,10 @@ def _tensor_doc(e: TensorEntry) -> dict[str, Any]:
     }
     if e.num_changed is not None:
         doc["num_changed"] = e.num_changed
+    if e.pieces:
+        doc["pieces"] = [
+            {"file": p.file, "offset": list(p.offset), "shape": list(p.shape)} for p in e.pieces
+        ]
     return doc
 
 
@@ -196,6 +233,12 @@ def _parse(doc: dict[str, Any], *, identity: str, where: str) -> Manifest:
         name: _parse_tensor(entry, kind=kind, files=files, where=f"{where}, tensor {name!r}")
         for name, entry in _get_dict(doc, "tensors", where).items()
     }
+    pieced = any(t.pieces for t in tensors.values())
+    if pieced != (version == PIECES_FORMAT_VERSION):
+        raise SnapshotCorruptError(
+            f"{where} has format_version {version} but "
+            + ("stores tensors in pieces (that is version 2)" if pieced else "no pieces")
+        )
     return Manifest(
         format_version=cast(int, version),
         identity=identity,
@@ -239,12 +282,16 @@ def _parse_tensor(
     file = _get(entry, "file", str, where)
     if file not in files:
         raise SnapshotCorruptError(f"{where} lives in {file!r}, which the manifest does not list")
+    pieces = _parse_pieces(entry, tuple(shape), files=files, where=where)
+    if pieces and pieces[0].file != file:
+        raise SnapshotCorruptError(f"{where}: field 'file' must name its first piece's file")
     tensor = TensorEntry(
         shape=tuple(shape),
         dtype=dtype,
         file=file,
         checksum=_get(entry, "checksum", str, where),
         num_changed=_get_optional(entry, "num_changed", int, where),
+        pieces=pieces,
     )
     if tensor.num_changed is not None and not 0 <= tensor.num_changed <= tensor.num_elements:
         raise SnapshotCorruptError(
@@ -252,6 +299,50 @@ def _parse_tensor(
             f"{tensor.num_elements} (the tensor's elements)"
         )
     return tensor
+
+
+def _parse_pieces(
+    entry: dict[str, Any], shape: tuple[int, ...], *, files: dict[str, FileEntry], where: str
+) -> tuple[Piece, ...]:
+    """The pieces of a tensor, refused unless they tile `shape` exactly (no gap, no overlap)."""
+    docs = _get_optional(entry, "pieces", list, where)
+    if docs is None:
+        return ()
+    if not docs:
+        raise SnapshotCorruptError(f"{where}: field 'pieces' is empty")
+    pieces: list[Piece] = []
+    for i, doc in enumerate(docs):
+        at = f"{where}, piece {i}"
+        file = _get(doc, "file", str, at)
+        if file not in files:
+            raise SnapshotCorruptError(f"{at} lives in {file!r}, which the manifest does not list")
+        offset = _get(doc, "offset", list, at)
+        size = _get(doc, "shape", list, at)
+        ints = [*offset, *size]
+        if (
+            len(offset) != len(shape)
+            or len(size) != len(shape)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in ints)
+            or any(o + n > d for o, n, d in zip(offset, size, shape, strict=True))
+        ):
+            raise SnapshotCorruptError(
+                f"{at}: offset {offset!r:.80} and shape {size!r:.80} are not a box inside the "
+                f"tensor's shape {list(shape)}"
+            )
+        pieces.append(Piece(file=file, offset=tuple(offset), shape=tuple(size)))
+    for i, a in enumerate(pieces):
+        for b in pieces[:i]:
+            if all(
+                x < y + m and y < x + n
+                for x, n, y, m in zip(a.offset, a.shape, b.offset, b.shape, strict=True)
+            ):
+                raise SnapshotCorruptError(f"{where}: pieces in {b.file!r} and {a.file!r} overlap")
+    whole = 1
+    for d in shape:
+        whole *= d
+    if sum(p.num_elements for p in pieces) != whole:
+        raise SnapshotCorruptError(f"{where}: its pieces do not cover the whole tensor")
+    return tuple(pieces)
 
 
 def _check_file_name(name: str, where: str) -> None:

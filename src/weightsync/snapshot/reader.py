@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import xxhash
 from safetensors import SafetensorError
@@ -75,19 +76,28 @@ class FetchedSnapshot:
                 f"snapshot {m.identity!r} is a delta onto {m.parent!r}: apply its patches "
                 "(or materialize it) instead of reading its tensors"
             )
-        loaded: dict[str, torch.Tensor] = {}
-        for file in sorted({e.file for e in m.tensors.values()}):
+        by_file: dict[str, dict[str, torch.Tensor]] = {}
+        for file in _weight_files(m):
             try:
-                loaded.update(load_torch(self.files[file]))
+                by_file[file] = load_torch(self.files[file])
             except SafetensorError as e:
                 raise SnapshotCorruptError(
                     f"snapshot {m.identity!r}, file {file!r} is not valid safetensors: {e}"
                 ) from e
-        extra = sorted(set(loaded) - set(m.tensors))
-        if extra:
-            raise SnapshotCorruptError(
-                f"snapshot {m.identity!r} holds tensors the manifest does not list: {extra[:5]}"
-            )
+        expected = _names_by_file(m)
+        for file, held in by_file.items():
+            extra = sorted(set(held) - expected.get(file, set()))
+            if extra:
+                raise SnapshotCorruptError(
+                    f"snapshot {m.identity!r}, file {file!r} holds tensors the manifest does "
+                    f"not place there: {extra[:5]}"
+                )
+        loaded: dict[str, torch.Tensor] = {}
+        for name, entry in m.tensors.items():
+            if entry.pieces:
+                loaded[name] = _assembled(m, name, by_file)
+            elif name in by_file[entry.file]:
+                loaded[name] = by_file[entry.file][name]
         verify_tensors(m, loaded)
         return {name: loaded[name] for name in sorted(m.tensors)}
 
@@ -98,15 +108,20 @@ class FetchedSnapshot:
             raise ChainError(f"snapshot {m.identity!r} is a {m.kind}, not a delta")
         if self._payloads is None:
             payloads: dict[str, memoryview] = {}
-            for file in sorted({e.file for e in m.tensors.values()}):
-                payloads.update(
-                    read_delta_shard(
-                        self.files[file],
-                        compression_format=m.compression_format,
-                        where=f"snapshot {m.identity!r}, file {file!r}",
-                    )
+            pieced = {n for n, e in m.tensors.items() if e.pieces}
+            for file in _weight_files(m):
+                shard = read_delta_shard(
+                    self.files[file],
+                    compression_format=m.compression_format,
+                    where=f"snapshot {m.identity!r}, file {file!r}",
                 )
-            missing = sorted(set(m.tensors) - set(payloads))
+                for name, payload in shard.items():
+                    # A piece's payload is keyed by its file too: one name, several pieces.
+                    payloads[_piece_key(file, name) if name in pieced else name] = payload
+            wanted = {_piece_key(p.file, n) for n, e in m.tensors.items() for p in e.pieces} | {
+                n for n, e in m.tensors.items() if not e.pieces
+            }
+            missing = sorted(wanted - set(payloads))
             if missing:
                 raise SnapshotCorruptError(
                     f"snapshot {m.identity!r}: no payload for tensors {missing[:5]}"
@@ -142,12 +157,15 @@ class FetchedSnapshot:
                     f"in the current weights but {list(entry.shape)} {entry.dtype} in the "
                     f"snapshot; load its parent {m.parent!r} first"
                 )
-            try:
-                patch = codec.decode_patch(payloads[name], old)
-            except SnapshotCorruptError as e:
-                raise SnapshotCorruptError(
-                    f"snapshot {m.identity!r}, tensor {name!r} ({entry.file}): {e}"
-                ) from e
+            if entry.pieces:
+                patch = _pieced_patch(m, name, old, payloads)
+            else:
+                try:
+                    patch = codec.decode_patch(payloads[name], old)
+                except SnapshotCorruptError as e:
+                    raise SnapshotCorruptError(
+                        f"snapshot {m.identity!r}, tensor {name!r} ({entry.file}): {e}"
+                    ) from e
             patches[name] = _densified(patch, old) if dense_when_smaller else patch
         return patches
 
@@ -311,7 +329,7 @@ class SnapshotStore:
     def fetch(self, identity: str) -> FetchedSnapshot:
         """Read every weight file of the snapshot and check it against the manifest."""
         manifest = self.read_manifest(identity)
-        names = sorted({e.file for e in manifest.tensors.values()})
+        names = _weight_files(manifest)
         with ThreadPoolExecutor(max_workers=min(_READ_THREADS, max(1, len(names)))) as pool:
             datas = list(pool.map(lambda n: self.read_file(manifest, n), names))
         return FetchedSnapshot(manifest=manifest, files=dict(zip(names, datas, strict=True)))
@@ -341,6 +359,94 @@ def _densified(patch: Patch, old: torch.Tensor) -> Patch:
     dense = bits(old.detach().contiguous()).reshape(-1).copy()
     dense[positions] = patch.values
     return Patch(None, dense)
+
+
+def _weight_files(m: Manifest) -> list[str]:
+    """Every file holding a tensor or a piece of one, sorted."""
+    return sorted({f for e in m.tensors.values() for f in e.payload_files})
+
+
+def _names_by_file(m: Manifest) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for name, entry in m.tensors.items():
+        for file in entry.payload_files:
+            out.setdefault(file, set()).add(name)
+    return out
+
+
+def _piece_key(file: str, name: str) -> str:
+    # Files and names cannot hold a NUL (identities and JSON keys of ours never do).
+    return f"{file}\0{name}"
+
+
+def _assembled(
+    m: Manifest, name: str, by_file: Mapping[str, Mapping[str, torch.Tensor]]
+) -> torch.Tensor:
+    """A base tensor stored in pieces, as one tensor (shapes and dtypes checked per piece)."""
+    entry = m.tensors[name]
+    out: torch.Tensor | None = None
+    for piece in entry.pieces:
+        part = by_file[piece.file].get(name)
+        where = f"snapshot {m.identity!r}, tensor {name!r}, piece in {piece.file!r}"
+        if part is None:
+            raise SnapshotCorruptError(f"{where} is missing from that file; re-save the snapshot")
+        if tuple(part.shape) != piece.shape or _dtype(part) != entry.dtype:
+            raise SnapshotCorruptError(
+                f"{where} is {list(part.shape)} {_dtype(part)}, the manifest says "
+                f"{list(piece.shape)} {entry.dtype}; re-save the snapshot"
+            )
+        if out is None:
+            out = torch.empty(entry.shape, dtype=part.dtype)
+        out[piece.slices()] = part
+    assert out is not None  # the manifest parser refuses a tensor with no pieces
+    return out
+
+
+def _pieced_patch(
+    m: Manifest, name: str, old: torch.Tensor, payloads: Mapping[str, memoryview]
+) -> Patch:
+    """One whole-tensor patch from the patches of a delta's pieces (FORMAT.md §9).
+
+    Each piece's payload is decoded against the same box of `old`. Sparse pieces
+    give sparse whole-tensor positions; if any piece is dense, the result is dense
+    (`old`'s bits with every piece written in).
+    """
+    codec = get_codec(m.compression_format or "")
+    entry = m.tensors[name]
+    shape = entry.shape
+    decoded: list[tuple[Any, Patch]] = []
+    for piece in entry.pieces:
+        old_piece = old[piece.slices()].contiguous()
+        try:
+            decoded.append(
+                (piece, codec.decode_patch(payloads[_piece_key(piece.file, name)], old_piece))
+            )
+        except SnapshotCorruptError as e:
+            raise SnapshotCorruptError(
+                f"snapshot {m.identity!r}, tensor {name!r}, piece in {piece.file!r}: {e}"
+            ) from e
+    if any(patch.positions is None for _, patch in decoded):
+        dense = bits(old.detach().contiguous()).reshape(shape).copy()
+        for piece, patch in decoded:
+            box = np.ascontiguousarray(dense[piece.slices()])
+            if patch.positions is None:
+                box.reshape(-1)[:] = patch.values
+            else:
+                box.reshape(-1)[patch.positions] = patch.values
+            dense[piece.slices()] = box
+        return Patch(None, dense.reshape(-1))
+    positions: list[np.ndarray] = []
+    values: list[np.ndarray] = []
+    for piece, patch in decoded:
+        assert patch.positions is not None
+        local = np.unravel_index(patch.positions, piece.shape)
+        moved = tuple(idx + off for idx, off in zip(local, piece.offset, strict=True))
+        positions.append(np.ravel_multi_index(moved, shape).astype(np.int64))
+        values.append(patch.values)
+    flat = np.concatenate(positions)
+    vals = np.concatenate(values)
+    order = np.argsort(flat, kind="stable")
+    return Patch(flat[order], vals[order])
 
 
 def _check_link(child: Manifest, parent: Manifest) -> None:

@@ -40,7 +40,7 @@ from weightsync.sdk_defaults import (
 )
 from weightsync.snapshot import Manifest, SnapshotStore, write_base, write_delta, write_lora
 from weightsync.storage import Storage, open_storage
-from weightsync.trainer import lora, state
+from weightsync.trainer import distributed, lora, state
 from weightsync.trainer.export import (
     ExportBuffers,
     ExportPlan,
@@ -110,7 +110,12 @@ class TrainingClient:
         compression_format: str = DEFAULT_COMPRESSION_FORMAT,
         checksum_format: str = DEFAULT_CHECKSUM,
         storage_options: Mapping[str, Any] | None = None,
+        barrier_timeout_s: float = distributed.DEFAULT_BARRIER_TIMEOUT_S,
+        bucket_bytes: int = distributed.DEFAULT_BUCKET_BYTES,
     ) -> None:
+        """Under an initialized process group of > 1 rank every rank creates a client and
+        saves its own shard (`trainer/distributed.py`): `barrier_timeout_s` bounds each
+        wait for another rank, `bucket_bytes` the rows of other ranks held at a time."""
         if not isinstance(model, torch.nn.Module):
             raise InvalidInputError(
                 f"TrainingClient needs a torch.nn.Module, got {type(model).__name__}"
@@ -153,6 +158,24 @@ class TrainingClient:
             self.lora_rank = 0
         self.model = model
         self.optimizer = optimizer
+        self._sharded: distributed.ShardedSaver | None = None
+        if distributed.world() is not None:
+            if self.is_lora:
+                raise UnsupportedOperationError(
+                    "LoRA snapshots under torch.distributed with more than one rank are not "
+                    "supported: every rank would write the same adapter; save the adapter "
+                    "from one process"
+                )
+            self._sharded = distributed.ShardedSaver(
+                self.storage,
+                session_id=self.session_id,
+                checksum_format=self.checksum_format,
+                compression_format=self.compression_format,
+                export_dtype=self.export_dtype,
+                barrier_timeout_s=barrier_timeout_s,
+                bucket_bytes=bucket_bytes,
+            )
+            self.session_id = self._sharded.session_id  # rank 0's, on every rank
 
         self._previous: _Previous | None = None
         self._spare = ExportBuffers(self.export_dtype)
@@ -297,6 +320,8 @@ class TrainingClient:
             return self._write_base(
                 identity, merged, hf_config(self._base_model(), self.export_dtype)
             )
+        if self._sharded is not None:
+            return self._write_sharded(identity, kind)
         current = self._spare.fill(self._export_plan(what=f"snapshot {identity!r}").sources)
         if kind == "base":
             manifest = self._write_base(identity, current, hf_config(self.model, self.export_dtype))
@@ -318,6 +343,31 @@ class TrainingClient:
         # Written: these bits become the parent; the old parent's buffers are reused next.
         if self._previous is not None:
             self._spare.adopt(self._previous.tensors)
+        else:
+            self._spare.release()
+        self._previous = _Previous(manifest=manifest, tensors=current)
+        return manifest
+
+    def _write_sharded(self, identity: str, kind: str) -> Manifest:
+        """This rank's part of a sharded save; the chain state holds this rank's bits only."""
+        assert self._sharded is not None
+        previous = self._previous
+        if kind == "delta" and previous is None:
+            raise self._no_parent_error(identity)
+        onto = None if kind == "base" else previous
+        manifest, current = self._sharded.save(
+            identity,
+            kind,
+            model=self.model,
+            parent=None if onto is None else onto.manifest,
+            previous=None if onto is None else onto.tensors,
+            buffers=self._spare,
+            config=hf_config(self.model, self.export_dtype),
+            tokenizer_dir=self.tokenizer_dir,
+        )
+        # Written: these bits become the parent; the old parent's buffers are reused next.
+        if previous is not None:
+            self._spare.adopt(previous.tensors)
         else:
             self._spare.release()
         self._previous = _Previous(manifest=manifest, tensors=current)
@@ -370,24 +420,46 @@ class TrainingClient:
 
     # --- resume state -----------------------------------------------------------
 
-    def save_state(self, name: str) -> str:
-        """Save model and optimizer with torch DCP as ``{name}-{session_id}``; return its path."""
+    def save_state(
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        overwrite: bool = False,
+        *,
+        timeout: float | None = None,
+    ) -> str:
+        """Save model and optimizer with torch DCP as ``{name}-{session_id}``; return its path.
+
+        The SDK's parameters: `ttl_seconds` and `overwrite=True` are refused (as the SDK
+        does); `timeout` is accepted and moot (the save is done when this returns).
+        """
         identity = session_identity(name, self.session_id)
+        if ttl_seconds is not None or overwrite:
+            raise UnsupportedOperationError(
+                f"resume state {identity!r}: ttl_seconds and overwrite=True are not supported "
+                "(the Fireworks SDK refuses them too); save under a new name"
+            )
         return state.save_state(self.storage, identity, self.model, self.optimizer)
 
-    def load_state(self, name: str | os.PathLike[str]) -> str:
+    def load_state(
+        self, path: str | os.PathLike[str], weights_access_token: str | None = None
+    ) -> str:
         """Restore the model's weights from a resume state (a name, identity or path)."""
-        return state.load_state(self.storage, name, self.model, None, session_id=self.session_id)
+        _refuse_access_token(path, weights_access_token)
+        return state.load_state(self.storage, path, self.model, None, session_id=self.session_id)
 
-    def load_state_with_optimizer(self, name: str | os.PathLike[str]) -> str:
+    def load_state_with_optimizer(
+        self, path: str | os.PathLike[str], weights_access_token: str | None = None
+    ) -> str:
         """Restore weights and optimizer state, so training resumes exactly where it was."""
+        _refuse_access_token(path, weights_access_token)
         if self.optimizer is None:
             raise InvalidInputError(
-                f"cannot load the optimizer state of {os.fspath(name)!r}: this client has no "
+                f"cannot load the optimizer state of {os.fspath(path)!r}: this client has no "
                 "optimizer; pass optimizer= when creating it, or use load_state()"
             )
         return state.load_state(
-            self.storage, name, self.model, self.optimizer, session_id=self.session_id
+            self.storage, path, self.model, self.optimizer, session_id=self.session_id
         )
 
     # --- promotion ---------------------------------------------------------------
@@ -458,6 +530,14 @@ def _check_sdk_options(
         raise UnsupportedOperationError(
             f"snapshot {identity!r}: sampler checkpoint metadata (decision calibration) is not "
             "supported by weightsync's TrainingClient. Pass metadata=None"
+        )
+
+
+def _refuse_access_token(name: str | os.PathLike[str], token: str | None) -> None:
+    if token is not None:
+        raise UnsupportedOperationError(
+            f"resume state {os.fspath(name)!r}: weights_access_token is not supported (the "
+            "Fireworks SDK refuses it too); states are read from this client's storage"
         )
 
 
