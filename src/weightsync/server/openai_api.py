@@ -281,6 +281,13 @@ class Generator:
             raise InvalidInputError(
                 f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})"
             )
+        # Checked here too (the engine checks again) so a stream refuses it with a 400.
+        max_positions = self.replica.model_config.get("max_position_embeddings")
+        if isinstance(max_positions, int) and len(ids) >= max_positions:
+            raise InvalidInputError(
+                f"the prompt has {len(ids)} tokens; this model takes fewer than "
+                f"{max_positions} (prompt and output together)"
+            )
         return ids
 
     def _tokenizer_or_raise(self, what: str) -> TextTokenizer:
