@@ -445,3 +445,49 @@ def test_a_patch_denser_than_its_tensor_is_held_dense(tmp_path: Path) -> None:
         target = old[name].clone()
         patch.apply_(target)
         assert np.array_equal(bits(target), bits(new[name])), name
+
+
+def test_a_faulty_engine_apply_is_caught_after_the_swap_and_the_old_weights_put_back(
+    faults_rig: Rig,
+) -> None:
+    """The post-swap check: an engine whose in-place apply writes one wrong bit (the seam:
+    the engine the replica is given). No undo copy is held; the previous weights are read
+    again from their recorded source, verified, and put back."""
+    import numpy as np
+
+    from fault_helpers import start_model_dir
+
+    from weightsync.codec.bits import bits
+    from weightsync.server.app import create_app
+    from weightsync.server.engines.torch_engine import TorchEngine
+    from weightsync.server.runner import ServerThread
+
+    class OneBitOffEngine(TorchEngine):
+        def apply_patches(self, patches: Any, *, keep_undo: bool = True) -> Any:
+            undo = super().apply_patches(patches, keep_undo=keep_undo)
+            name = sorted(patches)[0]
+            view = bits(self.named_weights()[name]).reshape(-1)
+            view[0] = np.bitwise_xor(view[0], 1)
+            return undo
+
+    rig = faults_rig
+    config = ReplicaConfig(
+        storage=str(rig.root / "store"), model_dir=start_model_dir(rig.root, rig.tokenizer_dir),
+        state_dir=rig.state_dir,
+    )  # fmt: skip
+    replica = Replica(config, engine=OneBitOffEngine(), storage=rig.faults)
+    replica.start()
+    server = ServerThread(create_app(replica))
+    rig.stack.callback(server.stop)
+    rig.attach(server.start())
+    client, syncer = rig.trainer(recover_with_base=False)
+    train_step(client, seed=1)
+    outcome = rig.sync(client, syncer, "step-0")
+    assert isinstance(outcome, WeightSyncError), outcome
+    obs = rig.observe(
+        "the engine's in-place apply writes one wrong bit (post-swap check)",
+        "mismatch found after the swap; previous weights re-read from their source and served",
+        outcome, allowed={START_IDENTITY},
+    )  # fmt: skip
+    assert obs.stage == "error" and "do not match the manifest" in (obs.error or "")
+    assert rig.status()["degraded"] is None
