@@ -454,7 +454,6 @@ def test_a_faulty_engine_apply_is_caught_after_the_swap_and_the_old_weights_put_
     the engine the replica is given). No undo copy is held; the previous weights are read
     again from their recorded source, verified, and put back."""
     import numpy as np
-
     from fault_helpers import start_model_dir
 
     from weightsync.codec.bits import bits
