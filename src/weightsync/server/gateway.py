@@ -7,6 +7,10 @@ hot-loads, hints and ledger resets out to every replica (all must accept;
 per-replica results are returned), concatenates statuses and ledgers, and
 balances inference over the replicas (round robin; a request with an
 `x-multi-turn-session-id` sticks to one replica so its prompt cache is reused).
+
+Which replicas there are, and which take traffic, is the `Membership`'s call:
+a fixed pool here, or an elastic set (Ray actors) that admits a replica only
+once it serves the deployment's head (`elastic_membership`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from weightsync.server.control_plane import (
     build_control_plane_router,
 )
 from weightsync.server.http_errors import error_response, install_error_handlers
+from weightsync.server.membership import Member, Membership, StaticMembership
 from weightsync.server.metrics import CONTENT_TYPE_LATEST, HttpMetrics
 from weightsync.server.middleware import DeploymentMiddleware, GuardMiddleware, MetricsMiddleware
 from weightsync.wire import (
@@ -68,6 +73,7 @@ from weightsync.wire import (
     ErrorBody,
     HintAnswers,
     HotLoadAnswers,
+    HotLoadRequest,
     HotLoadStatus,
     LedgerAnswers,
     LedgerResetAnswers,
@@ -202,18 +208,24 @@ def create_gateway_app(
     max_body_bytes: int,
     pool: ReplicaPool | None = None,
     served: ServedDeployment | None = None,
+    membership: Membership | None = None,
 ) -> FastAPI:
     """The deployment's front app over replicas at `replica_urls` (stops `pool` on shutdown).
 
     `served` names the account and deployment it answers for (the replicas must
     be started with the same ids: the gateway forwards the deployment headers).
+    `membership` replaces the fixed `replica_urls` with a changing set (the
+    caller starts and stops it).
     """
     served = served if served is not None else ServedDeployment()
-    replica_ids = [f"replica-{i}" for i in range(len(replica_urls))]
-    if pool is not None:
-        replica_ids = [r.replica_id for r in pool.replicas]
+    if membership is None:
+        replica_ids = [f"replica-{i}" for i in range(len(replica_urls))]
+        if pool is not None:
+            replica_ids = [r.replica_id for r in pool.replicas]
+        membership = StaticMembership(replica_urls, replica_ids)
+    replicas: Membership = membership
     metrics = HttpMetrics(CollectorRegistry())
-    round_robin = itertools.cycle(range(len(replica_urls)))
+    round_robin = itertools.count()
     clients: dict[str, httpx.AsyncClient] = {}
     # What the gateway sends on calls of its own (not forwarded from a client).
     own_headers = {AUTHORIZATION_HEADER: f"Bearer {api_key}"} if api_key else {}
@@ -237,21 +249,25 @@ def create_gateway_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     async def call(
-        i: int,
+        member: Member,
         method: str,
         path: str,
         request: Request | None,
         *,
         body: bytes | None = None,
         timeout_s: float = CONTROL_TIMEOUT_S,
+        lost: set[str] | None = None,
     ) -> tuple[int, Any]:
+        """One replica's answer; an unreachable one is a 503 (and joins `lost`)."""
         headers = _forward_headers(request) if request is not None else own_headers
         try:
             r = await clients["c"].request(
-                method, replica_urls[i] + path, content=body, headers=headers, timeout=timeout_s
+                method, f"{member.url}{path}", content=body, headers=headers, timeout=timeout_s
             )
         except httpx.HTTPError as e:
-            message = f"{replica_ids[i]} at {replica_urls[i]} is unreachable: {e!r}"
+            if lost is not None:
+                lost.add(member.replica_id)
+            message = f"{member.replica_id} at {member.url} is unreachable: {e!r}"
             return 503, error_body(503, message, "DeploymentError")
         try:
             return r.status_code, r.json()
@@ -259,22 +275,33 @@ def create_gateway_app(
             return r.status_code, error_body(r.status_code, r.text, "HTTPError")
 
     async def fan_out(
-        method: str, path: str, request: Request | None, body: bytes | None = None
-    ) -> list[tuple[int, Any]]:
-        return list(
-            await asyncio.gather(
-                *(call(i, method, path, request, body=body) for i in range(len(replica_urls)))
-            )
-        )
+        method: str,
+        path: str,
+        request: Request | None,
+        body: bytes | None = None,
+        *,
+        members: list[Member] | None = None,
+        lost: set[str] | None = None,
+    ) -> tuple[list[Member], list[tuple[int, Any]]]:
+        """Every reachable replica's answer (`members`, default: all that answer)."""
+        if members is None:
+            members = [m for m in replicas.members() if m.url is not None]
+        calls = (call(m, method, path, request, body=body, lost=lost) for m in members)
+        return members, list(await asyncio.gather(*calls))
 
-    def merged(results: list[tuple[int, Any]], answers: type[FanOutAnswers]) -> JSONResponse:
+    def merged(
+        fanned: tuple[list[Member], list[tuple[int, Any]]],
+        answers: type[FanOutAnswers],
+        extra: dict[str, Any] | None = None,
+    ) -> JSONResponse:
         """Every replica's entries, parsed as `answers`; the first failure's status if any failed.
 
         A replica's answer that is not its wire model counts as a failure (502).
         """
+        members, results = fanned
         entries: list[Any] = []
         failures = []
-        for i, (answered, doc) in enumerate(results):
+        for member, (answered, doc) in zip(members, results, strict=True):
             status, message = answered, ""
             if 200 <= answered < 300:
                 try:
@@ -284,42 +311,52 @@ def create_gateway_app(
                 except ValidationError as e:
                     status, message = 502, f"answered outside the wire contract: {e}"
             message = message or _error_message(doc)
-            failures.append((status, f"{replica_ids[i]}: {message}"))
-            failure = ReplicaFailure(replica_id=replica_ids[i], status_code=status, error=message)
+            failures.append((status, f"{member.replica_id}: {message}"))
+            failure = ReplicaFailure(
+                replica_id=member.replica_id, status_code=status, error=message
+            )
             entries.append(failure.model_dump(mode="json"))
         if not failures:
-            return JSONResponse({"replicas": entries})
+            return JSONResponse({"replicas": entries, **(extra or {})})
         status = failures[0][0]
         message = "; ".join(m for _, m in failures)
         body = {**error_body(status, message, "ReplicaError"), "replicas": entries}
-        return JSONResponse(body, status_code=status)
+        return JSONResponse({**body, **(extra or {})}, status_code=status)
 
     async def statuses(request: Request | None) -> list[ReplicaStatus]:
-        """Every replica's status; one that cannot answer is reported as not ready."""
-        results = await fan_out("GET", HOT_LOAD_PATH, request)
+        """Every replica's status; one that cannot answer, or is missing, is reported not ready."""
+        members = replicas.members()
+        reachable, results = await fan_out(
+            "GET", HOT_LOAD_PATH, request, members=[m for m in members if m.url is not None]
+        )
+        answered = {m.replica_id: result for m, result in zip(reachable, results, strict=True)}
         entries: list[ReplicaStatus] = []
-        for i, (status, doc) in enumerate(results):
+        for member in members:
+            status, doc = answered.get(member.replica_id, (503, member.problem or "missing"))
             if 200 <= status < 300:
                 for entry in HotLoadStatus.model_validate(doc).replicas:
-                    entries.append(entry.model_copy(update={"url": replica_urls[i]}))
+                    update = {"url": member.url, "membership": member.state}
+                    entries.append(entry.model_copy(update=update))
                 continue
             entries.append(
                 ReplicaStatus(
-                    replica_id=replica_ids[i],
-                    url=replica_urls[i],
+                    replica_id=member.replica_id,
+                    url=member.url,
                     current_snapshot_identity=None,
                     readiness=False,
                     loading_state=LoadingState(
                         stage="error", target_snapshot_identity=None, error=_error_message(doc)
                     ),
+                    membership=member.state,
                 )
             )
         return entries
 
     @app.get(HEALTH_PATH)
     async def health() -> dict[str, Any]:
-        alive = pool.alive() if pool is not None else len(replica_urls)
-        return {"status": "ok", "replicas_alive": alive, "replicas": len(replica_urls)}
+        members = replicas.members()
+        alive = pool.alive() if pool is not None else len(replicas.serving())
+        return {"status": "ok", "replicas_alive": alive, "replicas": len(members)}
 
     @app.get(METRICS_PATH)
     async def metrics_route() -> Response:
@@ -327,10 +364,35 @@ def create_gateway_app(
 
     @app.post(HOT_LOAD_PATH)
     async def hot_load(request: Request) -> JSONResponse:
-        results = await fan_out("POST", HOT_LOAD_PATH, request, body=await request.body())
+        body = await request.body()
+        lost: set[str] = set()
+        async with replicas.hot_load_round() as targets:
+            if not targets:
+                message = (
+                    "no replica serves the deployment's head yet; GET the hot-load status to "
+                    "see each replica's standing, and retry"
+                )
+                return error_response(503, message, "DeploymentError")
+            members, results = await fan_out(
+                "POST", HOT_LOAD_PATH, request, body=body, members=targets, lost=lost
+            )
+            if any(200 <= s < 300 for s, _ in results):
+                # A replica accepted: the request was valid JSON of the contract.
+                document = json.loads(body)
+                replicas.accepted(HotLoadRequest.model_validate(document), document)
+            if lost:
+                replicas.lost(lost)
+        view = replicas.view()
+        if view is not None and lost:
+            # Replicas gone mid-round are not counted: the view says they are missing.
+            kept = [
+                (m, r) for m, r in zip(members, results, strict=True) if m.replica_id not in lost
+            ]
+            members, results = [m for m, _ in kept], [r for _, r in kept]
         # Each replica answers with its own HotLoadAnswer; the gateway lists them.
         wrapped = [(s, {"replicas": [d]} if 200 <= s < 300 else d) for s, d in results]
-        return merged(wrapped, HotLoadAnswers)
+        extra = {"membership": view.model_dump(mode="json")} if view is not None else None
+        return merged((members, wrapped), HotLoadAnswers, extra)
 
     @app.get(HOT_LOAD_PATH)
     async def hot_load_status(request: Request) -> HotLoadStatus:
@@ -363,15 +425,19 @@ def create_gateway_app(
         client going away closes the replica's connection, which stops the generation.
         """
         body = await request.body()
+        serving = replicas.serving()
+        if not serving:
+            message = "no replica serves the deployment's head yet; retry shortly"
+            return JSONResponse(error_body(503, message, "DeploymentError"), status_code=503)
         session = request.headers.get(SESSION_HEADER)
-        first = zlib.crc32(session.encode()) % len(replica_urls) if session else next(round_robin)
-        order = [(first + k) % len(replica_urls) for k in range(len(replica_urls))]
+        first = zlib.crc32(session.encode()) if session else next(round_robin)
+        order = [serving[(first + k) % len(serving)] for k in range(len(serving))]
         upstream: httpx.Response | None = None
         failure = error_body(503, "no replica answered", "DeploymentError")
-        for k, i in enumerate(order):
+        for k, member in enumerate(order):
             outgoing = clients["c"].build_request(
                 "POST",
-                replica_urls[i] + request.url.path,
+                f"{member.url}{request.url.path}",
                 content=body,
                 headers=_forward_headers(request),
                 timeout=INFERENCE_TIMEOUT_S,
@@ -381,7 +447,7 @@ def create_gateway_app(
                     request, clients["c"].send(outgoing, stream=True)
                 )
             except httpx.HTTPError as e:
-                message = f"{replica_ids[i]} at {replica_urls[i]} is unreachable: {e!r}"
+                message = f"{member.replica_id} at {member.url} is unreachable: {e!r}"
                 failure = error_body(503, message, "DeploymentError")
                 continue
             if upstream is None:
@@ -422,7 +488,10 @@ def create_gateway_app(
         app.add_api_route(path, proxy_inference, methods=["POST"], response_model=None)
 
     async def models(request: Request) -> JSONResponse:
-        status, doc = await call(0, "GET", MODELS_PATH, request)
+        serving = replicas.serving()
+        if not serving:
+            return error_response(503, "no replica serves the deployment yet", "DeploymentError")
+        status, doc = await call(serving[0], "GET", MODELS_PATH, request)
         if not 200 <= status < 300:
             return error_response(status, str(doc), "ReplicaError")
         return JSONResponse(doc)

@@ -51,6 +51,10 @@ LoadResult = Literal["ok", "error"]
 SourceKind = Literal["storage", "model_dir"]
 #: A replica's answer to a hot-load POST it did not refuse.
 HotLoadDisposition = Literal["accepted", "loading", "already_serving"]
+#: Where a replica stands in an elastic deployment (a gateway over Ray actors): `admitted`
+#: replicas take inference and hot-loads; `catching_up` ones are loading the chain up to the
+#: head; `missing` ones are not running (their node is gone, or Ray is restarting them).
+MemberState = Literal["admitted", "catching_up", "missing"]
 
 
 def cache_reset_policy(value: object) -> CacheResetPolicy:
@@ -111,10 +115,28 @@ class ReplicaFailure(WireModel):
     error: str | None
 
 
+class DeploymentMembership(WireModel):
+    """Who an elastic deployment counted at one moment: its head and each replica's standing.
+
+    "Every replica accepted" in a hot-load answer means every replica in `admitted`.
+    """
+
+    head_snapshot_identity: str | None
+    admitted: list[str]
+    catching_up: list[str]
+    missing: list[str]
+
+
 class HotLoadAnswers(WireModel):
-    """The gateway's answer to a hot-load POST: every replica accepted."""
+    """The gateway's answer to a hot-load POST: every replica accepted.
+
+    An elastic deployment adds `membership`: which replicas "every" counted.
+    """
+
+    omit_if_none = frozenset({"membership"})
 
     replicas: list[HotLoadAnswer]
+    membership: DeploymentMembership | None = None
 
 
 # --- GET /hot_load/v1/models/hot_load ----------------------------------------------
@@ -171,10 +193,11 @@ class ReplicaStatus(WireModel):
 
     `readiness` is true only while the replica serves, verified, the identity it
     reports. `transition` and `engine` are None only in the gateway's entry for
-    a replica it cannot reach; `url` is set by the gateway.
+    a replica it cannot reach; `url` is set by the gateway, and `membership` by the
+    gateway of an elastic deployment (only `admitted` replicas count as "every replica").
     """
 
-    omit_if_none = frozenset({"url"})
+    omit_if_none = frozenset({"url", "membership"})
 
     replica_id: str
     current_snapshot_identity: str | None
@@ -188,6 +211,7 @@ class ReplicaStatus(WireModel):
     engine: str | None = None
     degraded: str | None = None
     url: str | None = None
+    membership: MemberState | None = None
 
 
 class HotLoadStatus(WireModel):

@@ -1,0 +1,140 @@
+"""The head of an elastic deployment: the chain of hot-loads it accepted, kept on disk.
+
+A replica that joins late, or that Ray restarts after a crash, catches up by
+replaying this chain from where it stands (its ledger's last verified load, or
+the snapshot it was started from) — or from the chain's first link, a base,
+when what it serves is not in the chain. The record starts with the snapshot
+the deployment was started from; a delta's hot-load appends a link, a base's
+hot-load starts a new chain. It is written to a temporary name and renamed, so
+a gateway that restarts (or a crash mid-write) finds the last whole record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from weightsync.errors import DeploymentError
+from weightsync.wire import HotLoadRequest
+
+HEAD_RECORD_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChainLink:
+    """One accepted load: its identity and the request body that loads it (replayed verbatim)."""
+
+    identity: str
+    request: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadRecord:
+    """The accepted chain, oldest first: `links[0]` is a base, each later link a delta on the
+    one before it. `head` is the identity every admitted replica must reach."""
+
+    links: tuple[ChainLink, ...]
+
+    @classmethod
+    def starting_at(cls, identity: str) -> HeadRecord:
+        """The record of a deployment started from snapshot `identity`."""
+        return cls(links=(ChainLink(identity=identity, request={"identity": identity}),))
+
+    @property
+    def head(self) -> str:
+        return self.links[-1].identity
+
+    @property
+    def previous(self) -> str | None:
+        """The identity before the head (None when the head is the chain's base)."""
+        return self.links[-2].identity if len(self.links) > 1 else None
+
+    def position(self, identity: str | None) -> int | None:
+        """Where `identity` is in the chain (0 = its base), or None when it is not in it."""
+        for i in range(len(self.links) - 1, -1, -1):
+            if self.links[i].identity == identity:
+                return i
+        return None
+
+    def next_link(self, current: str | None) -> ChainLink | None:
+        """The load that moves a replica serving `current` one step toward the head.
+
+        None when `current` is the head; the chain's base when `current` is not in it.
+        """
+        position = self.position(current)
+        if position is None:
+            return self.links[0]
+        if position == len(self.links) - 1:
+            return None
+        return self.links[position + 1]
+
+    def accepted(self, request: HotLoadRequest, body: dict[str, Any]) -> HeadRecord:
+        """The record after every admitted replica accepted `request` (sent as `body`).
+
+        A delta on the head is appended; a base starts a new chain; the head again
+        (a retried request) changes nothing. A delta whose parent is not the head
+        never reaches here: the replicas serving the head refuse it (409).
+        """
+        if request.identity == self.head:
+            return self
+        link = ChainLink(identity=request.identity, request=body)
+        if request.incremental_snapshot_metadata is None:
+            return HeadRecord(links=(link,))
+        return HeadRecord(links=(*self.links, link))
+
+    def to_json(self) -> str:
+        links = [{"identity": link.identity, "request": link.request} for link in self.links]
+        return json.dumps({"version": HEAD_RECORD_VERSION, "links": links}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str) -> HeadRecord:
+        try:
+            data = json.loads(text)
+            if data.get("version") != HEAD_RECORD_VERSION:
+                raise ValueError(f"version {data.get('version')!r}, expected {HEAD_RECORD_VERSION}")
+            links = tuple(
+                ChainLink(identity=str(item["identity"]), request=dict(item["request"]))
+                for item in data["links"]
+            )
+            if not links:
+                raise ValueError("no links")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DeploymentError(
+                f"head record {where} is unreadable ({e}); delete it to restart the deployment "
+                "from its start snapshot"
+            ) from e
+        return cls(links=links)
+
+
+class HeadRecordFile:
+    """The head record at `path`, written by the gateway only (one writer)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def load(self, *, start_identity: str) -> HeadRecord:
+        """The recorded head, or a new record starting at `start_identity` (written now)."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            record = HeadRecord.starting_at(start_identity)
+            self.save(record)
+            return record
+        except OSError as e:
+            raise DeploymentError(f"cannot read the head record {self.path}: {e}") from e
+        return HeadRecord.from_json(text, where=str(self.path))
+
+    def save(self, record: HeadRecord) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(record.to_json() + "\n")
+            tmp.replace(self.path)
+        except OSError as e:
+            raise DeploymentError(
+                f"cannot write the head record {self.path}: {e}; give the gateway a writable "
+                "--state-dir"
+            ) from e
