@@ -9,7 +9,9 @@ import json
 import shutil
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +295,42 @@ def _wait_loaded(client: httpx.Client, identity: str) -> dict[str, Any]:
     raise AssertionError(f"the load of {identity} did not finish")
 
 
+@contextmanager
+def _replica(root: Path, state: Path, snapshot: str) -> Iterator[tuple[httpx.Client, Replica]]:
+    replica = Replica(ReplicaConfig(storage=str(root), snapshot=snapshot, state_dir=state))
+    replica.start()
+    server = ServerThread(create_app(replica))
+    try:
+        with httpx.Client(base_url=server.start(), timeout=60) as client:
+            yield client, replica
+    finally:
+        server.stop()
+
+
+def _serves(replica: Replica, expected: dict[str, torch.Tensor]) -> bool:
+    live = replica.engine.named_weights()
+    return all(
+        torch.equal(live[n].view(torch.int16), t.view(torch.int16)) for n, t in expected.items()
+    )
+
+
+@pytest.mark.timeout(180)
+def test_a_replica_starts_from_and_hot_loads_plain_hf_bases(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    root = tmp_path / "store"
+    shutil.copytree(models["base"], root / "hf-base")
+    shutil.copytree(models["step"], root / "hf-step")
+    with _replica(root, tmp_path / "state", "hf-base") as (client, replica):
+        assert _serves(replica, _hf_weights(models["base"]))
+        r = client.post("/hot_load/v1/models/hot_load", json={"identity": "hf-step"})
+        assert r.status_code == 200, r.text
+        status = _wait_loaded(client, "hf-step")
+        assert status["loading_state"]["stage"] == "ready", status
+        assert status["current_snapshot_identity"] == "hf-step"
+        assert _serves(replica, _hf_weights(models["step"]))
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.xfail(
     strict=True,
@@ -308,36 +346,23 @@ def test_a_replica_hot_loads_fireworks_layouts_bit_exactly(
     root = tmp_path / "store"
     shutil.copytree(models["base"], root / "hf-base")
     _delta_dir(models, root / "fw-step", "arc_v2")
-    config = ReplicaConfig(storage=str(root), snapshot="hf-base", state_dir=tmp_path / "state")
-    replica = Replica(config)
-    replica.start()
-    server = ServerThread(create_app(replica))
-    try:
-        with httpx.Client(base_url=server.start(), timeout=60) as client:
-            live = replica.engine.named_weights()
-            assert all(
-                torch.equal(live[n].view(torch.int16), t.view(torch.int16))
-                for n, t in _hf_weights(models["base"]).items()
-            )
-            r = client.post(
-                "/hot_load/v1/models/hot_load",
-                json={
-                    "identity": "fw-step",
-                    "incremental_snapshot_metadata": {
-                        "previous_snapshot_identity": "hf-base",
-                        "compression_format": "arc_v2",
-                        "checksum_format": "alder32",
-                    },
+    with _replica(root, tmp_path / "state", "hf-base") as (client, replica):
+        assert _serves(replica, _hf_weights(models["base"]))
+        r = client.post(
+            "/hot_load/v1/models/hot_load",
+            json={
+                "identity": "fw-step",
+                "incremental_snapshot_metadata": {
+                    "previous_snapshot_identity": "hf-base",
+                    "compression_format": "arc_v2",
+                    "checksum_format": "alder32",
                 },
-            )
-            assert r.status_code == 200, r.text
-            status = _wait_loaded(client, "fw-step")
-            assert status["loading_state"]["stage"] == "ready", status
-            live = replica.engine.named_weights()
-            for name, tensor in _hf_weights(models["step"]).items():
-                assert torch.equal(live[name].view(torch.int16), tensor.view(torch.int16)), name
-    finally:
-        server.stop()
+            },
+        )
+        assert r.status_code == 200, r.text
+        status = _wait_loaded(client, "fw-step")
+        assert status["loading_state"]["stage"] == "ready", status
+        assert _serves(replica, _hf_weights(models["step"]))
 
 
 def test_a_sharded_hf_directory_loads_and_a_missing_shard_is_an_incomplete_write(
