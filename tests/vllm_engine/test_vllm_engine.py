@@ -53,7 +53,11 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[str, torc
 def engine(base) -> Iterator[VllmEngine]:
     config, tensors = base
     eng = get_engine(
-        "vllm", max_model_len=256, max_num_seqs=4, kv_cache_memory_bytes=32 << 20, block_size=32
+        "vllm-inprocess",
+        max_model_len=256,
+        max_num_seqs=4,
+        kv_cache_memory_bytes=32 << 20,
+        block_size=32,
     )
     assert isinstance(eng, VllmEngine)
     eng.load_base(config, tensors)

@@ -91,6 +91,13 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
     engine_threads: Annotated[
         int | None, typer.Option(min=1, help="torch engine: intra-op threads per replica.")
     ] = None,
+    vllm_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="vllm engine: one more `vllm serve` argument for vLLM's server (repeatable, "
+            "e.g. --vllm-arg=--max-model-len=4096)."
+        ),
+    ] = None,
     state_dir: Annotated[
         Path | None, typer.Option(help="Where ledgers live (default: per deployment, in tmp).")
     ] = None,
@@ -165,6 +172,7 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
                 transition=transition,
                 engine=engine,
                 engine_threads=engine_threads,
+                vllm_args=list(vllm_arg or []),
                 state_dir=state_dir if parent_pid is not None else state_dir / replica_id,
                 model_name=model_name,
                 deployment_id=deployment_id,
@@ -235,6 +243,8 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
         ):
             if value is not None:
                 serve_args += [flag, str(value)]
+        for value in vllm_arg or []:
+            serve_args.append(f"--vllm-arg={value}")
         env = dict(os.environ)
         env.pop("WEIGHTSYNC_API_KEY", None)
         if api_key:
@@ -253,6 +263,23 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
         raise typer.Exit(code=1) from e
 
 
+def _engine_options(
+    engine: str,
+    transition: str,
+    model_name: str,
+    *,
+    engine_threads: int | None,
+    vllm_args: list[str],
+) -> dict[str, object]:
+    """The engine's constructor options from the serve flags."""
+    if engine == "vllm":
+        # vLLM's server pauses in the transition's mode and names the model like the replica.
+        return {"transition": transition, "served_model_name": model_name, "serve_args": vllm_args}
+    if vllm_args:
+        raise typer.BadParameter("only the vllm engine takes --vllm-arg", param_hint="--vllm-arg")
+    return {} if engine_threads is None else {"num_threads": engine_threads}
+
+
 def _serve_replica(
     *,
     storage: str | None,
@@ -265,6 +292,7 @@ def _serve_replica(
     transition: str,
     engine: str,
     engine_threads: int | None,
+    vllm_args: list[str],
     state_dir: Path,
     model_name: str,
     deployment_id: str | None,
@@ -296,7 +324,9 @@ def _serve_replica(
         account_id=account_id,
         transition=transition,  # type: ignore[arg-type]
         engine=engine,
-        engine_options={} if engine_threads is None else {"num_threads": engine_threads},
+        engine_options=_engine_options(
+            engine, transition, model_name, engine_threads=engine_threads, vllm_args=vllm_args
+        ),
         api_key=api_key,
         max_body_bytes=max_body_bytes,
         fetch=fetch,

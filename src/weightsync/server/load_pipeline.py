@@ -188,7 +188,10 @@ class LoadPipeline:
         """Serve `weights` (already verified) as `load.identity`, record it, reload `adapters`."""
         started = time.perf_counter()
         load.started_at = utc_now()
-        self.engine.load_base(weights.config, weights.tensors, tokenizer_dir=weights.tokenizer_dir)
+        with self.engine.swap(load.identity):
+            self.engine.load_base(
+                weights.config, weights.tensors, tokenizer_dir=weights.tokenizer_dir
+            )
         tokenizer = load_tokenizer(weights.tokenizer_dir) if weights.tokenizer_dir else None
         if tokenizer is not None and load.source_kind == "storage":
             tokenizer.directory = Path(load.identity)
@@ -459,7 +462,7 @@ class LoadPipeline:
         self._reached("swapping", identity)
         t3 = time.perf_counter()
         applied: Exception | None = None
-        with self.swap_lock.exclusive():
+        with self.swap_lock.exclusive(), self.engine.swap(identity):
             t4 = time.perf_counter()
             try:
                 self.engine.apply_patches(prepared.patches, keep_undo=False)
@@ -515,7 +518,7 @@ class LoadPipeline:
                 self.store, previous.load, ledger=self.ledger.path,
                 tokenizer_root=self.tokenizer_root,
             )  # fmt: skip
-            with self.swap_lock.exclusive():
+            with self.swap_lock.exclusive(), self.engine.swap(previous.identity):
                 self.engine.load_base(
                     weights.config, weights.tensors, tokenizer_dir=weights.tokenizer_dir
                 )

@@ -189,6 +189,7 @@ class Replica:
             "requires_base": self.ledger.requires_base,
             "transition": self.config.transition,
             "engine": self.engine.name,
+            "inference_url": self.engine.inference_url,
             "degraded": load["degraded"],
         }
 

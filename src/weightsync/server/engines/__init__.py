@@ -1,4 +1,6 @@
-"""Engines a replica can run, by name: `torch` (embedded, default) and `vllm` (optional extra).
+"""Engines a replica can run, by name: `torch` (embedded, default), `vllm` (vLLM's own
+server beside the replica) and `vllm-inprocess` (vLLM inside the replica); both vLLM
+engines need the optional extra.
 
 `get_engine(name, **options)` builds one; options go to the engine's constructor.
 The vLLM engine is imported only when asked for, so the core never needs vllm.
@@ -39,25 +41,36 @@ def _vllm_installed() -> bool:
     return spec is not None and spec.origin is not None
 
 
-def _vllm_engine() -> type[Engine]:
+def _vllm_module(module_name: str, class_name: str) -> type[Engine]:
     install = "install the vllm extra with scripts/install-vllm.sh, or use the 'torch' engine"
     if not _vllm_installed():
         raise UnsupportedOperationError(
             f"the 'vllm' engine needs vllm, which is not installed; {install}"
         )
     try:
-        module = importlib.import_module("weightsync.server.engines.vllm_engine")
+        module = importlib.import_module(module_name)
     except ImportError as e:
         raise UnsupportedOperationError(
             f"the 'vllm' engine is not available ({e}); {install}"
         ) from e
-    engine_class: type[Engine] = module.VllmEngine
+    engine_class: type[Engine] = getattr(module, class_name)
     return engine_class
+
+
+def _vllm_engine() -> type[Engine]:
+    """vLLM's own OpenAI server beside the replica (the sidecar), patched in place."""
+    return _vllm_module("weightsync.server.engines.vllm_server_engine", "VllmServerEngine")
+
+
+def _vllm_inprocess_engine() -> type[Engine]:
+    """vLLM's `LLMEngine` inside the replica, behind the replica's own OpenAI API."""
+    return _vllm_module("weightsync.server.engines.vllm_engine", "VllmEngine")
 
 
 _ENGINES: dict[str, Callable[[], type[Engine]]] = {
     "torch": _torch_engine,
     "vllm": _vllm_engine,
+    "vllm-inprocess": _vllm_inprocess_engine,
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -180,6 +180,20 @@ class Engine(ABC):
     def weights_checksums(self, checksum_format: str) -> dict[str, str]:
         """Checksum of every named weight, as the manifest records them."""
         return {n: checksum_tensor(checksum_format, t) for n, t in self.named_weights().items()}
+
+    @property
+    def inference_url(self) -> str | None:
+        """Base URL of an OpenAI server of the engine's own, beside the replica's (or None)."""
+        return None
+
+    def swap(self, identity: str) -> AbstractContextManager[None]:
+        """Held around a swap's apply (or base load) and cache reset, inside the swap lock.
+
+        An engine whose generation runs outside the replica (vLLM's own server)
+        pauses it here and, on leaving, names `identity` as served when an apply
+        inside succeeded, then resumes. The default does nothing.
+        """
+        return nullcontext()
 
     def close(self) -> None:  # noqa: B027  (optional hook)
         """Release resources (threads, subprocesses)."""

@@ -87,7 +87,7 @@ class _Loaded:
 class VllmEngine(Engine):
     """vLLM (in-process `LLMEngine`) behind the engine interface; CPU or GPU."""
 
-    name = "vllm"
+    name = "vllm-inprocess"
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ rest of weightsync), so vLLM is only imported inside the methods.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -50,6 +51,30 @@ class WeightsyncWorkerExtension:
             )
             _reprocess_tied_modules(model, {name for name, _ in weights})
         return len(weights)
+
+    def weightsync_reload_file(self, path: str) -> int:
+        """`weightsync_reload` of the tensors in this safetensors file (the server path).
+
+        vLLM's `/collective_rpc` route passes strings only, so the sidecar writes the
+        tensors to a file beside the server and names it; the file is read here once.
+        """
+        from safetensors.torch import load_file
+
+        return self.weightsync_reload(list(load_file(path).items()))
+
+    def weightsync_checksums(self, names: str | list[str], checksum_format: str) -> dict[str, str]:
+        """Checksums (as a manifest records them) of the named parameters vLLM holds.
+
+        `names` may be a JSON list (vLLM's `/collective_rpc` route passes strings).
+
+        Only parameters vLLM keeps in checkpoint layout are answered (see
+        `weightsync_read_back`); the caller compares them with what it pushed.
+        """
+        from weightsync.codec import checksum_tensor
+
+        wanted = json.loads(names) if isinstance(names, str) else names
+        held = self.weightsync_read_back(wanted)
+        return {name: checksum_tensor(checksum_format, t) for name, t in held.items()}
 
     def weightsync_model_info(self) -> dict[str, Any]:
         """The loaded model's class, fused-module mapping and parameter names/shapes."""

@@ -1,0 +1,183 @@
+"""ASGI middleware for vLLM's own OpenAI server: every answer names the snapshot serving it.
+
+Loaded into `vllm serve` with `--middleware
+weightsync.server.engines.vllm_middleware.SnapshotIdentityMiddleware`. It keeps
+one label, the identity of the snapshot the worker holds, which the weightsync
+sidecar sets while vLLM is paused (after the in-place apply, before `/resume`)
+through `POST /weightsync/snapshot` (guarded by the token in
+`WEIGHTSYNC_VLLM_CONTROL_TOKEN`, which the sidecar puts in vLLM's environment).
+
+On `/v1/completions` and `/v1/chat/completions` it adds:
+
+- the header `x-weightsync-snapshot-identity` (the label when the answer starts);
+- on every streamed chunk (`data: {...}` events) the field `snapshot_identity`,
+  the label when that chunk leaves the server, so a stream that spans an async
+  swap says where it changed;
+- on a whole (non-streamed) answer `snapshot_identity` (the label when it ends)
+  and `snapshot_identities` (the labels seen while it ran, in order: more than one
+  means the answer spans a swap).
+
+Why the label is right per chunk: the label changes only while vLLM is paused,
+after `/pause` returned (vLLM hands out the outputs of steps taken before the
+pause before it answers) and after the apply; every token produced after
+`/resume` comes from the new weights, and every chunk sent before the label
+changed came from the old ones.
+
+This module imports without vLLM (it is plain ASGI), so it is linted and typed
+with the rest of weightsync.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+TOKEN_ENV = "WEIGHTSYNC_VLLM_CONTROL_TOKEN"
+CONTROL_PATH = "/weightsync/snapshot"
+HEADER = b"x-weightsync-snapshot-identity"
+LABELLED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+class SnapshotIdentityMiddleware:
+    """Labels vLLM's OpenAI answers with the served snapshot identity (see the module doc)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.identity = ""
+        #: Every label set so far, in order (a whole answer lists those seen while it ran).
+        self.history: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if path == CONTROL_PATH:
+            await self._control(scope, receive, send)
+        elif path in LABELLED_PATHS:
+            await self._labelled(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    # --- the sidecar's label route ------------------------------------------------
+
+    async def _control(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = os.environ.get(TOKEN_ENV, "")
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"").decode("latin-1").removeprefix("Bearer ")
+        if not token or not hmac.compare_digest(given, token):
+            await _json(send, 403, {"error": f"{CONTROL_PATH} needs the sidecar's token"})
+            return
+        if scope.get("method") == "GET":
+            await _json(send, 200, {"snapshot_identity": self.identity})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            identity = json.loads(body)["snapshot_identity"]
+        except (ValueError, KeyError, TypeError):
+            identity = None
+        if not isinstance(identity, str) or not identity:
+            await _json(send, 400, {"error": 'send {"snapshot_identity": "<identity>"}'})
+            return
+        if identity != self.identity:
+            self.identity = identity
+            self.history.append(identity)
+        await _json(send, 200, {"snapshot_identity": self.identity})
+
+    # --- labelled inference answers -------------------------------------------------
+
+    async def _labelled(self, scope: Scope, receive: Receive, send: Send) -> None:
+        seen_from = len(self.history)
+        state: dict[str, Any] = {"stream": False, "json": False, "pending": b"", "whole": b""}
+
+        async def labelling_send(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", [])]
+                content_type = dict(headers).get(b"content-type", b"")
+                state["stream"] = content_type.startswith(b"text/event-stream")
+                state["json"] = content_type.startswith(b"application/json")
+                if state["json"]:  # the body grows: its length is set when it is complete
+                    headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+                headers.append((HEADER, self.identity.encode()))
+                state["start"] = {**message, "headers": headers}
+                if not state["json"]:
+                    await send(state["start"])
+                return
+            if kind != "http.response.body":
+                await send(message)
+                return
+            more = bool(message.get("more_body"))
+            body: bytes = message.get("body", b"")
+            if state["stream"]:
+                data = self._label_events(state, body, final=not more)
+                await send({**message, "body": data})
+            elif state["json"]:
+                state["whole"] += body
+                if not more:
+                    data = self._label_whole(state["whole"], seen_from)
+                    start = state["start"]
+                    start["headers"].append((b"content-length", str(len(data)).encode()))
+                    await send(start)
+                    await send({"type": "http.response.body", "body": data})
+            else:
+                await send(message)
+
+        await self.app(scope, receive, labelling_send)
+
+    def _label_events(self, state: dict[str, Any], body: bytes, *, final: bool) -> bytes:
+        """Add `snapshot_identity` to each complete `data: {...}` event of the stream."""
+        buffer: bytes = state["pending"] + body
+        *events, rest = buffer.split(b"\n\n")
+        if final:
+            events, rest = [*events, rest] if rest else events, b""
+        state["pending"] = rest
+        out = []
+        for event in events:
+            if event.startswith(b"data: {"):
+                try:
+                    chunk = json.loads(event[len(b"data: ") :])
+                except ValueError:
+                    out.append(event)
+                    continue
+                if isinstance(chunk, dict):
+                    chunk["snapshot_identity"] = self.identity
+                    out.append(b"data: " + json.dumps(chunk, separators=(",", ":")).encode())
+                    continue
+            out.append(event)
+        return b"".join(e + b"\n\n" for e in out)
+
+    def _label_whole(self, body: bytes, seen_from: int) -> bytes:
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            return body
+        if not isinstance(answer, dict) or "choices" not in answer:
+            return body  # an error answer: left as vLLM wrote it
+        # The label when the request came in, then every one set while it ran.
+        before = self.history[seen_from - 1 : seen_from] if seen_from else []
+        seen = [*before, *self.history[seen_from:]] or [self.identity]
+        answer["snapshot_identity"] = self.identity
+        answer["snapshot_identities"] = seen
+        return json.dumps(answer, separators=(",", ":")).encode()
+
+
+async def _json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})

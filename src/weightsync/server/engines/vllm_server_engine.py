@@ -1,0 +1,677 @@
+"""The `vllm` engine: vLLM's own OpenAI server (`vllm serve`), hot-loaded in place by a sidecar.
+
+The replica process this engine runs in is the **sidecar**: it keeps the
+hot-load API, the ledger, fetch, decode and verify (all before any pause), and
+drives a stock vLLM OpenAI server that it starts beside itself:
+
+    python -m vllm.entrypoints.openai.api_server --model <dir>
+        --worker-extension-cls weightsync.server.engines.vllm_worker.WeightsyncWorkerExtension
+        --middleware weightsync.server.engines.vllm_middleware.SnapshotIdentityMiddleware
+        (VLLM_SERVER_DEV_MODE=1, for /pause, /resume, /collective_rpc, /reset_prefix_cache)
+
+Inference goes to that server directly (`vllm_url`; streaming, stop strings,
+chat templates, logprobs, `n`, as vLLM does them); the middleware names the
+snapshot on every answer and every streamed chunk. The sidecar's own
+`/v1/completions` also works (`generate` streams from vLLM's server).
+
+A swap (`swap(identity)` around `apply_patches` and the cache reset) is:
+`POST /pause?mode=keep` (async transition: running requests freeze and resume
+on the new weights; their KV is recomputed when the prefix cache is reset with
+`reset_running_requests`) or `mode=wait` (sync: running requests finish on the
+old weights first) → the touched layers' tensors, written to one safetensors
+file beside the server, go through `POST /collective_rpc weightsync_reload_file`
+(vLLM's own `reload_weights`, which re-runs each layer's processing: fused
+qkv/gate_up, CPU GEMM re-packing, tied heads) → read-back checksums of what the
+worker holds in checkpoint layout, compared with what was pushed (undo on a
+mismatch) → `POST /reset_prefix_cache` → the middleware's label → `POST /resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import torch
+from safetensors.torch import save_file
+
+from weightsync.codec import Patch, checksum_tensor
+from weightsync.errors import DeploymentError, InvalidInputError, SnapshotCorruptError
+from weightsync.server.engines.base import (
+    CacheScope,
+    Engine,
+    GenerateRequest,
+    GenerateResult,
+    StepGuard,
+    TokenCallback,
+    check_generate_request,
+)
+from weightsync.server.engines.vllm_middleware import CONTROL_PATH, TOKEN_ENV
+
+logger = logging.getLogger(__name__)
+
+PushMode = Literal["changed", "full"]
+Transition = Literal["async", "sync"]
+WORKER_EXTENSION = "weightsync.server.engines.vllm_worker.WeightsyncWorkerExtension"
+MIDDLEWARE = "weightsync.server.engines.vllm_middleware.SnapshotIdentityMiddleware"
+_CONFIG_KEYS_IGNORED = frozenset({"transformers_version", "_name_or_path"})
+#: The checksum the read-back compares with (fast, exact over the bits).
+_READ_BACK_CHECKSUM = "xxh3_64"
+
+
+@dataclass(eq=False)
+class _Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    token: str
+    work_dir: Path
+    log_path: Path
+    config: dict[str, Any]
+    host: dict[str, torch.Tensor]
+    groups: dict[str, tuple[str, ...]]
+    readable: frozenset[str]
+    vocab_size: int
+    max_model_len: int
+    served_model: str
+
+
+class VllmServerEngine(Engine):
+    """vLLM's OpenAI server beside the replica (the sidecar), patched in place through it."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        *,
+        max_model_len: int = 2048,
+        max_num_seqs: int = 16,
+        kv_cache_memory_bytes: int = 256 * 1024 * 1024,
+        enable_prefix_caching: bool = True,
+        block_size: int | None = None,
+        push: PushMode = "changed",
+        transition: Transition = "async",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        served_model_name: str | None = None,
+        startup_timeout_s: float = 300.0,
+        request_timeout_s: float = 300.0,
+        work_dir: str | Path | None = None,
+        serve_args: Sequence[str] = (),
+        python: str | None = None,
+    ) -> None:
+        """Options of the vLLM server this engine starts and how it patches it.
+
+        `transition`: "async" pauses vLLM with `mode=keep` (running requests freeze
+        and continue on the new weights), "sync" with `mode=wait` (they finish on
+        the old ones first). `push`: after a patch, push only the vLLM layers that
+        changed, or every tensor. `port` 0 picks a free one. `serve_args`: more
+        `vllm serve` flags (e.g. `["--tensor-parallel-size", "2"]`). `python`: the
+        interpreter that runs vLLM (default: this one).
+        """
+        if push not in ("changed", "full"):
+            raise InvalidInputError(f"push must be 'changed' or 'full', got {push!r}")
+        if transition not in ("async", "sync"):
+            raise InvalidInputError(f"transition must be 'async' or 'sync', got {transition!r}")
+        if max_model_len < 2 or max_num_seqs < 1 or kv_cache_memory_bytes < 1:
+            raise InvalidInputError(
+                "max_model_len must be >= 2, max_num_seqs >= 1 and kv_cache_memory_bytes >= 1"
+            )
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        self.enable_prefix_caching = enable_prefix_caching
+        self.block_size = block_size
+        self.push = push
+        self.transition: Transition = transition
+        self.bind_host = host
+        self.port = port
+        self.served_model_name = served_model_name
+        self.startup_timeout_s = startup_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.work_root = Path(work_dir) if work_dir is not None else None
+        self.serve_args = list(serve_args)
+        self.python = python or sys.executable
+        self._server: _Server | None = None
+        # One swap or push at a time (the replica's swap lock already orders them).
+        self._lock = threading.RLock()
+        self._http = httpx.Client(timeout=request_timeout_s, trust_env=False)
+        self._applied_in_swap = False
+        #: Seconds of the phases of the last swap (pause, push, read-back, reset, resume).
+        self.last_swap: dict[str, float] = {}
+
+    # --- the vLLM server --------------------------------------------------------
+
+    @property
+    def inference_url(self) -> str | None:
+        """Base URL of vLLM's own OpenAI server (inference goes here), once started."""
+        return self._server.url if self._server is not None else None
+
+    def _start(
+        self,
+        config: dict[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        tokenizer_dir: Path | None,
+    ) -> _Server:
+        if not tensors:
+            raise InvalidInputError("a base needs at least one tensor")
+        if not config.get("architectures"):
+            raise InvalidInputError(
+                "the model config has no 'architectures'; vLLM picks the model class from it "
+                "(e.g. ['Qwen3ForCausalLM']) — save the model with save_pretrained"
+            )
+        host = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+        if self.work_root is not None:
+            self.work_root.mkdir(parents=True, exist_ok=True)
+        work_dir = Path(tempfile.mkdtemp(prefix="weightsync-vllm-", dir=self.work_root))
+        model_dir = work_dir / "model"
+        model_dir.mkdir()
+        if tokenizer_dir is not None:
+            for f in Path(tokenizer_dir).iterdir():
+                if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+                    shutil.copy2(f, model_dir / f.name)
+        (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(host, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+        positions = int(config.get("max_position_embeddings") or self.max_model_len)
+        max_model_len = min(self.max_model_len, positions)
+        port = self.port or _free_port(self.bind_host)
+        served = self.served_model_name or str(config.get("model_type") or "model")
+        argv = [
+            self.python, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model_dir),
+            "--served-model-name", served,
+            "--host", self.bind_host, "--port", str(port),
+            "--dtype", str(_model_dtype(host)).removeprefix("torch."),
+            "--max-model-len", str(max_model_len),
+            "--max-num-seqs", str(self.max_num_seqs),
+            "--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes),
+            "--enforce-eager",
+            "--enable-prefix-caching" if self.enable_prefix_caching
+            else "--no-enable-prefix-caching",
+            "--enable-prompt-tokens-details",
+            "--worker-extension-cls", WORKER_EXTENSION,
+            "--middleware", MIDDLEWARE,
+            "--seed", "0",
+        ]  # fmt: skip
+        if tokenizer_dir is None:
+            argv.append("--skip-tokenizer-init")
+        if self.block_size is not None:
+            argv += ["--block-size", str(self.block_size)]
+        argv += self.serve_args
+        token = secrets.token_hex(16)
+        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", TOKEN_ENV: token}
+        log_path = work_dir / "vllm.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        url = f"http://{_url_host(self.bind_host)}:{port}"
+        server = _Server(
+            process=process, url=url, token=token, work_dir=work_dir, log_path=log_path,
+            config=config, host=host, groups={}, readable=frozenset(),
+            vocab_size=int(config.get("vocab_size") or 0), max_model_len=max_model_len,
+            served_model=served,
+        )  # fmt: skip
+        try:
+            self._wait_ready(server)
+            # vLLM has read the file; the host copy is the source of every later push.
+            (model_dir / "model.safetensors").unlink()
+            [info] = self._rpc(server, "weightsync_model_info")
+        except BaseException:
+            _stop(server)
+            raise
+        server.groups = _layer_groups(list(host), info["packed_modules_mapping"])
+        params: dict[str, Any] = info["parameters"]
+        server.readable = frozenset(
+            name
+            for name, t in host.items()
+            if name in params
+            and tuple(params[name][0]) == tuple(t.shape)
+            and params[name][1] == str(t.dtype)
+        )
+        logger.info(
+            "vLLM's server serves %s at %s (%d tensors, %d readable in checkpoint layout)",
+            info["model_class"], url, len(host), len(server.readable),
+        )  # fmt: skip
+        return server
+
+    def _wait_ready(self, server: _Server) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise DeploymentError(
+                    f"vLLM's server exited with code {server.process.returncode} while "
+                    f"starting; its log ends: {_tail(server.log_path)}"
+                )
+            try:
+                if self._http.get(f"{server.url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise DeploymentError(
+            f"vLLM's server at {server.url} was not ready after {self.startup_timeout_s:.0f}s; "
+            f"raise startup_timeout_s; its log ends: {_tail(server.log_path)}"
+        )
+
+    def _post(self, server: _Server, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.post(f"{server.url}{path}", **kwargs)
+        except httpx.HTTPError as e:
+            raise DeploymentError(
+                f"vLLM's server at {server.url} did not answer POST {path}: {e}; "
+                f"its log ends: {_tail(server.log_path)}"
+            ) from e
+        if response.status_code != 200:
+            raise DeploymentError(
+                f"vLLM's server answered POST {path} with {response.status_code}: "
+                f"{response.text[:300]}"
+            )
+        return response
+
+    def _rpc(self, server: _Server, method: str, *args: str) -> list[Any]:
+        answer = self._post(server, "/collective_rpc", json={"method": method, "args": list(args)})
+        results: list[Any] = answer.json()["results"]
+        return results
+
+    # --- loading ------------------------------------------------------------------
+
+    def load_base(
+        self,
+        config: Mapping[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        tokenizer_dir: Path | None = None,
+    ) -> None:
+        """A base: pushed in place when the model is the same, else a new vLLM server."""
+        config = dict(config)
+        with self._lock:
+            current = self._server
+            if current is not None and _same_model(current, config, tensors):
+                for name, target in current.host.items():
+                    target.copy_(tensors[name])
+                self._push(current, sorted(current.host))
+                self._applied_in_swap = True
+                logger.info("loaded base in place (%d tensors pushed)", len(current.host))
+                return
+            server = self._start(config, tensors, tokenizer_dir)
+            old, self._server = self._server, server
+            self._applied_in_swap = True
+        if old is not None:
+            _stop(old)
+
+    def named_weights(self) -> Mapping[str, torch.Tensor]:
+        """The host copy (snapshot names and dtypes) that vLLM was last pushed."""
+        return dict(self._require_server().host)
+
+    def apply_patches(
+        self, patches: Mapping[str, Patch], *, keep_undo: bool = True
+    ) -> dict[str, Patch]:
+        """Patch the host copy, push the touched layers into vLLM, check what it holds.
+
+        All or none: a failed push puts the host copy and vLLM's tensors back.
+        """
+        server = self._require_server()
+        unknown = sorted(set(patches) - set(server.host))
+        if unknown:
+            raise InvalidInputError(
+                f"patches name tensors the served model lacks: {', '.join(unknown[:5])}"
+            )
+        undo: dict[str, Patch] = {}
+        with self._lock:
+            try:
+                for name, patch in patches.items():
+                    undo[name] = patch.apply_(server.host[name])
+            except Exception:
+                for name, back in undo.items():
+                    back.apply_(server.host[name])
+                raise
+            changed = [n for n, p in patches.items() if p.num_changed > 0]
+            names = sorted(server.host) if self.push == "full" else _closure(server, changed)
+            try:
+                self._push(server, names)
+            except Exception as e:
+                for name, back in undo.items():
+                    back.apply_(server.host[name])
+                self._restore(server, names, e)
+                raise
+            self._applied_in_swap = True
+        return undo if keep_undo else {}
+
+    def _push(self, server: _Server, names: list[str]) -> None:
+        """Reload these host tensors in vLLM's worker, then compare what it holds."""
+        if not names:
+            self.last_swap["push_s"] = 0.0
+            return
+        started = time.perf_counter()
+        path = server.work_dir / f"push-{secrets.token_hex(4)}.safetensors"
+        try:
+            save_file({n: server.host[n] for n in names}, str(path))
+            self._rpc(server, "weightsync_reload_file", str(path))
+        finally:
+            path.unlink(missing_ok=True)
+        pushed = time.perf_counter()
+        readable = [n for n in names if n in server.readable]
+        if readable:
+            [held] = self._rpc(
+                server, "weightsync_checksums", *[json.dumps(readable), _READ_BACK_CHECKSUM]
+            )
+            wrong = [
+                n
+                for n in readable
+                if held.get(n) != checksum_tensor(_READ_BACK_CHECKSUM, server.host[n])
+            ]
+            if wrong:
+                raise SnapshotCorruptError(
+                    f"vLLM's worker holds different bits than were pushed for "
+                    f"{', '.join(wrong[:5])}; the push was undone — report this with the "
+                    "vLLM version"
+                )
+        self.last_swap["push_s"] = pushed - started
+        self.last_swap["read_back_s"] = time.perf_counter() - pushed
+        logger.info("pushed %d tensors into vLLM in %.3fs", len(names), pushed - started)
+
+    def _restore(self, server: _Server, names: list[str], cause: BaseException) -> None:
+        try:
+            self._push(server, names)
+        except Exception as e:
+            raise DeploymentError(
+                f"pushing weights into vLLM failed ({cause!r}) and restoring the previous "
+                f"weights failed too ({e!r}); restart the replica"
+            ) from e
+
+    @contextmanager
+    def swap(self, identity: str) -> Iterator[None]:
+        """Pause vLLM around a swap; label and resume after it (see the module doc).
+
+        The label becomes `identity` only when an apply or base load succeeded
+        inside; otherwise the weights (and the label) stay the previous ones.
+        """
+        with self._lock:
+            paused = self._server
+            self._applied_in_swap = False
+            self.last_swap = {}
+            if paused is not None:
+                started = time.perf_counter()
+                mode = "keep" if self.transition == "async" else "wait"
+                self._post(paused, "/pause", params={"mode": mode, "clear_cache": "false"})
+                self.last_swap["pause_s"] = time.perf_counter() - started
+            try:
+                yield
+            finally:
+                server = self._server  # a new server when the base changed the model
+                started = time.perf_counter()
+                try:
+                    if server is not None and self._applied_in_swap:
+                        self._label(server, identity)
+                finally:
+                    if paused is not None and paused is server:
+                        self._post(server, "/resume")
+                self.last_swap["resume_s"] = time.perf_counter() - started
+                logger.info(
+                    "swap to %s: %s", identity,
+                    ", ".join(f"{k} {v:.3f}s" for k, v in self.last_swap.items()),
+                )  # fmt: skip
+
+    def _label(self, server: _Server, identity: str) -> None:
+        self._post(
+            server,
+            CONTROL_PATH,
+            json={"snapshot_identity": identity},
+            headers={"authorization": f"Bearer {server.token}"},
+        )
+
+    def reset_prompt_cache(self, scope: CacheScope = "all") -> int:
+        """Drop vLLM's whole prefix cache (it cannot be scoped, so "shared" drops all too).
+
+        Running (or paused) requests are preempted and recompute their KV on the
+        current weights. vLLM does not say how many blocks it dropped: returns 1
+        when it reset the cache.
+        """
+        server = self._server
+        if server is None:
+            return 0
+        started = time.perf_counter()
+        answer = self._post(
+            server, "/reset_prefix_cache", params={"reset_running_requests": "true"}
+        )
+        self.last_swap["reset_s"] = time.perf_counter() - started
+        if not answer.json().get("success"):
+            raise DeploymentError(
+                "vLLM refused to reset its prefix cache; restart the replica so no stale KV "
+                "is served"
+            )
+        return 1
+
+    def weights_checksums(self, checksum_format: str) -> dict[str, str]:
+        """Checksums of what vLLM's worker holds in checkpoint layout, else of the host copy."""
+        server = self._require_server()
+        with self._lock:
+            [held] = self._rpc(
+                server, "weightsync_checksums", json.dumps(sorted(server.readable)), checksum_format
+            )
+        return {
+            name: held.get(name) or checksum_tensor(checksum_format, tensor)
+            for name, tensor in server.host.items()
+        }
+
+    # --- serving through the sidecar's own API ------------------------------------------
+
+    def generate(
+        self,
+        request: GenerateRequest,
+        *,
+        step_guard: StepGuard,
+        on_token: TokenCallback | None = None,
+    ) -> GenerateResult:
+        """Generate one sequence by streaming from vLLM's `/v1/completions` (token ids in/out).
+
+        Each token's snapshot is the label vLLM's middleware put on its chunk. The
+        `step_guard` is entered once before the request (it waits out a swap in
+        progress); vLLM's own pause orders later swaps against its steps.
+        """
+        server = self._require_server()
+        check_generate_request(
+            request, vocab_size=server.vocab_size, max_positions=server.max_model_len
+        )
+        if request.adapter is not None:
+            raise InvalidInputError(
+                f"unknown LoRA adapter {request.adapter!r}: the vllm engine serves no adapters "
+                "(use the torch engine for LoRA)"
+            )
+        top_k = request.logprobs or 0
+        result = GenerateResult(
+            token_ids=[],
+            logprobs=[] if request.logprobs is not None else None,
+            top_logprobs=[] if top_k > 0 else None,
+        )
+        max_tokens = min(request.max_tokens, server.max_model_len - len(request.prompt_token_ids))
+        if max_tokens <= 0:
+            return result
+        eos = server.config.get("eos_token_id")
+        eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        body: dict[str, Any] = {
+            "model": server.served_model,
+            "prompt": list(request.prompt_token_ids),
+            "max_tokens": max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "top_k": request.top_k if request.top_k > 0 else -1,
+            "seed": request.seed,
+            "logprobs": request.logprobs,
+            "stop_token_ids": sorted({*request.stop_token_ids, *(int(i) for i in eos_ids)}),
+            "ignore_eos": True,
+            "skip_special_tokens": False,
+            "return_token_ids": True,
+            "return_tokens_as_token_ids": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with step_guard():  # waits out a swap in progress
+            pass
+        with self._http.stream("POST", f"{server.url}/v1/completions", json=body) as answer:
+            if answer.status_code != 200:
+                answer.read()
+                raise DeploymentError(
+                    f"vLLM's server answered /v1/completions with {answer.status_code}: "
+                    f"{answer.text[:300]}"
+                )
+            for line in answer.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[len("data: ") :])
+                if not _take_chunk(chunk, result, top_k):
+                    continue
+                if on_token is not None and not on_token(result):
+                    result.finish_reason = "stop"
+                    break
+        return result
+
+    def close(self) -> None:
+        with self._lock:
+            server, self._server = self._server, None
+        if server is not None:
+            _stop(server)
+        self._http.close()
+
+    def _require_server(self) -> _Server:
+        server = self._server
+        if server is None:
+            raise DeploymentError("the vLLM engine has no model loaded yet; load a base first")
+        return server
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def _take_chunk(chunk: Mapping[str, Any], result: GenerateResult, top_k: int) -> bool:
+    """Add a streamed completion chunk's tokens to `result`; True when it added any."""
+    usage = chunk.get("usage")
+    if isinstance(usage, Mapping):
+        details = usage.get("prompt_tokens_details") or {}
+        result.num_cached_prompt_tokens = int(details.get("cached_tokens") or 0)
+    choices = chunk.get("choices") or []
+    if not choices:
+        return False
+    choice = choices[0]
+    new_ids = [int(t) for t in choice.get("token_ids") or []]
+    result.token_ids.extend(new_ids)
+    result.token_snapshots.extend([str(chunk.get("snapshot_identity") or "")] * len(new_ids))
+    logprobs = choice.get("logprobs")
+    if result.logprobs is not None and logprobs:
+        result.logprobs.extend(float(lp) for lp in logprobs.get("token_logprobs") or [])
+        if result.top_logprobs is not None:
+            for top in logprobs.get("top_logprobs") or []:
+                ranked = sorted(top.items(), key=lambda kv: -kv[1])[:top_k]
+                result.top_logprobs.append({_token_id(t): float(lp) for t, lp in ranked})
+    if choice.get("finish_reason"):
+        result.finish_reason = "stop" if choice["finish_reason"] == "stop" else "length"
+    return bool(new_ids)
+
+
+def _token_id(token: str) -> int:
+    """A token vLLM names `token_id:<id>` (`return_tokens_as_token_ids`)."""
+    return int(token.rpartition(":")[2])
+
+
+def _layer_groups(
+    names: list[str], packed_modules_mapping: Mapping[str, list[str]]
+) -> dict[str, tuple[str, ...]]:
+    """Map each tensor name to all tensor names loaded into the same vLLM layer.
+
+    vLLM fuses some checkpoint modules (q/k/v into `qkv_proj`, gate/up into
+    `gate_up_proj`) and re-processes a layer only once every checkpoint tensor
+    of it has arrived, so a push must carry whole layers.
+    """
+    fused = {part: packed for packed, parts in packed_modules_mapping.items() for part in parts}
+
+    def layer_of(name: str) -> str:
+        module, _, _ = name.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        return f"{parent}.{fused.get(leaf, leaf)}" if parent else fused.get(leaf, leaf)
+
+    by_layer: dict[str, list[str]] = {}
+    for name in names:
+        by_layer.setdefault(layer_of(name), []).append(name)
+    return {name: tuple(sorted(by_layer[layer_of(name)])) for name in names}
+
+
+def _closure(server: _Server, changed: list[str]) -> list[str]:
+    names: set[str] = set()
+    for name in changed:
+        names.update(server.groups[name])
+    return sorted(names)
+
+
+def _same_model(
+    server: _Server, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> bool:
+    def clean(c: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in c.items() if k not in _CONFIG_KEYS_IGNORED}
+
+    if clean(server.config) != clean(config) or set(server.host) != set(tensors):
+        return False
+    return all(
+        tuple(t.shape) == tuple(tensors[n].shape) and t.dtype == tensors[n].dtype
+        for n, t in server.host.items()
+    )
+
+
+def _model_dtype(host: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype most of the weights are stored in (what vLLM computes in)."""
+    sizes: dict[torch.dtype, int] = {}
+    for t in host.values():
+        if t.is_floating_point():
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+    if not sizes:
+        raise InvalidInputError("the base has no floating-point tensors")
+    return max(sizes, key=lambda d: sizes[d])
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):  # a wildcard bind: reach it on loopback
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _tail(path: Path, chars: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+def _stop(server: _Server) -> None:
+    """Stop vLLM's server (its whole process group: API server, engine core, workers)."""
+    try:
+        if server.process.poll() is None:
+            os.killpg(server.process.pid, 15)
+            try:
+                server.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.process.pid, 9)
+                server.process.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    finally:
+        shutil.rmtree(server.work_dir, ignore_errors=True)
