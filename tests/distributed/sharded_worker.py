@@ -8,7 +8,8 @@ each save rank 0 writes the whole exported weights (gathered here, by the test's
 script, never by the library) to `<out>/full-<k>.safetensors`, so the test can
 compare. `--kill-rank R` makes rank R SIGKILL itself right after its first part
 file of the second save is durable (a storage wrapper: the seam where a rank
-dies mid-save). Results go to `<out>/rank<r>.json`.
+dies mid-save); `--fail-rank R` makes that write raise `OSError` once instead
+(both ranks then save the same snapshot again). Results go to `<out>/rank<r>.json`.
 """
 
 from __future__ import annotations
@@ -40,19 +41,22 @@ torch.set_num_threads(1)
 class DyingStorage(LocalStorage):
     """Local storage whose owner rank kills itself after writing its part of one save."""
 
-    def __init__(self, root: Path, *, rank: int, kill_rank: int, kill_save: str) -> None:
+    def __init__(
+        self, root: Path, *, rank: int, kill_rank: int, fail_rank: int, fault_save: str
+    ) -> None:
         super().__init__(root)
         self.rank = rank
         self.kill_rank = kill_rank
-        self.kill_save = kill_save
+        self.fail_rank = fail_rank
+        self.fault_save = fault_save
 
     def write_bytes(self, path: str, data: bytes) -> None:
+        mine = path.startswith(f"{self.fault_save}-") and f".r{self.rank:05d}." in path
+        if mine and self.rank == self.fail_rank:
+            self.fail_rank = -1  # once
+            raise OSError(28, "No space left on device (injected)", path)
         super().write_bytes(path, data)
-        if (
-            self.rank == self.kill_rank
-            and path.startswith(f"{self.kill_save}-")
-            and f".r{self.rank:05d}." in path
-        ):
+        if mine and self.rank == self.kill_rank:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -121,6 +125,7 @@ def main() -> None:
     ap.add_argument("--mode", choices=["fsdp", "shard1"], default="fsdp")
     ap.add_argument("--deltas", type=int, default=3)
     ap.add_argument("--kill-rank", type=int, default=-1)
+    ap.add_argument("--fail-rank", type=int, default=-1)
     ap.add_argument("--timeout", type=float, default=20.0)
     ap.add_argument("--bucket-bytes", type=int, default=256)
     ap.add_argument("--resume", action="store_true")
@@ -132,7 +137,11 @@ def main() -> None:
     out = Path(args.out)
     result: dict[str, Any] = {"rank": rank, "saves": []}
     storage = DyingStorage(
-        Path(args.storage), rank=rank, kill_rank=args.kill_rank, kill_save="step1"
+        Path(args.storage),
+        rank=rank,
+        kill_rank=args.kill_rank,
+        fail_rank=args.fail_rank,
+        fault_save="step1",
     )
     try:
         model = fsdp_model(mesh) if args.mode == "fsdp" else shard1_model(mesh)
@@ -157,13 +166,16 @@ def main() -> None:
             started = time.monotonic()
             try:
                 saved = client.save_weights_for_sampler_ext(name)
-            except Exception as e:  # the kill test's surviving rank reports what it raised
+            except Exception as e:  # the fault tests' ranks report what they raised
                 result["error"] = {
                     "type": type(e).__name__,
                     "message": str(e),
                     "seconds": time.monotonic() - started,
+                    "last_snapshot": client.last_snapshot,
                 }
-                break
+                if args.fail_rank < 0:
+                    break
+                saved = client.save_weights_for_sampler_ext(name)  # the fault fired once
             result["saves"].append(
                 {"identity": saved.snapshot_name, "kind": saved.kind, "parent": saved.parent}
             )
@@ -186,7 +198,7 @@ def main() -> None:
     finally:
         (out / f"rank{rank}.json").write_text(json.dumps(result))
         sys.stdout.flush()
-    if "error" not in result:
+    if "error" not in result or args.fail_rank >= 0:
         dist.destroy_process_group()
 
 

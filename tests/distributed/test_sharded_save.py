@@ -194,6 +194,25 @@ def test_tensor_parallel_shard1_and_replicated_tensors(tmp_path: Path) -> None:
     assert norm.pieces == () and norm.file == "model-00000.safetensors"
 
 
+def test_a_rank_whose_write_fails_is_named_by_every_rank_and_the_chain_stays(
+    tmp_path: Path,
+) -> None:
+    """Rank 1's first write of `step1` raises; both ranks raise at once, then save again."""
+    results = torchrun(tmp_path, "--mode", "fsdp", "--fail-rank", "1", "--deltas", "2")
+    errors = [r["error"] for r in results]
+    assert errors[1]["type"] == "StorageError"
+    assert "No space left on device (injected)" in errors[1]["message"]
+    assert errors[0]["type"] == "DistributedSaveError"
+    assert "rank 1: StorageError" not in errors[0]["message"]  # the raw cause, not the wrapper
+    assert "rank 1: OSError" in errors[0]["message"], errors[0]["message"]
+    # Nothing was published and both ranks still chain onto the base.
+    base = results[0]["saves"][0]["identity"]
+    assert [e["last_snapshot"] for e in errors] == [base, base]
+    # The same save, made again, succeeds on both ranks and is whole and exact.
+    check_chain(tmp_path, results)
+    assert [s["kind"] for s in results[0]["saves"]] == ["base", "delta", "delta"]
+
+
 def test_a_rank_killed_mid_save_leaves_no_snapshot_and_the_other_names_it(
     tmp_path: Path,
 ) -> None:

@@ -363,9 +363,7 @@ class ShardedSaver:
             "layout": None if layout is None else layout.digest(),
             "error": _describe(error),
         }
-        self._step(rv, "intent", intent, _check_intents, identity=identity, what=what)
-        if error is not None:
-            raise error
+        self._step(rv, "intent", intent, _check_intents, identity=identity, what=what, own=error)
         assert layout is not None  # planned, since nothing failed
         # 2. Whole-tensor checksums at their owners; 3. this rank's files.
         part: dict[str, Any]
@@ -387,9 +385,7 @@ class ShardedSaver:
             part = {"error": _describe(e)}
         # 4. Rank 0 publishes once every rank's part is durable.
         publisher = _Publisher(self, identity, kind, layout, parent)
-        self._step(rv, "parts", part, publisher.publish, identity=identity, what=what)
-        if error is not None:
-            raise error
+        self._step(rv, "parts", part, publisher.publish, identity=identity, what=what, own=error)
         if publisher.manifest is not None:
             return publisher.manifest, current
         return SnapshotStore(self.storage).read_manifest(identity), current
@@ -403,8 +399,12 @@ class ShardedSaver:
         *,
         identity: str,
         what: str,
+        own: Exception | None,
     ) -> None:
-        """One barrier: every rank reports, rank 0 decides, every rank learns the verdict."""
+        """One barrier: every rank reports, rank 0 decides, every rank learns the verdict.
+
+        A rank whose own step failed (`own`) raises that error once the others know.
+        """
         waiting_for = f"{what}, step {stage!r}"
         if self.rank == 0:
             try:
@@ -421,6 +421,8 @@ class ShardedSaver:
         else:
             rv.gather(stage, json.dumps(report), waiting_for=waiting_for)
             verdict = rv.verdict(stage, waiting_for=waiting_for)
+        if own is not None:
+            raise own
         if verdict.startswith("ChainError: "):
             raise ChainError(f"{what}: {verdict.removeprefix('ChainError: ')}")
         if verdict:
