@@ -314,3 +314,33 @@ def test_fireworks_sdk_sampler_and_warmup(serve, chain, tokenizer_dir: Path) -> 
         assert m.prefill_queue_duration is not None and m.prefill_queue_duration >= 0
         assert m.server_ttft is not None and m.server_ttft >= m.prefill_queue_duration
         assert m.num_concurrent_requests is not None and m.num_concurrent_requests >= 1
+
+
+def test_fireworks_sdk_stop_token_ids_end_the_completion(serve, tokenizer_dir: Path) -> None:
+    """The SDK turns `stop=[id]` into that token's text; the server stops on the token."""
+    from fireworks.training.sdk.deployment import DeploymentSampler
+
+    client, _ = serve()
+    url = str(client.base_url).rstrip("/")
+    full = greedy(client, PROMPT_IDS, max_tokens=12)["choices"][0]["token_ids"]
+    # A token with text (the toy vocabulary leaves ids past its 99 tokens without any).
+    stop_id = next(t for t in full[2:] if 3 <= t < 99)
+    expected = full[: full.index(stop_id) + 1]
+    empty = client.post("/v1/completions", json={"prompt": PROMPT_IDS, "stop": [""]})
+    assert empty.status_code == 400 and "stop_token_ids" in empty.text
+    with _hf_tokenizer(tokenizer_dir) as tokenizer:
+        sampler = DeploymentSampler(
+            inference_url=url, model="weightsync", api_key="k", tokenizer=tokenizer
+        )
+
+        async def sample() -> Any:
+            return await asyncio.wait_for(
+                sampler.sample_with_prompt_tokens(
+                    PROMPT_IDS, n=1, max_tokens=12, temperature=0.0, stop=[stop_id]
+                ),
+                timeout=60,
+            )
+
+        (completion,) = asyncio.run(sample())
+    assert completion.full_tokens[completion.prompt_len :] == expected
+    assert completion.finish_reason == "stop"

@@ -228,6 +228,11 @@ class Generator:
             raise InvalidInputError(
                 f"{len(stops)} stop strings given; send at most {MAX_STOP_STRINGS}"
             )
+        if "" in stops:
+            raise InvalidInputError(
+                "a stop string is empty, and an empty string cannot be matched; to stop on a "
+                "token id (one whose text is empty, too), send stop_token_ids"
+            )
         stop_ids = list(req.stop_token_ids or [])
         if stops:
             tok = self._tokenizer_or_raise("stop strings")
