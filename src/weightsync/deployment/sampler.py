@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from weightsync.deployment.http import (
     AsyncDeploymentHTTP,
     DeploymentHTTP,
@@ -22,6 +24,15 @@ from weightsync.deployment.http import (
     auth_headers,
 )
 from weightsync.errors import DeploymentError, InvalidInputError, UnsupportedOperationError
+from weightsync.wire.inference import (
+    ChatChoice,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionResponse,
+    ContentLogprobs,
+    LegacyLogprobs,
+    SnapshotChange,
+)
 from weightsync.wire.paths import CHAT_COMPLETIONS_PATH, COMPLETIONS_PATH
 
 logger = logging.getLogger(__name__)
@@ -283,18 +294,28 @@ class DeploymentSampler:
     def _parse(
         self, response: Any, prompt_ids: list[int] | None, *, chat: bool, logprobs: bool = True
     ) -> list[SampledCompletion]:
-        if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
+        """The wire's completion (or chat completion) answer as `SampledCompletion`s."""
+        parsed: CompletionResponse | ChatCompletionResponse
+        try:
+            if chat:
+                parsed = ChatCompletionResponse.model_validate(response)
+            else:
+                parsed = CompletionResponse.model_validate(response)
+        except ValidationError as e:
+            what = "chat completion" if chat else "completion"
             raise DeploymentError(
-                f"{self.inference_url}: unexpected completion response (no choices): "
-                f"{str(response)[:500]}"
-            )
-        default_identity = response.get("snapshot_identity") or _identity_from_model(
-            response.get("model")
-        )
-        response_prompt = response.get("prompt_token_ids")
+                f"{self.inference_url}: the {what} answer is not the wire contract's "
+                f"({e.errors()[0]['msg']} at "
+                f"{'.'.join(str(x) for x in e.errors()[0]['loc'])}): {str(response)[:500]}"
+            ) from e
+        # One identity for the whole answer unless an async swap landed during it.
+        whole = parsed.snapshot_identities[0] if len(parsed.snapshot_identities) == 1 else None
         results = []
-        for choice in sorted(response["choices"], key=lambda c: c.get("index", 0)):
-            token_ids = choice.get("token_ids")
+        choices: list[CompletionChoice | ChatChoice] = [*parsed.choices]
+        choices.sort(key=lambda c: c.index)
+        for choice in choices:
+            raw = choice.raw_output
+            token_ids = choice.token_ids if raw is None else raw.completion_token_ids
             if token_ids is None:
                 raise DeploymentError(
                     f"{self.inference_url}: the deployment returned no token ids "
@@ -303,26 +324,19 @@ class DeploymentSampler:
                 )
             prompt = prompt_ids
             if prompt is None:
-                prompt = choice.get("prompt_token_ids") or response_prompt or []
-            identities = choice.get("snapshot_identities") or response.get("snapshot_identities")
-            identity = choice.get("snapshot_identity") or default_identity
-            if identities:
-                identity = identities[-1]
+                prompt = choice.prompt_token_ids or (raw.prompt_token_ids if raw else []) or []
+            per_token = _per_token_identities(choice.snapshot_changes, len(token_ids))
+            identity = per_token[-1] if per_token else whole or parsed.snapshot_identity
+            text = choice.message.content if isinstance(choice, ChatChoice) else choice.text
             results.append(
                 SampledCompletion(
-                    prompt_token_ids=[int(t) for t in prompt],
-                    token_ids=[int(t) for t in token_ids],
-                    logprobs=None
-                    if not logprobs
-                    else _chat_logprobs(choice)
-                    if chat
-                    else _completion_logprobs(choice),
-                    text=(choice.get("message") or {}).get("content", "")
-                    if chat
-                    else choice.get("text", ""),
-                    finish_reason=choice.get("finish_reason"),
+                    prompt_token_ids=list(prompt),
+                    token_ids=list(token_ids),
+                    logprobs=_logprobs(choice.logprobs) if logprobs else None,
+                    text=text,
+                    finish_reason=choice.finish_reason,
                     snapshot_identity=identity,
-                    snapshot_identities=list(identities) if identities else None,
+                    snapshot_identities=per_token,
                 )
             )
         return results
@@ -332,25 +346,27 @@ def _too_long(prompt_ids: list[int] | None, max_seq_len: int | None) -> bool:
     return max_seq_len is not None and prompt_ids is not None and len(prompt_ids) >= max_seq_len
 
 
-def _identity_from_model(model: Any) -> str | None:
-    if isinstance(model, str) and "@" in model:
-        return model.rsplit("@", 1)[1]
-    return None
-
-
-def _completion_logprobs(choice: dict[str, Any]) -> list[float] | None:
-    logprobs = choice.get("logprobs")
-    if not logprobs:
+def _per_token_identities(
+    changes: list[SnapshotChange] | None, num_tokens: int
+) -> list[str] | None:
+    """The identity behind each token, from the points where it changed (None: it never did)."""
+    if not changes:
         return None
-    values = logprobs.get("token_logprobs")
-    return None if values is None else [float(v) for v in values]
+    identities: list[str] = []
+    for change, following in zip(changes, [*changes[1:], None], strict=True):
+        stop = num_tokens if following is None else following.token_index
+        identities += [change.snapshot_identity] * (stop - change.token_index)
+    return identities
 
 
-def _chat_logprobs(choice: dict[str, Any]) -> list[float] | None:
-    logprobs = choice.get("logprobs")
-    if not logprobs or logprobs.get("content") is None:
+def _logprobs(logprobs: LegacyLogprobs | ContentLogprobs | None) -> list[float] | None:
+    if logprobs is None:
         return None
-    return [float(item["logprob"]) for item in logprobs["content"]]
+    if isinstance(logprobs, ContentLogprobs):
+        return [item.logprob for item in logprobs.content]
+    if any(v is None for v in logprobs.token_logprobs):
+        return None
+    return [float(v) for v in logprobs.token_logprobs if v is not None]
 
 
 def _load_tokenizer(tokenizer: Any) -> Any:
