@@ -249,6 +249,7 @@ def test_gateway_relays_streams_and_the_inference_aliases(serve, chain, tmp_path
             assert joined(chunks, "token_ids") == direct["choices"][0]["token_ids"]
             plain = gw.post(path, json=body)
             assert plain.status_code == 200, plain.text
+            assert float(plain.headers["fireworks-prefill-queue-duration"]) >= 0
             assert plain.json()["choices"][0]["token_ids"] == direct["choices"][0]["token_ids"]
         chat = gw.post(
             "/inference/v1/chat/completions",

@@ -460,7 +460,9 @@ def create_gateway_app(
         if upstream is None:
             return JSONResponse(failure, status_code=503)
         headers = {
-            h: upstream.headers[h] for h in ("content-type", "retry-after") if h in upstream.headers
+            h: v
+            for h, v in upstream.headers.items()
+            if h in ("content-type", "retry-after") or h.startswith("fireworks-")
         }
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
             relayed = upstream
