@@ -332,12 +332,6 @@ def test_a_replica_starts_from_and_hot_loads_plain_hf_bases(
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs server/replica.py (helper 'pipeline'): Replica.request_hot_load must read "
-    "the manifest with store.read_manifest(identity, parent=meta.previous_snapshot_identity "
-    "if meta is not None else None); remove this marker with that change",
-)
 def test_a_replica_hot_loads_fireworks_layouts_bit_exactly(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:

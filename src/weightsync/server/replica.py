@@ -119,7 +119,13 @@ class Replica:
                 "recovering %s (%s) from the ledger %s", last.identity, last.kind, self.ledger.path
             )
             weights = read_recorded_weights(
-                self.store, last.load, ledger=self.ledger.path, tokenizer_root=tokenizer_root
+                self.store,
+                last.load,
+                ledger=self.ledger.path,
+                tokenizer_root=tokenizer_root,
+                parents={
+                    e.identity: e.load.parent for e in self.ledger.entries() if e.result == "ok"
+                },
             )
             self.recovered_from_ledger = True
             prior = last.load
@@ -214,7 +220,9 @@ class Replica:
             return self._answer(early, identity)
         store = self._require_store()
         with read_ahead_dropped_on_refusal(self.storage, identity):
-            manifest = store.read_manifest(identity)
+            # A Fireworks delta directory does not name its parent; the request does.
+            parent = meta.previous_snapshot_identity if meta is not None else None
+            manifest = store.read_manifest(identity, parent=parent)
             check_admissible(
                 manifest,
                 meta,

@@ -20,7 +20,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from weightsync.codec import checksum_bytes, checksum_tensor
-from weightsync.errors import DeploymentError, InvalidInputError, SnapshotCorruptError
+from weightsync.errors import (
+    DeploymentError,
+    InvalidInputError,
+    SnapshotCorruptError,
+    SnapshotNotFoundError,
+)
 from weightsync.server.load_report import LoadReport
 from weightsync.server.tokenizer import TextTokenizer, load_tokenizer
 from weightsync.snapshot import Manifest, SnapshotStore
@@ -202,13 +207,20 @@ def read_snapshot_weights(
 
 
 def read_recorded_weights(
-    store: SnapshotStore | None, record: LoadReport, *, ledger: Path, tokenizer_root: Path
+    store: SnapshotStore | None,
+    record: LoadReport,
+    *,
+    ledger: Path,
+    tokenizer_root: Path,
+    parents: Mapping[str, str | None] | None = None,
 ) -> ModelWeights:
     """The weights a ledger record names, re-verified; `DeploymentError` when they cannot be.
 
     A snapshot is re-read from the storage it was loaded from and checked against its
     manifest; a model directory must still hold the weights the record fingerprinted.
-    Nothing else is ever read in their place.
+    Nothing else is ever read in their place. `parents` (identity → parent, as the
+    ledger recorded them) names the parents of Fireworks delta directories, which do
+    not name their own.
     """
     identity = record.identity
     what_to_do = (
@@ -238,10 +250,24 @@ def read_recorded_weights(
             f"reads {store.storage.url if store else 'no storage'}; start it with --storage "
             f"{record.source}, or {what_to_do}"
         )
-    if not store.exists(identity):
+    try:
+        _read_chain_manifests(store, identity, parents or {})
+    except SnapshotNotFoundError as e:
         raise DeploymentError(
-            f"the ledger's last verified snapshot {identity!r} is not in {store.storage.url} "
-            f"(deleted, or its manifest is gone); refusing to serve anything else under its "
-            f"name — {what_to_do}"
-        )
+            f"the ledger's last verified snapshot {identity!r} (or a snapshot of its chain) is "
+            f"not in {store.storage.url} (deleted, or its manifest is gone); refusing to serve "
+            f"anything else under its name — {what_to_do}"
+        ) from e
     return read_snapshot_weights(store, identity, tokenizer_root)
+
+
+def _read_chain_manifests(
+    store: SnapshotStore, identity: str, parents: Mapping[str, str | None]
+) -> None:
+    """Read every manifest of `identity`'s chain, newest first, telling the store each
+    Fireworks delta's recorded parent (later reads of the chain then find it)."""
+    seen: set[str] = set()
+    current: str | None = identity
+    while current is not None and current not in seen:
+        seen.add(current)
+        current = store.read_manifest(current, parent=parents.get(current)).parent
