@@ -357,6 +357,8 @@ def test_a_replica_hot_loads_fireworks_layouts_bit_exactly(
         status = _wait_loaded(client, "fw-step")
         assert status["loading_state"]["stage"] == "ready", status
         assert _serves(replica, _hf_weights(models["step"]))
+        # The status says what the Fireworks layout could not prove about this load.
+        assert any("hot-load request" in line for line in status["last_load"]["cannot_prove"])
 
 
 def test_a_sharded_hf_directory_loads_and_a_missing_shard_is_an_incomplete_write(

@@ -283,6 +283,7 @@ class LoadPipeline:
             source_kind="storage",
             started_at=utc_now(),
             reset_prompt_cache=policy,
+            cannot_prove=list(manifest.cannot_prove),
         )
         started = time.perf_counter()
         error: str | None = None

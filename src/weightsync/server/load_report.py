@@ -6,7 +6,7 @@ reports it as `last_load`, and the ledger stores it whole (`LedgerEntry.load`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # The stages (drawn in `load_pipeline.py`), kinds and results are the wire's enumerations.
@@ -45,6 +45,8 @@ class LoadReport:
     cache_entries_dropped: int = 0
     reset_prompt_cache: str | None = None
     weights_fingerprint: str | None = None
+    #: What the snapshot's layout cannot prove (a Fireworks layout; empty for weightsync's).
+    cannot_prove: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -142,6 +142,7 @@ class Replica:
             load = LoadReport(
                 identity=identity, kind=manifest.kind, parent=manifest.parent,
                 source=store.storage.url, source_kind="storage",
+                cannot_prove=list(manifest.cannot_prove),
             )  # fmt: skip
         else:
             model_dir = Path(self.config.model_dir or ".").resolve()

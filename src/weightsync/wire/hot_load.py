@@ -186,6 +186,7 @@ class LoadRecord(WireModel):
     cache_entries_dropped: int = 0
     reset_prompt_cache: str | None = None
     weights_fingerprint: str | None = None
+    cannot_prove: list[str] = Field(default_factory=list)
 
 
 class ReplicaStatus(WireModel):
