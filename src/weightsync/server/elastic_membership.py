@@ -195,6 +195,18 @@ class ElasticMembership:
                 self._changed.wait(min(left, 1.0))
         return self.view()
 
+    def wait_until_absent(self, replica_id: str, *, timeout_s: float) -> None:
+        """Block until the published view no longer lists `replica_id` (scaled down)."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while any(m.replica_id == replica_id for m in self.members()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise HotloadTimeoutError(
+                        f"{replica_id} is still listed {timeout_s:g}s after it was scaled down"
+                    )
+                self._changed.wait(min(left, 1.0))
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:

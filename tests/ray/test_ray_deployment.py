@@ -1,0 +1,321 @@
+"""Replicas as Ray actors on a two-node local cluster, pulling from a loopback S3 server.
+
+One cluster, one S3 bucket and one deployment serve the whole module, in order:
+base + deltas to replicas on both nodes; a replica killed mid-chain restarts
+and catches up before it takes traffic; a replica added after five deltas
+serves the head; a node removed leaves the other serving. Everything binds
+127.0.0.1 (Ray's node address included).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed (pip install '.[ray]')")
+
+from ray.cluster_utils import Cluster  # noqa: E402  (after the skip)
+
+from weightsync.codec.checksums import checksum_tensor  # noqa: E402
+from weightsync.deployment.ray_replicas import RayDeployment, RayPlacement  # noqa: E402
+from weightsync.server.config import ReplicaConfig, ServedDeployment  # noqa: E402
+from weightsync.server.runner import ServerThread  # noqa: E402
+from weightsync.toymodel import build_model, build_tokenizer  # noqa: E402
+from weightsync.trainer import TrainingClient  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+CHECKSUM = "blake3"
+API_KEY = "ray-test-key"
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+HOT_LOAD = "/hot_load/v1/models/hot_load"
+NODE_ARGS: dict[str, Any] = {
+    "node_ip_address": "127.0.0.1",
+    "object_store_memory": 80 * 1024 * 1024,
+}
+
+
+class Trainer:
+    """A real training client writing a base and deltas to S3; the bits each one should serve."""
+
+    def __init__(self, storage: str, tok_dir: Path) -> None:
+        self.model = build_model("tiny", seed=0)
+        self.client = TrainingClient(self.model, storage=storage, tokenizer_dir=tok_dir)
+        self.expected: dict[str, dict[str, str]] = {}
+        self.chain: list[str] = []
+
+    def save(self, name: str) -> str:
+        if self.chain:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.add_(torch.randn_like(p) * 1e-2)
+        identity = self.client.save_weights_for_sampler_ext(name).snapshot_name
+        exported = self.client.exported_weights()
+        self.expected[identity] = {n: checksum_tensor(CHECKSUM, t) for n, t in exported.items()}
+        self.chain.append(identity)
+        return identity
+
+    def request(self, identity: str) -> dict[str, Any]:
+        manifest = self.client.store.read_manifest(identity)
+        if manifest.parent is None:
+            return {"identity": identity}
+        metadata = {
+            "previous_snapshot_identity": manifest.parent,
+            "compression_format": manifest.compression_format,
+            "checksum_format": manifest.checksum_format,
+        }
+        return {"identity": identity, "incremental_snapshot_metadata": metadata}
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint_url: str) -> Iterator[tuple[Cluster, Any]]:
+    """Two Ray nodes on 127.0.0.1: the head (1 CPU) and a worker (2 CPUs); S3 in the env."""
+    env = {
+        "AWS_ENDPOINT_URL": s3_endpoint_url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # Ray's node processes and the actors inherit it
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={**NODE_ARGS, "num_cpus": 1, "include_dashboard": False},
+    )
+    worker = cluster.add_node(**NODE_ARGS, num_cpus=2)
+    ray.init(address=cluster.address, namespace="weightsync-test")
+    try:
+        yield cluster, worker
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def trainer(cluster: object, tmp_path_factory: pytest.TempPathFactory) -> Trainer:
+    import s3fs
+
+    bucket = f"ray-{secrets.token_hex(4)}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+    trainer = Trainer(f"s3://{bucket}/runs", build_tokenizer(tmp_path_factory.mktemp("tok")))
+    trainer.save("base")
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    cluster: tuple[Cluster, Any], trainer: Trainer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[RayDeployment, str]]:
+    template = ReplicaConfig(
+        storage=trainer.client.storage.url,
+        snapshot=trainer.chain[0],
+        model_name="tiny",
+        deployment_id="ray-test",
+        transition="async",
+        engine_options={"num_threads": 1},
+        api_key=API_KEY,
+    )
+    deployment = RayDeployment(
+        template=template,
+        placement=RayPlacement(address=cluster[0].address, num_cpus=1),
+        state_dir=tmp_path_factory.mktemp("gateway"),
+        served=ServedDeployment(deployment_id="ray-test", model_name="tiny"),
+        api_key=API_KEY,
+        max_body_bytes=8 * 1024 * 1024,
+        host="127.0.0.1",
+        poll_interval_s=0.1,
+    )
+    deployment.start(2, timeout_s=240)
+    with ServerThread(deployment.app) as url:
+        yield deployment, url
+    deployment.stop()
+
+
+def status(url: str) -> list[dict[str, Any]]:
+    answer = httpx.get(f"{url}{HOT_LOAD}", headers=HEADERS, timeout=30.0)
+    answer.raise_for_status()
+    return list(answer.json()["replicas"])
+
+
+def hot_load(url: str, trainer: Trainer, identity: str) -> dict[str, Any]:
+    answer = httpx.post(
+        f"{url}{HOT_LOAD}", json=trainer.request(identity), headers=HEADERS, timeout=60.0
+    )
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+def wait_all_at(url: str, identity: str, num_admitted: int, timeout_s: float = 120.0) -> None:
+    """Until `num_admitted` replicas are admitted, idle, and serve `identity`."""
+    deadline = time.monotonic() + timeout_s
+    last: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        last = status(url)
+        at = [
+            r
+            for r in last
+            if r.get("membership") == "admitted"
+            and r["current_snapshot_identity"] == identity
+            and r["loading_state"]["stage"] in ("ready", "idle")
+        ]
+        if len(at) == num_admitted:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{num_admitted} replicas did not serve {identity} in {timeout_s}s: {last}")
+
+
+def served_checksums(url: str) -> dict[str, tuple[str | None, dict[str, str]]]:
+    answer = httpx.get(
+        f"{url}/hot_load/v1/weights",
+        params={"checksum_format": CHECKSUM},
+        headers=HEADERS,
+        timeout=30.0,
+    )
+    answer.raise_for_status()
+    return {
+        r["replica_id"]: (r["current_snapshot_identity"], r["checksums"])
+        for r in answer.json()["replicas"]
+    }
+
+
+def assert_serves_bits(url: str, trainer: Trainer, identity: str, replica_ids: set[str]) -> None:
+    served = served_checksums(url)
+    assert set(served) == replica_ids
+    for replica_id, (current, checksums) in served.items():
+        assert current == identity, replica_id
+        assert checksums == trainer.expected[identity], f"{replica_id} serves other bits"
+
+
+def complete(url: str) -> str:
+    """One completion through the gateway; the snapshot identity that answered it."""
+    answer = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "tiny", "prompt": "ab", "max_tokens": 2, "temperature": 0},
+        headers=HEADERS,
+        timeout=60.0,
+    )
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["snapshot_identity"])
+
+
+def test_base_and_deltas_reach_replicas_on_both_nodes(
+    deployment: tuple[RayDeployment, str], trainer: Trainer
+) -> None:
+    ray_deployment, url = deployment
+    nodes = ray_deployment.replicas.nodes()
+    assert set(nodes) == {"replica-0", "replica-1"}
+    assert nodes["replica-0"] != nodes["replica-1"], "SPREAD placed both replicas on one node"
+    assert_serves_bits(url, trainer, trainer.chain[0], {"replica-0", "replica-1"})
+    for name in ("d1", "d2"):
+        identity = trainer.save(name)
+        answer = hot_load(url, trainer, identity)
+        assert {r["replica_id"] for r in answer["replicas"]} == {"replica-0", "replica-1"}
+        assert answer["membership"]["admitted"] == ["replica-0", "replica-1"]
+        assert answer["membership"]["head_snapshot_identity"] == identity
+        wait_all_at(url, identity, 2)
+        assert_serves_bits(url, trainer, identity, {"replica-0", "replica-1"})
+    assert complete(url) == trainer.chain[-1]
+    # The head is on the gateway's disk, in order, for replicas that start later.
+    record = ray_deployment.membership.head_file.load(start_identity="unused")
+    assert [link.identity for link in record.links] == trainer.chain
+
+
+def test_killed_replica_restarts_and_catches_up_before_taking_traffic(
+    deployment: tuple[RayDeployment, str], trainer: Trainer
+) -> None:
+    ray_deployment, url = deployment
+    actor = ray_deployment.replicas.actor("replica-1")
+    before = ray.get(actor.endpoint.remote(), timeout=30)
+    ray.kill(actor, no_restart=False)  # a crash: Ray restarts it (max_restarts=-1)
+    d3 = trainer.save("d3")
+    answer = hot_load(url, trainer, d3)
+    assert "replica-1" not in answer["membership"]["admitted"]
+    wait_all_at(url, d3, 1)
+    # From now on every answer must come from the head, whoever answers it.
+    answered: list[str] = []
+    failed: list[BaseException] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                answered.append(complete(url))
+            except (AssertionError, httpx.HTTPError) as e:
+                failed.append(e)
+                return
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        wait_all_at(url, d3, 2, timeout_s=180)
+    finally:
+        stop.set()
+        sender.join(60)
+    after = ray.get(actor.endpoint.remote(), timeout=30)
+    assert after["incarnation"] != before["incarnation"], "replica-1 was not restarted"
+    assert not failed, failed
+    assert answered and set(answered) == {d3}
+    assert_serves_bits(url, trainer, d3, {"replica-0", "replica-1"})
+    ledger = httpx.get(f"{url}/hot_load/v1/ledger", headers=HEADERS, timeout=30.0).json()
+    loads = {r["replica_id"]: [e["identity"] for e in r["entries"]] for r in ledger["replicas"]}
+    assert loads["replica-1"][-1] == d3  # it replayed the chain up to the head itself
+
+
+def test_replica_added_after_five_deltas_serves_the_head(
+    deployment: tuple[RayDeployment, str], trainer: Trainer
+) -> None:
+    ray_deployment, url = deployment
+    for name in ("d4", "d5"):
+        identity = trainer.save(name)
+        hot_load(url, trainer, identity)
+        wait_all_at(url, identity, 2)
+    assert len(trainer.chain) == 6  # the base and five deltas
+    ray_deployment.scale(3)
+    head = trainer.chain[-1]
+    wait_all_at(url, head, 3, timeout_s=180)
+    assert_serves_bits(url, trainer, head, {"replica-0", "replica-1", "replica-2"})
+    nodes = ray_deployment.replicas.nodes()
+    assert len(set(nodes.values())) == 2
+
+
+def test_node_removed_leaves_the_rest_serving(
+    deployment: tuple[RayDeployment, str], trainer: Trainer, cluster: tuple[Cluster, Any]
+) -> None:
+    ray_deployment, url = deployment
+    test_cluster, worker = cluster
+    nodes = ray_deployment.replicas.nodes()
+    on_worker = {r for r, n in nodes.items() if n == worker.node_id}
+    survivors = set(nodes) - on_worker
+    assert on_worker and survivors
+    test_cluster.remove_node(worker)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        entries = {r["replica_id"]: r for r in status(url)}
+        if all(entries[r].get("membership") == "missing" for r in on_worker):
+            break
+        time.sleep(0.2)
+    assert {r for r, e in entries.items() if e.get("membership") == "missing"} == on_worker
+    assert complete(url) == trainer.chain[-1]
+    d6 = trainer.save("d6")
+    answer = hot_load(url, trainer, d6)
+    # "Every replica accepted" meant the survivors; the answer says who was missing.
+    assert set(answer["membership"]["admitted"]) == survivors
+    assert set(answer["membership"]["missing"]) == on_worker
+    wait_all_at(url, d6, len(survivors))
+    assert complete(url) == d6
+    ray_deployment.scale(len(survivors))
+    assert {r["replica_id"] for r in status(url)} == survivors
