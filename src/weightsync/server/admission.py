@@ -79,19 +79,17 @@ def check_admissible(
     _check_same_model(manifest, engine, served_config, read_snapshot_config())
 
 
-#: Codecs whose shards carry Fireworks' per-tensor adler32 (checked when decoded) besides the
-#: manifest's own checksums: the Fireworks SDK names that one ("alder32") in its requests.
-_ADLER32_SHARD_CODECS = ("arc_v1", "arc_v2", "arc_v3")
-
-
 def _names_a_checksum_of(manifest: Manifest, checksum_format: str) -> bool:
+    """Whether `checksum_format` is one the snapshot carries: its manifest's, or the per-tensor
+    adler32 that Fireworks-layout shards hold (the SDK names it, as "alder32", in requests)."""
     requested = canonical_checksum_name(checksum_format)
     if requested == canonical_checksum_name(manifest.checksum_format):
         return True
     return (
         manifest.kind == "delta"
         and requested == "adler32"
-        and manifest.compression_format in _ADLER32_SHARD_CODECS
+        and manifest.compression_format is not None
+        and get_codec(manifest.compression_format).shard_layout == "fireworks"
     )
 
 
