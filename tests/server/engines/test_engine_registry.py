@@ -11,8 +11,8 @@ from weightsync.server.engines import DEFAULT_ENGINE, get_engine, list_engines
 from weightsync.server.engines.torch_engine import TorchEngine
 
 
-def test_lists_both_engines_and_torch_is_the_default() -> None:
-    assert list_engines() == ["torch", "vllm"]
+def test_lists_the_engines_and_torch_is_the_default() -> None:
+    assert list_engines() == ["torch", "vllm", "vllm-inprocess"]
     assert DEFAULT_ENGINE == "torch"
 
 
@@ -25,7 +25,7 @@ def test_get_torch_engine_passes_options() -> None:
 
 
 def test_unknown_engine_lists_the_known_ones() -> None:
-    with pytest.raises(InvalidInputError, match=r"unknown engine 'sglang'.*torch, vllm"):
+    with pytest.raises(InvalidInputError, match=r"unknown engine 'sglang'.*torch, vllm, vllm-inprocess"):
         get_engine("sglang")
 
 
@@ -50,5 +50,6 @@ def _vllm_installed() -> bool:
 
 @pytest.mark.skipif(_vllm_installed(), reason="vllm is installed here")
 def test_vllm_without_the_extra_says_how_to_install_it() -> None:
-    with pytest.raises(UnsupportedOperationError, match=r"scripts/install-vllm\.sh"):
-        get_engine("vllm")
+    for name in ("vllm", "vllm-inprocess"):
+        with pytest.raises(UnsupportedOperationError, match=r"scripts/install-vllm\.sh"):
+            get_engine(name)

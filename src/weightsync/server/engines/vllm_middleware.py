@@ -32,6 +32,9 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import signal
+import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -42,6 +45,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 TOKEN_ENV = "WEIGHTSYNC_VLLM_CONTROL_TOKEN"
+#: The sidecar's pid: vLLM's server stops itself when that process is gone.
+PARENT_ENV = "WEIGHTSYNC_VLLM_PARENT_PID"
 CONTROL_PATH = "/weightsync/snapshot"
 HEADER = b"x-weightsync-snapshot-identity"
 LABELLED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -52,6 +57,7 @@ class SnapshotIdentityMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        _watch_sidecar(os.environ.get(PARENT_ENV, ""))
         self.identity = ""
         #: Every label set so far, in order (a whole answer lists those seen while it ran).
         self.history: list[str] = []
@@ -174,6 +180,34 @@ class SnapshotIdentityMiddleware:
         answer["snapshot_identity"] = self.identity
         answer["snapshot_identities"] = seen
         return json.dumps(answer, separators=(",", ":")).encode()
+
+
+_watching: list[int] = []
+
+
+def _watch_sidecar(parent: str) -> None:
+    """Stop this vLLM server (SIGTERM: its graceful shutdown) once the sidecar has died.
+
+    Without it a sidecar killed hard would leave vLLM's server, engine core and
+    workers running with nobody to drive or stop them.
+    """
+    if not parent.isdigit() or _watching:
+        return
+    pid = int(parent)
+    _watching.append(pid)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:
+                continue  # alive (another user's process cannot be signalled)
+
+    threading.Thread(target=watch, name="weightsync-sidecar-watch", daemon=True).start()
 
 
 async def _json(send: Send, status: int, payload: dict[str, Any]) -> None:

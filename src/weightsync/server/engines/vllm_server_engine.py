@@ -60,7 +60,7 @@ from weightsync.server.engines.base import (
     TokenCallback,
     check_generate_request,
 )
-from weightsync.server.engines.vllm_middleware import CONTROL_PATH, TOKEN_ENV
+from weightsync.server.engines.vllm_middleware import CONTROL_PATH, PARENT_ENV, TOKEN_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,12 @@ class VllmServerEngine(Engine):
             argv += ["--block-size", str(self.block_size)]
         argv += self.serve_args
         token = secrets.token_hex(16)
-        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", TOKEN_ENV: token}
+        env = {
+            **os.environ,
+            "VLLM_SERVER_DEV_MODE": "1",
+            TOKEN_ENV: token,
+            PARENT_ENV: str(os.getpid()),
+        }
         log_path = work_dir / "vllm.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
