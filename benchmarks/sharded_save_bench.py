@@ -8,7 +8,8 @@ as one process (the single-process `TrainingClient`) and as 2 ranks under torchr
 base and `--deltas` deltas, each after changing ~10% of every local shard's
 elements. Prints a Markdown table: per rank, the mean base and delta save time,
 the bytes it wrote, its peak RSS, and its RSS before the first save (the model
-itself), so the save's own memory is the difference.
+itself, after sharding) and its peak RSS during the saves (VmHWM reset before the
+first save), so the saves' own memory is the difference.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -41,8 +41,17 @@ class CountingStorage(LocalStorage):
         CountingStorage.written_bytes += len(data)
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: now; VmHWM: peak since the last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> None:
+    """Make VmHWM restart from the current RSS (Linux: `5` into clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -69,7 +78,8 @@ def worker(args: argparse.Namespace) -> None:
     client = TrainingClient(
         model, storage=CountingStorage(Path(args.storage)), compression_format=args.codec
     )
-    rss_before = rss_mib()
+    reset_peak_rss()  # the peak below is the saves', not the model build's
+    rss_before = status_mib("VmRSS")
     g = torch.Generator().manual_seed(rank)
     times: dict[str, list[float]] = {"base": [], "delta": []}
     for k in range(args.deltas + 1):
@@ -90,7 +100,7 @@ def worker(args: argparse.Namespace) -> None:
         "delta_s": statistics.mean(times["delta"]),
         "written_bytes": CountingStorage.written_bytes,
         "rss_before_mib": rss_before,
-        "peak_rss_mib": rss_mib(),
+        "peak_rss_mib": status_mib("VmHWM"),
     }
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(row))
     if sharded:

@@ -28,7 +28,8 @@ manifest once every rank reported its part durable, and tells the others. A
 rank that fails reports why; one that dies is named when its report does not
 come within `barrier_timeout_s`. In both cases no manifest is written and every
 rank raises `DistributedSaveError` (a disagreement: `ChainError`) within twice
-the timeout.
+the timeout. The timeout counts from rank 0's arrival at each step, so it must
+exceed the slowest rank's work in one step (its export and encode, or its upload).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from weightsync.codec import checksum_bytes, checksum_tensor, get_codec
 from weightsync.codec.bits import bits, dtype_name
@@ -191,6 +193,13 @@ def _sharded(name: str, t: DTensor, local: torch.Tensor, *, world_size: int, wha
             f"{what}: tensor {name!r} is a partial DTensor ({placements}); it is a sum not "
             "yet reduced, so no rank holds its values: redistribute it before saving"
         )
+    if any(isinstance(p, _StridedShard) for p in placements):
+        raise InvalidInputError(
+            f"{what}: tensor {name!r} is sharded with a strided placement ({placements}, "
+            "FSDP over tensor parallelism on the same dimension): its local rows are not one "
+            "box of the tensor, which a sharded save stores; shard another dimension per "
+            "mesh dimension (e.g. Shard(0) and Shard(1))"
+        )
     shape = tuple(int(d) for d in t.shape)
     mesh = t.device_mesh
     ranks = mesh.mesh
@@ -210,6 +219,15 @@ def _sharded(name: str, t: DTensor, local: torch.Tensor, *, world_size: int, wha
         box = _Box(tuple(int(o) for o in offset), tuple(int(s) for s in size))
         if box.numel:
             pieces[r] = box
+    mine = pieces.get(dist.get_rank())
+    if mine is not None and tuple(local.shape) != mine.shape:
+        raise InvalidInputError(
+            f"{what}: tensor {name!r} holds a local shard of shape {list(local.shape)}, but its "
+            f"placements {placements} on a mesh of shape {list(mesh.shape)} give "
+            f"{list(mine.shape)}; a padded or custom-sharded DTensor cannot be saved in pieces"
+        )
+    if not pieces:  # an empty tensor: nothing to split, written whole
+        return _Tensor(name, shape, local, None)
     return _Tensor(name, shape, local, pieces)
 
 
