@@ -1,20 +1,29 @@
-"""End to end: `weightsync serve --engine vllm` driven by an unchanged `WeightSyncer`.
+"""End to end: `weightsync serve --engine vllm` (vLLM's own server + the sidecar), driven
+by an unchanged `WeightSyncer`.
 
 A trainer hot-loads a base and three deltas into a real vLLM deployment; after
-each, greedy tokens and logprobs served by vLLM are checked against a
-`transformers` reference holding the trainer's exported weights. A delta whose
-parent is not served and a corrupted delta are refused, and the old weights keep
-serving.
+each, greedy tokens and logprobs are checked against a `transformers` reference
+holding the trainer's exported weights, both through the sidecar (the SDK's
+sampler) and through vLLM's own `/v1/completions` (streamed, with a stop string)
+and `/v1/chat/completions` via the `openai` client. A delta whose parent is not
+served and a corrupted delta are refused, and the old weights keep serving. Then
+the prefix cache is observed kept (`reset_prompt_cache=False`) and dropped, and a
+swap lands in the middle of concurrent streams. One deployment serves the module
+(vLLM takes about a minute to start here); the tests run in file order.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import torch
+from vllm_api_checks import as_result, check_vllm_api, stream_completion
 from vllm_helpers import MODEL_SIZE, check_against_reference, reference_model
 
 from weightsync import WeightSyncer
@@ -78,9 +87,17 @@ def train_step(client: TrainingClient, tokenizer: Any) -> None:
     client.optimizer.step()
 
 
+def vllm_client(mgr: DeploymentManager) -> openai.OpenAI:
+    """The `openai` client on vLLM's own server (the URL the replica's status names)."""
+    url = load_status(mgr)["inference_url"]
+    assert url, "the vllm replica names no inference_url"
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
 def check_serving(syncer: WeightSyncer, tokenizer: Any, identity: str, weights: dict) -> None:
-    """Greedy completions name `identity` and match the reference holding `weights`."""
+    """Greedy completions (sidecar and vLLM's own API) name `identity`, match `weights`."""
     ref = reference_model(weights)
+    check_vllm_api(vllm_client(syncer.deploy_mgr), "small", tokenizer, ref, identity)
     sampler = syncer.get_deployment_sampler(tokenizer=tokenizer)
     for messages in PROMPTS:
         [done] = sampler.sample(messages=messages, max_tokens=8, temperature=0.0)
@@ -97,7 +114,8 @@ def load_status(mgr: DeploymentManager) -> dict[str, Any]:
 
 def test_base_and_three_deltas_then_refusals(setup: dict[str, Any], tokenizer: Any) -> None:
     mgr, client, syncer = setup["mgr"], setup["client"], setup["syncer"]
-    assert load_status(mgr)["engine"] == "vllm"
+    status = load_status(mgr)
+    assert status["engine"] == "vllm" and status["transition"] == "async"
     timings = []
     identity = ""
     for step in range(4):
@@ -142,3 +160,99 @@ def test_base_and_three_deltas_then_refusals(setup: dict[str, Any], tokenizer: A
             f"{t['decode_s']:.3f}s verify {t['verify_s']:.3f}s pause {t['pause_s']:.3f}s "
             f"total {t['total_s']:.3f}s"
         )
+
+
+def test_prefix_cache_kept_or_dropped_by_the_reset_mode(
+    setup: dict[str, Any], tokenizer: Any
+) -> None:
+    mgr, client, syncer = setup["mgr"], setup["client"], setup["syncer"]
+    vllm = vllm_client(mgr)
+    prompt = "the lazy dog jumps over the quick brown fox. " * 8  # several KV blocks
+    stream_completion(vllm, "small", prompt, max_tokens=2)
+    warm = stream_completion(vllm, "small", prompt, max_tokens=2)
+    assert warm.cached_tokens and warm.cached_tokens > 0
+
+    # reset_prompt_cache=False: vLLM keeps the prefix cache across the swap.
+    syncer.reset_prompt_cache = False
+    try:
+        train_step(client, tokenizer)
+        kept = syncer.save_and_hotload("step-00006")
+    finally:
+        syncer.reset_prompt_cache = True
+    assert kept and load_status(mgr)["current_snapshot_identity"] == kept
+    stale = stream_completion(vllm, "small", prompt, max_tokens=2)
+    assert stale.labels == [kept] * 2
+    assert stale.cached_tokens == warm.cached_tokens
+
+    # The default (reset): the cache is dropped, the prompt is computed on the new weights.
+    train_step(client, tokenizer)
+    fresh = syncer.save_and_hotload("step-00007")
+    assert fresh
+    after = stream_completion(vllm, "small", prompt, max_tokens=4)
+    assert after.cached_tokens == 0
+    ref = reference_model(client.exported_weights())
+    check_against_reference(ref, after.prompt_token_ids, as_result(after.token_ids, after.logprobs))
+    check_serving(syncer, tokenizer, fresh, client.exported_weights())
+
+
+def test_swap_during_concurrent_streams(setup: dict[str, Any], tokenizer: Any) -> None:
+    """Each stream's tokens come in one range per snapshot, each matching that snapshot."""
+    mgr, client, syncer = setup["mgr"], setup["client"], setup["syncer"]
+    vllm = vllm_client(mgr)
+    old_identity = load_status(mgr)["current_snapshot_identity"]
+    old_weights = client.exported_weights()
+    train_step(client, tokenizer)
+    saved = syncer.save_only("step-00008")  # saved first: the hot-load below is only the load
+    assert saved
+    new_weights = client.exported_weights()
+    prompts = ["hi there", "fox?", "the dog"]
+    tokens = 1500  # a stream takes far longer than a hot-load of this model
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+    generating = threading.Barrier(len(prompts) + 1, timeout=120)
+
+    def run(i: int) -> None:
+        first = [True]
+
+        def on_tokens() -> None:
+            if first[0]:
+                first[0] = False
+                generating.wait()
+
+        try:
+            results[i] = stream_completion(
+                vllm, "small", prompts[i], max_tokens=tokens, on_tokens=on_tokens,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    generating.wait()  # every stream has its first tokens
+    assert syncer.hotload(saved, checkpoint_type="delta")
+    new_identity = load_status(mgr)["current_snapshot_identity"]
+    assert new_identity == saved
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(results) == len(prompts), errors
+    refs = {old_identity: reference_model(old_weights), new_identity: reference_model(new_weights)}
+    spanned = 0
+    for i in range(len(prompts)):
+        out = results[i]
+        assert len(out.token_ids) == tokens and len(out.logprobs) == tokens
+        # Labels are one range per snapshot: old first, then new.
+        changes = [k for k in range(1, tokens) if out.labels[k] != out.labels[k - 1]]
+        assert len(changes) <= 1 and set(out.labels) <= set(refs), (changes, set(out.labels))
+        assert out.labels[0] == old_identity
+        bounds = [0, *changes, tokens]
+        for start, end in itertools.pairwise(bounds):
+            ref = refs[out.labels[start]]
+            prefix = out.prompt_token_ids + out.token_ids[:start]
+            check_against_reference(
+                ref, prefix, as_result(out.token_ids[start:end], out.logprobs[start:end])
+            )
+        spanned += bool(changes)
+    print(f"streams spanning the swap: {spanned} of {len(prompts)}")
+    assert spanned >= 1, "no stream was still generating when the swap landed"
