@@ -102,6 +102,12 @@ def _serves(replica: ReplicaStatus, identity: str) -> bool:
     )
 
 
+def counted_replicas(status: HotLoadStatus) -> list[ReplicaStatus]:
+    """The replicas "every replica" means: all of a fixed pool; the admitted ones of an
+    elastic deployment (those catching up or missing are listed, but not waited for)."""
+    return [r for r in status.replicas if r.membership in (None, "admitted")]
+
+
 def hotload_outcome(
     status: HotLoadStatus | Mapping[str, Any], identity: str
 ) -> tuple[HotloadOutcome, str]:
@@ -109,7 +115,7 @@ def hotload_outcome(
 
     Errors whose target is another identity are stale (an earlier load) and ignored.
     """
-    replicas = parse_status(status).replicas
+    replicas = counted_replicas(parse_status(status))
     if not replicas:
         return "pending", "the deployment reports no replicas yet"
     errors = [
@@ -200,8 +206,8 @@ class DeploymentManager:
     ) -> None:
         self.api_key = api_key
         self.base_url = base_url.rstrip("/") if base_url else None
-        self.inference_url = inference_url.rstrip("/") if inference_url else None
-        self.hotload_api_url = hotload_api_url.rstrip("/") if hotload_api_url else None
+        self._inference_url = inference_url.rstrip("/") if inference_url else None
+        self._hotload_api_url = hotload_api_url.rstrip("/") if hotload_api_url else None
         self.additional_headers = dict(additional_headers or {})
         self.registry = LocalRegistry(registry_dir)
         self.stop_on_exit = stop_on_exit
@@ -238,9 +244,19 @@ class DeploymentManager:
             )
         return info.url
 
+    @property
+    def inference_url(self) -> str | None:
+        """The inference URL given, else `base_url` (the SDK's attribute; None: local only)."""
+        return self._inference_url or self.base_url
+
+    @property
+    def hotload_api_url(self) -> str | None:
+        """The hot-load URL given, else `base_url` (the SDK's attribute; None: local only)."""
+        return self._hotload_api_url or self.base_url
+
     def hotload_url(self, deployment_id: str | None) -> str:
         """Root URL of the hot-load API of `deployment_id`."""
-        url = self.hotload_api_url or self._local_url(deployment_id) or self.base_url
+        url = self._hotload_api_url or self._local_url(deployment_id) or self.base_url
         if url is None:
             raise InvalidInputError(
                 f"no address for deployment {deployment_id!r}: it is not a local deployment "
@@ -250,7 +266,7 @@ class DeploymentManager:
 
     def inference_url_for(self, deployment_id: str | None) -> str:
         """Root URL of the OpenAI-compatible inference API of `deployment_id`."""
-        url = self.inference_url or self._local_url(deployment_id) or self.base_url
+        url = self._inference_url or self._local_url(deployment_id) or self.base_url
         if url is None:
             raise InvalidInputError(
                 f"no inference address for deployment {deployment_id!r}: it is not a local "
@@ -270,7 +286,7 @@ class DeploymentManager:
         return self._account_id
 
     def _resolve_account_id(self) -> str:
-        root = self.base_url or self.hotload_api_url
+        root = self.base_url or self._hotload_api_url
         if root is None:
             raise InvalidInputError(
                 "account_id needs the deployment's address: construct the DeploymentManager "
@@ -353,7 +369,8 @@ class DeploymentManager:
         while True:
             try:
                 status = parse_status(self.hotload_check_status(deployment_id))
-                if status.replicas and all(r.readiness for r in status.replicas):
+                counted = counted_replicas(status)
+                if counted and all(r.readiness for r in counted):
                     return self._record_of(deployment_id)
                 last = describe_status(status)
             except DeploymentError as e:
@@ -653,7 +670,7 @@ class DeploymentManager:
         named = deployment_id_of_model(model)
         if (
             target is None
-            and self.inference_url is None
+            and self._inference_url is None
             and _is_identity(named)
             and self.registry.read(named)
         ):
