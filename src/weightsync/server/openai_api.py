@@ -170,7 +170,7 @@ class Generator:
     ) -> _Plan:
         want: int | None
         if req.content_logprobs:
-            want = (req.top_logprobs or 0) if req.logprobs is not False else None
+            want = req.top_logprobs or 0
         elif req.logprobs is None or req.logprobs is False:
             want = None
         else:
