@@ -31,6 +31,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from weightsync.errors import UnsupportedOperationError
 from weightsync.storage import LocalStorage
 from weightsync.toymodel import build_model
 from weightsync.trainer import TrainingClient
@@ -182,6 +183,10 @@ def main() -> None:
             weights = full_weights(model)
             if rank == 0:
                 save_file(weights, str(out / f"full-{k}.safetensors"))
+        try:
+            client.exported_weights()
+        except UnsupportedOperationError as e:
+            result["exported_weights"] = str(e)
         if args.resume and "error" not in result:
             location = client.save_state("resume")
             result["loss_after_save"] = train_step(model, optimizer, 50)

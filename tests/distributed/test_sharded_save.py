@@ -192,6 +192,8 @@ def test_tensor_parallel_shard1_and_replicated_tensors(tmp_path: Path) -> None:
     # 1-D weights are plain tensors on both ranks: written whole, by one rank.
     norm = head.tensors["model.norm.weight"]
     assert norm.pieces == () and norm.file == "model-00000.safetensors"
+    # Nothing in the library gathers the whole model, not even on request.
+    assert all("not available under a sharded trainer" in r["exported_weights"] for r in results)
 
 
 def test_a_rank_whose_write_fails_is_named_by_every_rank_and_the_chain_stays(

@@ -391,6 +391,12 @@ class TrainingClient:
 
     def exported_weights(self) -> dict[str, torch.Tensor]:
         """A fresh CPU copy of what a snapshot saved now would hold (LoRA: the adapter)."""
+        if self._sharded is not None:
+            raise UnsupportedOperationError(
+                "exported_weights() is not available under a sharded trainer: each rank holds "
+                "only its shard and gathering the whole model is what a sharded save avoids; "
+                "read a saved snapshot with SnapshotStore(...).materialize(identity) instead"
+            )
         if self.is_lora:
             return export_copy(lora.adapter_tensors(self.model), self.export_dtype)
         return export_copy(self._export_plan(what="exported weights").sources, self.export_dtype)
