@@ -29,7 +29,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from weightsync.errors import UnsupportedOperationError
 from weightsync.storage import LocalStorage
@@ -96,6 +96,18 @@ def shard1_model(mesh: Any) -> Any:
     return model
 
 
+def mesh2d_model(mesh: Any) -> Any:
+    """A 2x2 mesh: 2-D weights Shard(0) x Shard(1) (FSDP rows, TP columns); 1-D weights
+    Shard(0) on the first mesh dimension, replicated on the second."""
+    model = build_model("tiny", seed=0, dtype=torch.float32, initializer_range=0.2)
+    with torch.no_grad():
+        for module in model.modules():
+            for pname, p in list(module.named_parameters(recurse=False)):
+                placements = [Shard(0), Shard(1)] if p.dim() == 2 else [Shard(0), Replicate()]
+                setattr(module, pname, torch.nn.Parameter(distribute_tensor(p, mesh, placements)))
+    return model
+
+
 def shard1_update(model: Any, step: int) -> None:
     """Change ~5% of every weight, the same on every rank (a stand-in for a TP step)."""
     g = torch.Generator().manual_seed(step)
@@ -123,7 +135,7 @@ def main() -> None:
     ap.add_argument("--storage", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokenizer", default=None)
-    ap.add_argument("--mode", choices=["fsdp", "shard1"], default="fsdp")
+    ap.add_argument("--mode", choices=["fsdp", "shard1", "mesh2d"], default="fsdp")
     ap.add_argument("--deltas", type=int, default=3)
     ap.add_argument("--kill-rank", type=int, default=-1)
     ap.add_argument("--fail-rank", type=int, default=-1)
@@ -134,7 +146,8 @@ def main() -> None:
 
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world_size,))
+    shape = (2, world_size // 2) if args.mode == "mesh2d" else (world_size,)
+    mesh = init_device_mesh("cpu", shape)
     out = Path(args.out)
     result: dict[str, Any] = {"rank": rank, "saves": []}
     storage = DyingStorage(
@@ -145,7 +158,8 @@ def main() -> None:
         fault_save="step1",
     )
     try:
-        model = fsdp_model(mesh) if args.mode == "fsdp" else shard1_model(mesh)
+        builders = {"fsdp": fsdp_model, "shard1": shard1_model, "mesh2d": mesh2d_model}
+        model = builders[args.mode](mesh)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         client = TrainingClient(
             model,

@@ -42,14 +42,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def torchrun(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Run the worker on 2 ranks with torchrun; return each rank's result."""
+def torchrun(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, ranks: int = 2
+) -> list[dict[str, Any]]:
+    """Run the worker on `ranks` ranks with torchrun; return each rank's result."""
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     cmd = [
         str(BIN / "torchrun"),
         "--nproc-per-node",
-        "2",
+        str(ranks),
         "--master-addr",
         "127.0.0.1",
         "--master-port",
@@ -70,7 +72,7 @@ def torchrun(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> l
         check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
 def full_weights(out: Path, k: int, manifest: Manifest) -> dict[str, torch.Tensor]:
@@ -92,8 +94,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def check_chain(tmp_path: Path, results: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
     """Both ranks agree; each snapshot materializes to the full weights and has the
     per-tensor checksums (and changed counts) of a single-process save of them."""
-    assert results[0]["saves"] == results[1]["saves"]
-    assert results[0]["session_id"] == results[1]["session_id"]
+    assert all(r["saves"] == results[0]["saves"] for r in results)
+    assert all(r["session_id"] == results[0]["session_id"] for r in results)
     store = SnapshotStore(tmp_path / "store")
     single = tmp_path / "single"
     parent: Manifest | None = None
@@ -102,7 +104,7 @@ def check_chain(tmp_path: Path, results: list[dict[str, Any]]) -> list[dict[str,
     for k, save in enumerate(results[0]["saves"]):
         manifest = store.read_manifest(save["identity"])
         assert manifest.kind == ("base" if k == 0 else "delta")
-        assert manifest.stats["num_ranks"] == 2
+        assert manifest.stats["num_ranks"] == len(results)
         full = full_weights(tmp_path / "out", k, manifest)
         rebuilt = store.materialize(save["identity"])
         assert all(same_bits(rebuilt[n], t) for n, t in full.items())
@@ -194,6 +196,26 @@ def test_tensor_parallel_shard1_and_replicated_tensors(tmp_path: Path) -> None:
     assert norm.pieces == () and norm.file == "model-00000.safetensors"
     # Nothing in the library gathers the whole model, not even on request.
     assert all("not available under a sharded trainer" in r["exported_weights"] for r in results)
+
+
+def test_a_2d_mesh_with_a_replicated_mesh_dimension(tmp_path: Path) -> None:
+    """4 ranks on a 2x2 mesh: 2-D weights in 4 boxes; 1-D weights in 2 boxes, each written
+    by the first of the 2 ranks that hold it (never twice)."""
+    results = torchrun(tmp_path, "--mode", "mesh2d", "--deltas", "2", ranks=4)
+    check_chain(tmp_path, results)
+    head = SnapshotStore(tmp_path / "store").read_manifest(results[0]["saves"][-1]["identity"])
+    proj = head.tensors["model.layers.0.mlp.up_proj.weight"]  # [64, 32]
+    assert [(p.offset, p.shape, p.file.split(".")[1]) for p in proj.pieces] == [
+        ((0, 0), (32, 16), "r00000"),
+        ((0, 16), (32, 16), "r00001"),
+        ((32, 0), (32, 16), "r00002"),
+        ((32, 16), (32, 16), "r00003"),
+    ]
+    norm = head.tensors["model.norm.weight"]  # [32]: rows split over mesh dim 0 only
+    assert [(p.offset, p.file.split(".")[1]) for p in norm.pieces] == [
+        ((0,), "r00000"),
+        ((16,), "r00002"),
+    ]
 
 
 def test_a_rank_whose_write_fails_is_named_by_every_rank_and_the_chain_stays(
