@@ -1,0 +1,156 @@
+"""Hot-load into vLLM's own server: weightsync's delta path against vLLM's `reload_weights`.
+
+Run in the vLLM venv (`scripts/install-vllm.sh`):
+
+    .venv-vllm/bin/python benchmarks/vllm_bench.py --size small --deltas 3 \\
+        --out docs/benchmarks/vllm.json
+
+A `weightsync serve --engine vllm` deployment (vLLM's OpenAI server + the
+sidecar) is driven by `WeightSyncer`: a base, then `--deltas` AdamW steps, each
+saved as a delta and hot-loaded. Per load it records the bytes written to
+storage, the time to serve (hot-load request to the new weights serving: the
+replica's `total_s`) and the serving pause (`pause_s`: vLLM's `/pause` +
+in-place apply + read-back check + prefix-cache reset + `/resume`), from the
+replica's status. For the same weights it then measures vLLM's own path: save
+the full checkpoint directory, and `/pause` → `/collective_rpc reload_weights
+(weights_path=<dir>)` → `/reset_prefix_cache` → `/resume` on vLLM's server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from safetensors.torch import save_file
+
+from weightsync import WeightSyncer
+from weightsync.deployment import DeploymentConfig, DeploymentManager
+from weightsync.toymodel import build_model, build_tokenizer, save_model_dir
+from weightsync.trainer import TrainingClient
+
+
+def vllm_reload(url: str, weights: dict[str, torch.Tensor], config_dir: Path, out: Path) -> dict:
+    """vLLM's own path for these weights: a full checkpoint dir, then reload_weights from it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text((config_dir / "config.json").read_text())
+    t0 = time.perf_counter()
+    save_file({n: t.contiguous() for n, t in weights.items()}, str(out / "model.safetensors"))
+    saved = time.perf_counter()
+    with httpx.Client(timeout=600, trust_env=False) as http:
+        http.post(
+            f"{url}/pause", params={"mode": "keep", "clear_cache": "false"}
+        ).raise_for_status()
+        t1 = time.perf_counter()
+        answer = http.post(
+            f"{url}/collective_rpc",
+            json={"method": "reload_weights", "kwargs": {"weights_path": str(out)}},
+        )
+        answer.raise_for_status()
+        http.post(
+            f"{url}/reset_prefix_cache", params={"reset_running_requests": "true"}
+        ).raise_for_status()
+        http.post(f"{url}/resume").raise_for_status()
+        t2 = time.perf_counter()
+    return {
+        "bytes": (out / "model.safetensors").stat().st_size,
+        "save_s": saved - t0,
+        "pause_s": t2 - t1,
+        "time_to_serve_s": t2 - t0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", help="toy model size (weightsync.toymodel)")
+    parser.add_argument("--deltas", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--out", type=Path, default=None, help="write the rows here as JSON")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
+    tok_dir = build_tokenizer(root / "tok")
+    base_dir = save_model_dir(build_model(args.size, seed=5), root / "base", tokenizer_dir=tok_dir)
+    mgr = DeploymentManager(registry_dir=root / "registry")
+    started = time.perf_counter()
+    mgr.create_or_get(
+        DeploymentConfig(
+            deployment_id="vllm-bench",
+            storage=str(root / "snapshots"),
+            model_dir=str(base_dir),
+            engine="vllm",
+            model_name=args.size,
+            startup_timeout_s=900.0,
+        )
+    )
+    startup_s = time.perf_counter() - started
+    model = build_model(args.size, seed=0)
+    model.train()
+    client = TrainingClient(model, storage=str(root / "snapshots"), tokenizer_dir=tok_dir)
+    client.optimizer = torch.optim.AdamW(client.model.parameters(), lr=args.lr)
+    syncer = WeightSyncer(
+        policy_client=client, deploy_mgr=mgr, deployment_id="vllm-bench",
+        warmup_retry_interval_s=0.2,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(model.config.vocab_size)
+    rows: list[dict[str, Any]] = []
+    try:
+        for step in range(args.deltas + 1):
+            ids = torch.randint(0, vocab, (4, 64), generator=gen)
+            client.optimizer.zero_grad()
+            client.model(input_ids=ids, labels=ids).loss.backward()
+            client.optimizer.step()
+            identity = syncer.save_and_hotload(f"step-{step:05d}")
+            if identity is None:
+                raise SystemExit(
+                    f"hot-load of step {step} failed: {mgr.last_hotload_error_message}"
+                )
+            [replica] = mgr.hotload_check_status("vllm-bench")["replicas"]
+            load = replica["last_load"]
+            timing = syncer.last_timing
+            row: dict[str, Any] = {
+                "identity": identity,
+                "kind": load["kind"],
+                "bytes": timing.payload_bytes,
+                "full_bytes": timing.full_bytes,
+                "save_s": timing.save_time_s,
+                "fetch_s": load["fetch_s"],
+                "decode_s": load["decode_s"],
+                "verify_s": load["verify_s"],
+                "pause_s": load["pause_s"],
+                "time_to_serve_s": load["total_s"],
+            }
+            row["vllm_reload_weights"] = vllm_reload(
+                replica["inference_url"], client.exported_weights(), base_dir,
+                root / f"full-{step}",
+            )  # fmt: skip
+            rows.append(row)
+            base = row["vllm_reload_weights"]
+            print(
+                f"{row['kind']:5} {identity}: weightsync {row['bytes'] / 1e6:.2f} MB, serve "
+                f"{row['time_to_serve_s']:.3f}s, pause {row['pause_s']:.3f}s | vLLM "
+                f"reload_weights {base['bytes'] / 1e6:.2f} MB, serve "
+                f"{base['time_to_serve_s']:.3f}s, pause {base['pause_s']:.3f}s"
+            )
+    finally:
+        mgr.delete("vllm-bench")
+        mgr.close()
+    result = {
+        "model_size": args.size,
+        "params": sum(p.numel() for p in model.parameters()),
+        "startup_s": startup_s,
+        "loads": rows,
+    }
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
