@@ -5,9 +5,9 @@ first save is a base, later ones deltas; the deployment is asked once, before
 the first hot-load, whether its manager is ready and what it serves (a
 snapshot of another session makes the first save a base); `save_and_hotload`
 returns the snapshot name or raises. `base_identity` (the snapshot the
-deployment last verified) is set only after a successful load; after a delta
-that did not load, the next automatic save is a base, since a delta on top of
-it could not apply.
+deployment last verified) is set only after a successful load; after a
+snapshot that did not load, the next automatic save is a base, since a delta
+on top of it could not apply.
 
 Beyond the reference, opt-in: `recover_with_base` (a refused delta is replaced
 by a fresh base inside the same call) and `check_deployment_before_save`
@@ -553,8 +553,9 @@ class WeightSyncer:
                 self._hotload_and_wait(mgr, deployment_id, identity, metadata)
         except WeightSyncError:
             self.base_identity = None  # unknown until asked again
-            if metadata is not None:
-                self._force_base_next = True  # the chain head is not what it serves
+            # The client's chain head is this snapshot, which the deployment does not hold:
+            # a delta on top of it could not apply, so the next automatic save is a base.
+            self._force_base_next = True
             raise
         self.base_identity = identity
         result = getattr(mgr, "last_hotload_result", None)
