@@ -18,12 +18,6 @@ BASE, D1 = "base-0badcafe", "step1-0badcafe"
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_pipeline makes the new identity current only after the post-swap check, "
-    "outside the swap lock: answers computed with the new weights during the check are "
-    "labelled with the old identity",
-)
 def test_an_answer_during_the_post_swap_check_names_the_weights_it_used(
     chain: Chain, tmp_path: Path
 ) -> None:

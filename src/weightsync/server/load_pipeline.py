@@ -15,13 +15,14 @@ payloads into patches against the live weights (read only); `verifying`
 rebuilds each patched tensor chunk by chunk and checks the manifest's tensor
 checksum, so a corrupt snapshot never touches the live weights. `swapping`
 holds the swap lock's exclusive side (the serving pause: apply in place +
-prompt-cache reset). `checking` re-checksums the live weights against the
-manifest; on a mismatch the previous weights are read again from where the
-ledger says they came from (verified) and put back — no undo copy of the
+prompt-cache reset), and the new identity, config and tokenizer become current
+inside it, so every answer is labelled with the weights it was computed on.
+`checking` re-checksums the live weights against the manifest; on a mismatch
+the previous weights are read again from where the ledger says they came from
+(verified) and put back together with their identity — no undo copy of the
 patched elements is held, and a patch denser than its tensor is held as the
 tensor's new bits, so a delta costs at most about one copy of the model.
-Then the new identity, config and tokenizer become current (nothing there can
-fail) and the load is written to the ledger. A ledger write that still fails
+Then the load is written to the ledger. A ledger write that still fails
 after its bounded retries ends the load as `error` with the replica `degraded`:
 it keeps serving the verified new weights, reports that the ledger is behind,
 and writes the missing rows with the next load (or a ledger reset clears them).
@@ -461,6 +462,9 @@ class LoadPipeline:
         previous = self._served
         self._set_stage("swapping")
         self._reached("swapping", identity)
+        tokenizer = prepared.tokenizer
+        if tokenizer is None and previous is not None:
+            tokenizer = previous.tokenizer
         t3 = time.perf_counter()
         applied: Exception | None = None
         with self.swap_lock.exclusive(), self.engine.swap(identity):
@@ -473,6 +477,10 @@ class LoadPipeline:
                 scope: CacheScope = "all" if policy == "all" else "shared"
                 report.cache_entries_dropped = self.engine.reset_prompt_cache(scope)
             with self._state:
+                # The new identity is current from the moment its weights are live, so
+                # every answer computed on them during the check is labelled with it; a
+                # failed check puts the previous weights and identity back together.
+                self._served = Served(load=report, config=prepared.config, tokenizer=tokenizer)
                 self._stage = "checking"
                 self._publish_locked()
             t5 = time.perf_counter()
@@ -493,11 +501,6 @@ class LoadPipeline:
                 f"{what}; the previous weights ({previous.identity if previous else None!r}) "
                 "were read again and are served — the engine's apply is faulty, report it"
             )
-        tokenizer = prepared.tokenizer
-        if tokenizer is None and previous is not None:
-            tokenizer = previous.tokenizer
-        with self._state:  # nothing here can fail: the new weights become current
-            self._served = Served(load=report, config=prepared.config, tokenizer=tokenizer)
         if manifest.kind == "base":
             self._forget_tokenizers(keep=identity)
 
@@ -524,6 +527,8 @@ class LoadPipeline:
                     weights.config, weights.tensors, tokenizer_dir=weights.tokenizer_dir
                 )
                 self.engine.reset_prompt_cache("all")
+                with self._state:
+                    self._served = previous
         except Exception as e:
             with self._state:
                 self._weights_unknown = (
