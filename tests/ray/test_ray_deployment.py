@@ -279,15 +279,16 @@ def test_replica_added_after_five_deltas_serves_the_head(
     deployment: tuple[RayDeployment, str], trainer: Trainer
 ) -> None:
     ray_deployment, url = deployment
-    for name in ("d4", "d5"):
-        identity = trainer.save(name)
-        hot_load(url, trainer, identity)
-        wait_all_at(url, identity, 2)
+    d4 = trainer.save("d4")
+    hot_load(url, trainer, d4)
+    wait_all_at(url, d4, 2)
+    d5 = trainer.save("d5")
     assert len(trainer.chain) == 6  # the base and five deltas
-    ray_deployment.scale(3)
-    head = trainer.chain[-1]
-    wait_all_at(url, head, 3, timeout_s=180)
-    assert_serves_bits(url, trainer, head, {"replica-0", "replica-1", "replica-2"})
+    ray_deployment.scale(3)  # replica-2 starts from the head, d4 ...
+    answer = hot_load(url, trainer, d5)  # ... while d5 is hot-loaded into the others
+    assert "replica-2" not in answer["membership"]["admitted"]
+    wait_all_at(url, d5, 3, timeout_s=180)
+    assert_serves_bits(url, trainer, d5, {"replica-0", "replica-1", "replica-2"})
     nodes = ray_deployment.replicas.nodes()
     assert len(set(nodes.values())) == 2
 
@@ -319,3 +320,36 @@ def test_node_removed_leaves_the_rest_serving(
     assert complete(url) == d6
     ray_deployment.scale(len(survivors))
     assert {r["replica_id"] for r in status(url)} == survivors
+
+
+def test_serve_with_ray_from_the_deployment_manager(
+    cluster: tuple[Cluster, Any], trainer: Trainer, tmp_path: Path
+) -> None:
+    """`DeploymentConfig(ray_address=...)` runs `weightsync serve --ray`: a gateway here, the
+    replica an actor on the cluster (no CPU reserved: the module's replicas hold them)."""
+    from weightsync.deployment import DeploymentConfig, DeploymentManager
+
+    manager = DeploymentManager(registry_dir=tmp_path / "registry")
+    config = DeploymentConfig(
+        deployment_id="ray-cli",
+        storage=trainer.client.storage.url,
+        snapshot=trainer.chain[-1],
+        api_key=API_KEY,
+        model_name="tiny",
+        ray_address=cluster[0].address,
+        ray_num_cpus=0.0,
+        extra_args=("--engine-threads", "1"),
+    )
+    try:
+        info = manager.create_or_get(config)
+        assert info.url is not None
+        d7 = trainer.save("d7")
+        metadata = trainer.request(d7)["incremental_snapshot_metadata"]
+        assert manager.hotload_and_wait("ray-cli", "tiny", d7, metadata, timeout_seconds=120)
+        (entry,) = status(info.url)
+        assert entry["membership"] == "admitted"
+        assert entry["current_snapshot_identity"] == d7
+        assert_serves_bits(info.url, trainer, d7, {"replica-0"})
+    finally:
+        manager.delete("ray-cli")
+        manager.close()

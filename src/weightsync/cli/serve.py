@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -36,6 +36,10 @@ from weightsync.server.inference_admission import (
     DEFAULT_MAX_REQUEST_TOKENS,
     InferenceLimits,
 )
+
+if TYPE_CHECKING:
+    from weightsync.deployment.ray_replicas import RayPlacement
+    from weightsync.server.config import ReplicaConfig
 
 logger = logging.getLogger("weightsync.serve")
 
@@ -138,6 +142,26 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
     max_request_tokens: Annotated[
         int, typer.Option(min=1, help="Tokens one request may generate (prompts x n x max).")
     ] = DEFAULT_MAX_REQUEST_TOKENS,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Run the replicas as actors on this Ray cluster (auto | HOST:PORT | ray://...); "
+            "the gateway stays here (docs/scale.md).",
+        ),
+    ] = None,
+    ray_num_cpus: Annotated[float, typer.Option(min=0.0, help="--ray: CPUs per replica.")] = 1.0,
+    ray_num_gpus: Annotated[float, typer.Option(min=0.0, help="--ray: GPUs per replica.")] = 0.0,
+    ray_placement: Annotated[
+        str, typer.Option(help="--ray: SPREAD (across nodes) | PACK | DEFAULT.")
+    ] = "SPREAD",
+    ray_max_restarts: Annotated[
+        int, typer.Option(min=-1, help="--ray: restarts of a crashed replica (-1: always).")
+    ] = -1,
+    ray_env: Annotated[
+        list[str] | None,
+        typer.Option(help="--ray: pass this environment variable on to the replicas (repeat)."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
     log_format: Annotated[str, typer.Option(help="text | json")] = "text",
     replica_id: Annotated[str, typer.Option(hidden=True)] = "replica-0",
@@ -160,6 +184,53 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
     if state_dir is None:
         state_dir = _default_state_dir(storage, snapshot, model_dir, model_name)
     try:
+        if ray is not None:
+            from weightsync.deployment.ray_replicas import RayPlacement
+
+            if ray_placement not in ("SPREAD", "PACK", "DEFAULT"):
+                raise typer.BadParameter(
+                    "choose SPREAD, PACK or DEFAULT", param_hint="--ray-placement"
+                )
+            missing = [name for name in ray_env or () if name not in os.environ]
+            if missing:
+                raise typer.BadParameter(
+                    f"not set here: {', '.join(missing)}", param_hint="--ray-env"
+                )
+            _serve_on_ray(
+                placement=RayPlacement(
+                    address=ray,
+                    num_cpus=ray_num_cpus,
+                    num_gpus=ray_num_gpus,
+                    strategy=ray_placement,  # type: ignore[arg-type]
+                    max_restarts=ray_max_restarts,
+                    env_vars={name: os.environ[name] for name in ray_env or ()},
+                ),
+                num_replicas=replicas,
+                template=_replica_config(
+                    storage=storage, snapshot=snapshot, model_dir=model_dir,
+                    snapshot_name=snapshot_name, api_key=api_key, transition=transition,
+                    engine=engine, engine_threads=engine_threads, vllm_args=list(vllm_arg or []),
+                    state_dir=state_dir,
+                    model_name=model_name, deployment_id=deployment_id, account_id=account_id,
+                    max_body_bytes=max_body_bytes, replica_id=replica_id,
+                    fetch=FetchPolicy(
+                        attempts=fetch_attempts, backoff_s=fetch_backoff_s,
+                        timeout_s=fetch_timeout_s,
+                    ),
+                    max_adapters=max_adapters,
+                    inference=InferenceLimits(
+                        workers=inference_workers, max_queued=max_queued_requests,
+                        max_request_tokens=max_request_tokens,
+                    ),
+                ),
+                host=host,
+                port=port,
+                api_key=api_key,
+                state_dir=state_dir,
+                ready_file=ready_file,
+                log_level=log_level,
+            )  # fmt: skip
+            return
         if replicas == 1:
             _serve_replica(
                 storage=storage,
@@ -340,3 +411,82 @@ def _serve_replica(
     replica = Replica(config, on_stage=stall_hook_from_env(os.environ))
     replica.start()
     serve(create_app(replica), sock, ready_file=ready_file, log_level=log_level)
+
+
+def _replica_config(
+    *,
+    storage: str | None,
+    snapshot: str | None,
+    model_dir: Path | None,
+    snapshot_name: str | None,
+    api_key: str | None,
+    transition: str,
+    engine: str,
+    engine_threads: int | None,
+    vllm_args: list[str],
+    state_dir: Path,
+    model_name: str,
+    deployment_id: str | None,
+    account_id: str,
+    max_body_bytes: int,
+    replica_id: str,
+    fetch: FetchPolicy,
+    max_adapters: int,
+    inference: InferenceLimits,
+) -> ReplicaConfig:
+    """One replica's configuration from the command's options (a Ray deployment's template)."""
+    from weightsync.server.config import ReplicaConfig
+
+    return ReplicaConfig(
+        storage=storage,
+        snapshot=snapshot,
+        model_dir=model_dir,
+        snapshot_name=snapshot_name,
+        state_dir=state_dir,
+        replica_id=replica_id,
+        model_name=model_name,
+        deployment_id=deployment_id,
+        account_id=account_id,
+        transition=transition,  # type: ignore[arg-type]
+        engine=engine,
+        engine_options=_engine_options(
+            engine, transition, model_name, engine_threads=engine_threads, vllm_args=vllm_args
+        ),
+        api_key=api_key,
+        max_body_bytes=max_body_bytes,
+        fetch=fetch,
+        max_adapters=max_adapters,
+        inference=inference,
+    )
+
+
+def _serve_on_ray(
+    *,
+    placement: RayPlacement,
+    num_replicas: int,
+    template: ReplicaConfig,
+    host: str,
+    port: int,
+    api_key: str | None,
+    state_dir: Path,
+    ready_file: Path | None,
+    log_level: str,
+) -> None:
+    """The gateway here, `num_replicas` replica actors on the Ray cluster at `placement`."""
+    from weightsync.deployment.ray_replicas import RayDeployment
+    from weightsync.server.runner import bind_socket, serve
+
+    sock = bind_socket(host, port)
+    deployment = RayDeployment(
+        template=template,
+        placement=placement,
+        state_dir=state_dir,
+        served=template.served,
+        api_key=api_key,
+        max_body_bytes=template.max_body_bytes,
+    )
+    try:
+        deployment.start(num_replicas)
+        serve(deployment.app, sock, ready_file=ready_file, log_level=log_level)
+    finally:
+        deployment.stop()

@@ -31,6 +31,7 @@ from weightsync.wire import TRANSITIONS, Transition
 logger = logging.getLogger(__name__)
 
 EngineName = Literal["torch", "vllm"]
+RayPlacementStrategy = Literal["SPREAD", "PACK", "DEFAULT"]
 DeploymentState = Literal["running", "stopped"]
 
 LOG_TAIL_CHARS = 4000
@@ -65,6 +66,13 @@ class DeploymentConfig:
     startup_timeout_s: float = 180.0
     #: Extra `weightsync serve` arguments, passed through verbatim.
     extra_args: tuple[str, ...] = ()
+    #: Run the replicas as actors on this Ray cluster ("auto", "HOST:PORT", "ray://...");
+    #: the gateway stays on this machine (docs/scale.md). None: local replica processes.
+    ray_address: str | None = None
+    #: Resources each replica reserves on the cluster, and how replicas are placed.
+    ray_num_cpus: float = 1.0
+    ray_num_gpus: float = 0.0
+    ray_placement: RayPlacementStrategy = "SPREAD"
 
     def __post_init__(self) -> None:
         validate_identity(self.deployment_id, what="deployment id")
@@ -87,6 +95,17 @@ class DeploymentConfig:
             )
         if self.startup_timeout_s <= 0:
             raise InvalidInputError("startup_timeout_s must be > 0")
+        if self.ray_address is not None and self.snapshot is None:
+            raise InvalidInputError(
+                f"deployment {self.deployment_id!r}: replicas on Ray start from a snapshot in "
+                "shared storage (snapshot=); a model_dir on this machine is not on the cluster"
+            )
+        if self.ray_num_cpus < 0 or self.ray_num_gpus < 0:
+            raise InvalidInputError("ray_num_cpus and ray_num_gpus must be >= 0")
+        if self.ray_placement not in ("SPREAD", "PACK", "DEFAULT"):
+            raise InvalidInputError(
+                f"ray_placement must be SPREAD, PACK or DEFAULT, got {self.ray_placement!r}"
+            )
 
     def serve_args(self, *, state_dir: Path, ready_file: Path) -> list[str]:
         """The `weightsync serve` arguments (the API key goes through the environment)."""
@@ -107,6 +126,13 @@ class DeploymentConfig:
         ]  # fmt: skip
         if self.model_name:
             args += ["--model-name", self.model_name]
+        if self.ray_address is not None:
+            args += [
+                "--ray", self.ray_address,
+                "--ray-num-cpus", str(self.ray_num_cpus),
+                "--ray-num-gpus", str(self.ray_num_gpus),
+                "--ray-placement", self.ray_placement,
+            ]  # fmt: skip
         return args + list(self.extra_args)
 
 

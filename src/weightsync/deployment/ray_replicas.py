@@ -26,7 +26,7 @@ from typing import Any, Literal
 from fastapi import FastAPI
 
 from weightsync.errors import DeploymentError, InvalidInputError
-from weightsync.server.config import ReplicaConfig, ServedDeployment, default_state_root
+from weightsync.server.config import ReplicaConfig, ServedDeployment
 from weightsync.server.elastic_membership import ElasticMembership, Endpoint
 from weightsync.server.gateway import create_gateway_app
 from weightsync.server.head_record import HeadRecordFile
@@ -63,7 +63,8 @@ class RayPlacement:
     strategy: PlacementStrategy = "SPREAD"
     #: Restarts Ray makes of a crashed replica (-1: always).
     max_restarts: int = -1
-    #: Where each replica keeps its ledger on its node (default: the node's temp dir).
+    #: Where each replica keeps its ledger on its node, under `<deployment id>/<replica id>`
+    #: (default: `replicas/` in the gateway's state dir, the same path on every node).
     state_root: str | None = None
     #: Environment the replicas get (storage credentials, endpoint), beside their node's.
     env_vars: dict[str, str] = field(default_factory=dict)
@@ -125,19 +126,20 @@ class RayReplicaSet:
         deployment_id: str,
         template: ReplicaConfig,
         placement: RayPlacement,
+        state_root: Path,
         host: str | None = None,
     ) -> None:
         self.deployment_id = deployment_id
         self.template = template
         self.placement = placement
+        self.state_root = Path(placement.state_root) if placement.state_root else state_root
         self.host = host
         self._handles: list[_Handle] = []
         self._next_index = 0
         self._ray = import_ray()
 
     def _replica_config(self, replica_id: str, start_identity: str) -> ReplicaConfig:
-        root = Path(self.placement.state_root) if self.placement.state_root else None
-        state_dir = (root or default_state_root()) / self.deployment_id / replica_id
+        state_dir = self.state_root / self.deployment_id / replica_id
         return dataclasses.replace(
             self.template, replica_id=replica_id, state_dir=state_dir, snapshot=start_identity
         )
@@ -166,11 +168,12 @@ class RayReplicaSet:
         logger.info("started %s from %s on the Ray cluster", replica_id, start_identity)
         return replica_id
 
-    def detach(self) -> Any:
-        """Take the newest replica out of the set (no longer listed); its actor, or None."""
-        if not self._handles:
-            return None
-        return self._handles.pop()
+    def detach(self, replica_id: str | None = None) -> Any:
+        """Take `replica_id` (default: the newest) out of the set; its handle, or None."""
+        for i in range(len(self._handles) - 1, -1, -1):
+            if replica_id is None or self._handles[i].replica_id == replica_id:
+                return self._handles.pop(i)
+        return None
 
     def kill(self, handle: Any) -> None:
         """Stop a detached replica for good (Ray does not restart it)."""
@@ -257,7 +260,11 @@ class RayDeployment:
         if not ray.is_initialized():
             ray.init(address=placement.address, namespace=placement.namespace)
         self.replicas = RayReplicaSet(
-            deployment_id=served.deployment_id, template=template, placement=placement, host=host
+            deployment_id=served.deployment_id,
+            template=template,
+            placement=placement,
+            state_root=Path(state_dir) / "replicas",
+            host=host,
         )
         self.membership = ElasticMembership(
             self.replicas,
@@ -276,20 +283,27 @@ class RayDeployment:
         )
 
     def start(self, num_replicas: int, *, timeout_s: float = 600.0) -> None:
-        """Start `num_replicas` replicas and wait until every one serves the head."""
+        """Start `num_replicas` replicas and wait until every one serves the head (or stop)."""
         self.membership.start()
-        self.scale(num_replicas)
-        self.membership.wait_until(num_admitted=num_replicas, timeout_s=timeout_s)
+        try:
+            self.scale(num_replicas)
+            self.membership.wait_until(num_admitted=num_replicas, timeout_s=timeout_s)
+        except BaseException:
+            self.stop()
+            raise
 
     def scale(self, num_replicas: int) -> None:
         """Add replicas (they start at the head and are admitted once they serve it) or stop
-        the newest ones (withdrawn from traffic first, at the next membership round)."""
+        some: missing ones first, then those catching up, then the newest admitted ones
+        (each withdrawn from traffic before it stops)."""
         if num_replicas < 0:
             raise InvalidInputError(f"replicas must be >= 0, got {num_replicas}")
         while len(self.replicas) < num_replicas:
             self.replicas.add(self.membership.record.head)
         while len(self.replicas) > num_replicas:
-            handle = self.replicas.detach()
+            view = self.membership.view()
+            spare = [*view.missing, *view.catching_up, *reversed(view.admitted)]
+            handle = self.replicas.detach(spare[0] if spare else None) or self.replicas.detach()
             # Out of the gateway's view before it stops: no new request reaches it.
             self.membership.wait_until_absent(handle.replica_id, timeout_s=30.0)
             self.replicas.kill(handle)
