@@ -20,7 +20,7 @@ def _replica(rid, current, ready=True, stage="ready", target=None, error=None, a
         "current_snapshot_identity": current,
         "readiness": ready,
         "loading_state": state,
-        "loaded_adapters": list(adapters),
+        "loaded_adapters": [{"identity": a, "status": "loaded"} for a in adapters],
     }
 
 

@@ -348,6 +348,13 @@ def _write_adapters(rig: Rig, count: int) -> list[str]:
     return names
 
 
+def _adapters(rig: Rig) -> list[str]:
+    """The adapters the replica reports as loaded (the SDK's `{"identity", "status"}` entries)."""
+    loaded = rig.status()["loaded_adapters"]
+    assert all(a["status"] == "loaded" for a in loaded), loaded
+    return [a["identity"] for a in loaded]
+
+
 def _hot_load_adapter(rig: Rig, name: str) -> None:
     r = rig.http.post("/hot_load/v1/models/hot_load", json={"identity": name})
     assert r.status_code == 200, r.text
@@ -364,10 +371,10 @@ def test_forty_lora_syncs_keep_the_limit_least_recently_used_out(faults_rig: Rig
     for name in names:
         _hot_load_adapter(rig, name)
         # The favourite is used after every load, so it is never the least recently used.
-        if favourite in rig.status()["loaded_adapters"]:
+        if favourite in _adapters(rig):
             r = rig.http.post("/v1/completions", json={**body, "model": f"weightsync@{favourite}"})
             assert r.status_code == 200, r.text
-    loaded = rig.status()["loaded_adapters"]
+    loaded = _adapters(rig)
     assert len(loaded) == 8 and favourite in loaded
     assert set(loaded) == {favourite, *names[-7:]}
     restarted = _restart(rig)

@@ -151,7 +151,7 @@ def test_lora_adapters_load_as_standalone_snapshots(serve, make_client, tokenize
         manifest = client.store.read_manifest(identity)
         assert manifest.kind == "lora" and manifest.parent is None
         [replica] = mgr.hotload_check_status(deployment_id, "tiny")["replicas"]
-        assert identity in replica["loaded_adapters"] or (
+        assert {"identity": identity, "status": "loaded"} in replica["loaded_adapters"] or (
             replica["current_snapshot_identity"] == identity
         )
     mgr.close()

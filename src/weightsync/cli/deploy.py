@@ -54,7 +54,7 @@ def _status_table(status: dict[str, Any]) -> Table:
             "yes" if replica.get("readiness") else "no",
             str(state.get("stage")),
             str(state.get("target_snapshot_identity") or ""),
-            ", ".join(str(a) for a in replica.get("loaded_adapters") or []),
+            ", ".join(str(a.get("identity")) for a in replica.get("loaded_adapters") or []),
             str(state.get("error") or ""),
         )
     return table

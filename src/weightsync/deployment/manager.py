@@ -98,7 +98,7 @@ def parse_status(status: HotLoadStatus | Mapping[str, Any]) -> HotLoadStatus:
 
 def _serves(replica: ReplicaStatus, identity: str) -> bool:
     return replica.readiness and (
-        replica.current_snapshot_identity == identity or identity in replica.loaded_adapters
+        replica.current_snapshot_identity == identity or identity in replica.adapter_identities()
     )
 
 

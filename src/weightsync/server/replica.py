@@ -190,7 +190,9 @@ class Replica:
             "current_snapshot_identity": load["current_snapshot_identity"],
             "readiness": load["readiness"],
             "loading_state": load["loading_state"],
-            "loaded_adapters": self.engine.loaded_adapters(),
+            "loaded_adapters": [
+                {"identity": name, "status": "loaded"} for name in self.engine.loaded_adapters()
+            ],
             "last_load": load["last_load"],
             "recovered_from_ledger": self.recovered_from_ledger,
             "requires_base": self.ledger.requires_base,

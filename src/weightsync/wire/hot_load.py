@@ -152,6 +152,14 @@ class LoadProgress(WireModel):
     total: int | None = None
 
 
+class LoadedAdapter(WireModel):
+    """A LoRA adapter served beside the base; the SDK's hot-load wait looks for
+    `{"identity": <snapshot>, "status": "loaded"}` entries."""
+
+    identity: str
+    status: Literal["loaded"] = "loaded"
+
+
 class LoadingState(WireModel):
     """The current (or last) load: its stage and target; `error` after a failed one."""
 
@@ -204,7 +212,7 @@ class ReplicaStatus(WireModel):
     current_snapshot_identity: str | None
     readiness: bool
     loading_state: LoadingState
-    loaded_adapters: list[str] = Field(default_factory=list)
+    loaded_adapters: list[LoadedAdapter] = Field(default_factory=list)
     last_load: LoadRecord | None = None
     recovered_from_ledger: bool = False
     requires_base: bool = False
@@ -213,6 +221,11 @@ class ReplicaStatus(WireModel):
     degraded: str | None = None
     url: str | None = None
     membership: MemberState | None = None
+
+
+    def adapter_identities(self) -> list[str]:
+        """The identities of `loaded_adapters`, least recently used first."""
+        return [adapter.identity for adapter in self.loaded_adapters]
 
 
 class HotLoadStatus(WireModel):
