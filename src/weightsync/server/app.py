@@ -122,7 +122,10 @@ def create_app(replica: Replica, *, close_replica_on_shutdown: bool = True) -> F
 
     @app.get(LEDGER_PATH)
     def ledger() -> LedgerAnswers:
-        entries = [LedgerEntry.model_validate(e) for e in replica.ledger_entries()]
+        entries = [
+            LedgerEntry.model_validate(redact_error_fields(e, private_paths))
+            for e in replica.ledger_entries()
+        ]
         return LedgerAnswers(
             replicas=[ReplicaLedger(replica_id=replica.config.replica_id, entries=entries)]
         )
