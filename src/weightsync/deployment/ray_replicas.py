@@ -30,6 +30,8 @@ from weightsync.server.config import ReplicaConfig, ServedDeployment
 from weightsync.server.elastic_membership import ElasticMembership, Endpoint
 from weightsync.server.gateway import create_gateway_app
 from weightsync.server.head_record import HeadRecordFile
+from weightsync.snapshot import SnapshotStore
+from weightsync.storage import open_storage
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +258,7 @@ class RayDeployment:
             )
         self.placement = placement
         self.served = served
+        self.storage_url = template.storage or ""
         ray = import_ray()
         if not ray.is_initialized():
             ray.init(address=placement.address, namespace=placement.namespace)
@@ -273,7 +276,9 @@ class RayDeployment:
             transition=template.transition,
             api_key=api_key,
             poll_interval_s=poll_interval_s,
+            is_adapter=self._is_adapter,
         )
+        self._store: SnapshotStore | None = None
         self.app: FastAPI = create_gateway_app(
             [],
             api_key=api_key,
@@ -281,6 +286,11 @@ class RayDeployment:
             served=served,
             membership=self.membership,
         )
+
+    def _is_adapter(self, identity: str) -> bool:
+        if self._store is None:
+            self._store = SnapshotStore(open_storage(self.storage_url))
+        return self._store.read_manifest(identity).kind == "lora"
 
     def start(self, num_replicas: int, *, timeout_s: float = 600.0) -> None:
         """Start `num_replicas` replicas and wait until every one serves the head (or stop)."""

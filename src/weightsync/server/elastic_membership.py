@@ -29,7 +29,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -108,8 +108,12 @@ class ElasticMembership:
         transition: Transition,
         api_key: str | None = None,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+        is_adapter: Callable[[str], bool] | None = None,
     ) -> None:
+        """`is_adapter(identity)` tells a LoRA adapter's hot-load from a base or delta (an
+        adapter does not move the head: replicas keep serving their base under it)."""
         self.source = source
+        self.is_adapter = is_adapter
         self.head_file = head_file
         self.transition = transition
         self.poll_interval_s = poll_interval_s
@@ -152,6 +156,9 @@ class ElasticMembership:
 
     def accepted(self, request: HotLoadRequest, body: dict[str, Any]) -> None:
         """Record the new head durably (before any replica could be admitted at it)."""
+        if self.is_adapter is not None and self.is_adapter(request.identity):
+            logger.info("adapter %s loaded; the head stays %s", request.identity, self._record.head)
+            return
         record = self._record.accepted(request, body)
         if record is not self._record:
             self.head_file.save(record)

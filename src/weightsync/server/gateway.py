@@ -379,7 +379,9 @@ def create_gateway_app(
             if any(200 <= s < 300 for s, _ in results):
                 # A replica accepted: the request was valid JSON of the contract.
                 document = json.loads(body)
-                replicas.accepted(HotLoadRequest.model_validate(document), document)
+                await asyncio.to_thread(
+                    replicas.accepted, HotLoadRequest.model_validate(document), document
+                )
             if lost:
                 replicas.lost(lost)
         view = replicas.view()

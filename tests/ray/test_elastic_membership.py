@@ -1,0 +1,181 @@
+"""Admission and catch-up of an elastic deployment without Ray: real replicas in threads.
+
+The endpoint source is a list the test edits (a replica joining late, one whose
+server stops); the gateway, the membership and the replicas are the real ones,
+on 127.0.0.1, reading a local snapshot storage. Runs where `ray` is not installed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from weightsync.server.app import create_app
+from weightsync.server.config import ReplicaConfig
+from weightsync.server.elastic_membership import ElasticMembership, Endpoint
+from weightsync.server.gateway import create_gateway_app
+from weightsync.server.head_record import HeadRecordFile
+from weightsync.server.replica import Replica
+from weightsync.server.runner import ServerThread
+from weightsync.toymodel import build_model, build_tokenizer
+from weightsync.trainer import TrainingClient
+
+pytestmark = pytest.mark.timeout(180)
+
+HOT_LOAD = "/hot_load/v1/models/hot_load"
+
+
+class Source:
+    """The replicas the test runs: id → (url, incarnation); `None` url = gone."""
+
+    def __init__(self) -> None:
+        self.replicas: dict[str, tuple[str | None, str]] = {}
+
+    def endpoints(self) -> list[Endpoint]:
+        return [
+            Endpoint(replica_id=r, url=url, incarnation=inc, problem=None if url else "stopped")
+            for r, (url, inc) in self.replicas.items()
+        ]
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> tuple[TrainingClient, list[str]]:
+    model = build_model("tiny", seed=0)
+    client = TrainingClient(
+        model, storage=str(tmp_path / "store"), tokenizer_dir=build_tokenizer(tmp_path / "tok")
+    )
+    names = [client.save_weights_for_sampler_ext("base").snapshot_name]
+    for step in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 1e-2)
+        names.append(client.save_weights_for_sampler_ext(f"d{step}").snapshot_name)
+    return client, names
+
+
+def request(client: TrainingClient, identity: str) -> dict[str, Any]:
+    manifest = client.store.read_manifest(identity)
+    return {
+        "identity": identity,
+        "incremental_snapshot_metadata": {"previous_snapshot_identity": manifest.parent},
+    }
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, chain: tuple[TrainingClient, list[str]]) -> Iterator[Any]:
+    client, names = chain
+    servers: dict[str, ServerThread] = {}
+    with ExitStack() as stack:
+
+        def start(replica_id: str) -> str:
+            config = ReplicaConfig(
+                storage=client.storage.url,
+                snapshot=names[0],
+                state_dir=tmp_path / "replicas" / replica_id,
+                replica_id=replica_id,
+                model_name="tiny",
+                transition="sync",
+                engine_options={"num_threads": 1},
+            )
+            replica = Replica(config)
+            replica.start()
+            server = ServerThread(create_app(replica))
+            servers[replica_id] = server
+            url = server.start()
+            stack.callback(server.stop)
+            return url
+
+        yield start, servers
+
+
+def status(url: str) -> dict[str, dict[str, Any]]:
+    answer = httpx.get(f"{url}{HOT_LOAD}", timeout=30.0)
+    answer.raise_for_status()
+    return {r["replica_id"]: r for r in answer.json()["replicas"]}
+
+
+def wait_for(predicate: Any, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_sync_deployment_admits_only_the_head_and_catches_a_late_replica_up(
+    tmp_path: Path, chain: tuple[TrainingClient, list[str]], replicas: Any
+) -> None:
+    client, (base, d1, d2) = chain
+    start, servers = replicas
+    source = Source()
+    source.replicas["replica-0"] = (start("replica-0"), "a")
+    source.replicas["replica-1"] = (start("replica-1"), "a")
+    membership = ElasticMembership(
+        source,
+        HeadRecordFile(tmp_path / "gateway" / "head.json"),
+        start_identity=base,
+        transition="sync",
+        poll_interval_s=0.05,
+    )
+    membership.start()
+    try:
+        membership.wait_until(num_admitted=2, timeout_s=60)
+        app = create_gateway_app([], api_key=None, max_body_bytes=1 << 20, membership=membership)
+        with ServerThread(app) as url:
+            answer = httpx.post(f"{url}{HOT_LOAD}", json=request(client, d1), timeout=30.0)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["membership"]["admitted"] == ["replica-0", "replica-1"]
+            wait_for(
+                lambda: all(
+                    r["current_snapshot_identity"] == d1 and r["membership"] == "admitted"
+                    for r in status(url).values()
+                ),
+                "both replicas admitted at d1",
+            )
+            # A replica that starts from the base, one version behind: not admitted (sync
+            # allows none) until the membership has replayed d1 into it.
+            source.replicas["replica-2"] = (start("replica-2"), "a")
+            seen: set[tuple[str | None, str]] = set()
+
+            def late_admitted() -> bool:
+                entry = status(url).get("replica-2")
+                if entry is None:
+                    return False
+                seen.add((entry["current_snapshot_identity"], entry["membership"]))
+                return entry["membership"] == "admitted"
+
+            wait_for(late_admitted, "replica-2 admitted")
+            assert (base, "admitted") not in seen
+            assert status(url)["replica-2"]["current_snapshot_identity"] == d1
+            ledger = httpx.get(f"{url}/hot_load/v1/ledger", timeout=30.0).json()
+            late = next(r for r in ledger["replicas"] if r["replica_id"] == "replica-2")
+            assert [e["identity"] for e in late["entries"]][-1] == d1
+            # A replica whose server stops is missing; the next hot-load counts the others.
+            servers["replica-1"].stop()
+            wait_for(
+                lambda: status(url)["replica-1"]["membership"] == "missing", "replica-1 missing"
+            )
+            answer = httpx.post(f"{url}{HOT_LOAD}", json=request(client, d2), timeout=30.0)
+            assert answer.status_code == 200, answer.text
+            view = answer.json()["membership"]
+            assert view["admitted"] == ["replica-0", "replica-2"]
+            assert view["missing"] == ["replica-1"]
+            assert view["head_snapshot_identity"] == d2
+            assert (
+                HeadRecordFile(tmp_path / "gateway" / "head.json")
+                .load(start_identity="unused")
+                .head
+                == d2
+            )
+            # Status lists the admitted replicas first (the Fireworks SDK reads the first).
+            order = [r["replica_id"] for r in httpx.get(f"{url}{HOT_LOAD}").json()["replicas"]]
+            assert order[-1] == "replica-1"
+    finally:
+        membership.stop()
