@@ -65,17 +65,36 @@ def vllm_reload(url: str, weights: dict[str, torch.Tensor], config_dir: Path, ou
     }
 
 
+def swap_phases(log: Path, identity: str) -> dict[str, float]:
+    """The sidecar's logged phases of the swap to `identity` (write, vLLM's pause, push...)."""
+    phases: dict[str, float] = {}
+    marker = f"swap to {identity}: "
+    for line in log.read_text(errors="replace").splitlines():
+        if marker in line:
+            for part in line.split(marker, 1)[1].split(", "):
+                key, _, value = part.partition(" ")
+                phases[key] = float(value.rstrip("s"))
+    return phases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small", help="toy model size (weightsync.toymodel)")
     parser.add_argument("--deltas", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--out", type=Path, default=None, help="write the rows here as JSON")
+    parser.add_argument(
+        "--override", action="append", default=[], metavar="KEY=INT",
+        help="model config override (repeatable), e.g. --override num_hidden_layers=8",
+    )  # fmt: skip
     args = parser.parse_args()
+    overrides = {k: int(v) for k, _, v in (o.partition("=") for o in args.override)}
 
     root = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
     tok_dir = build_tokenizer(root / "tok")
-    base_dir = save_model_dir(build_model(args.size, seed=5), root / "base", tokenizer_dir=tok_dir)
+    base_model = build_model(args.size, seed=5, **overrides)
+    base_dir = save_model_dir(base_model, root / "base", tokenizer_dir=tok_dir)
+    del base_model
     mgr = DeploymentManager(registry_dir=root / "registry")
     started = time.perf_counter()
     mgr.create_or_get(
@@ -89,7 +108,7 @@ def main() -> None:
         )
     )
     startup_s = time.perf_counter() - started
-    model = build_model(args.size, seed=0)
+    model = build_model(args.size, seed=0, **overrides)
     model.train()
     client = TrainingClient(model, storage=str(root / "snapshots"), tokenizer_dir=tok_dir)
     client.optimizer = torch.optim.AdamW(client.model.parameters(), lr=args.lr)
@@ -125,6 +144,9 @@ def main() -> None:
                 "verify_s": load["verify_s"],
                 "pause_s": load["pause_s"],
                 "time_to_serve_s": load["total_s"],
+                "sidecar_phases": swap_phases(
+                    root / "registry" / "vllm-bench" / "serve.log", identity
+                ),
             }
             row["vllm_reload_weights"] = vllm_reload(
                 replica["inference_url"], client.exported_weights(), base_dir,
@@ -143,6 +165,7 @@ def main() -> None:
         mgr.close()
     result = {
         "model_size": args.size,
+        "overrides": overrides,
         "params": sum(p.numel() for p in model.parameters()),
         "startup_s": startup_s,
         "loads": rows,

@@ -25,7 +25,9 @@ def test_get_torch_engine_passes_options() -> None:
 
 
 def test_unknown_engine_lists_the_known_ones() -> None:
-    with pytest.raises(InvalidInputError, match=r"unknown engine 'sglang'.*torch, vllm, vllm-inprocess"):
+    with pytest.raises(
+        InvalidInputError, match=r"unknown engine 'sglang'.*torch, vllm, vllm-inprocess"
+    ):
         get_engine("sglang")
 
 

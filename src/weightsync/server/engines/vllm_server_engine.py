@@ -14,16 +14,17 @@ chat templates, logprobs, `n`, as vLLM does them); the middleware names the
 snapshot on every answer and every streamed chunk. The sidecar's own
 `/v1/completions` also works (`generate` streams from vLLM's server).
 
-A swap (`swap(identity)` around `apply_patches` and the cache reset) is:
-`POST /pause?mode=keep` (async transition: running requests freeze and resume
-on the new weights; their KV is recomputed when the prefix cache is reset with
-`reset_running_requests`) or `mode=wait` (sync: running requests finish on the
-old weights first) → the touched layers' tensors, written to one safetensors
-file beside the server, go through `POST /collective_rpc weightsync_reload_file`
-(vLLM's own `reload_weights`, which re-runs each layer's processing: fused
-qkv/gate_up, CPU GEMM re-packing, tied heads) → read-back checksums of what the
-worker holds in checkpoint layout, compared with what was pushed (undo on a
-mismatch) → `POST /reset_prefix_cache` → the middleware's label → `POST /resume`.
+A swap (`swap(identity)` around `apply_patches` and the cache reset): the host
+copy is patched and the touched layers' tensors written to one safetensors file
+beside the server while vLLM still serves; then `POST /pause?mode=keep` (async
+transition: running requests freeze and resume on the new weights; their KV is
+recomputed when the prefix cache is reset with `reset_running_requests`) or
+`mode=wait` (sync: running requests finish on the old weights first) →
+`POST /collective_rpc weightsync_reload_file` (vLLM's own `reload_weights`,
+which re-runs each layer's processing: fused qkv/gate_up, CPU GEMM re-packing,
+tied heads) → read-back checksums of what the worker holds in checkpoint
+layout, compared with what was pushed (undo on a mismatch) →
+`POST /reset_prefix_cache` → the middleware's label → `POST /resume`.
 """
 
 from __future__ import annotations
@@ -150,6 +151,9 @@ class VllmServerEngine(Engine):
         self._lock = threading.RLock()
         self._http = httpx.Client(timeout=request_timeout_s, trust_env=False)
         self._applied_in_swap = False
+        self._swapping = False
+        self._paused_server: _Server | None = None
+        self._paused_at = 0.0
         #: Seconds of the phases of the last swap (pause, push, read-back, reset, resume).
         self.last_swap: dict[str, float] = {}
 
@@ -357,37 +361,42 @@ class VllmServerEngine(Engine):
         return undo if keep_undo else {}
 
     def _push(self, server: _Server, names: list[str]) -> None:
-        """Reload these host tensors in vLLM's worker, then compare what it holds."""
+        """Reload these host tensors in vLLM's worker, then compare what it holds.
+
+        The file is written and the expected checksums computed before vLLM is
+        paused (inside a `swap`), so vLLM's pause is the reload, the read-back and
+        the cache reset only.
+        """
         if not names:
             self.last_swap["push_s"] = 0.0
             return
         started = time.perf_counter()
         path = server.work_dir / f"push-{secrets.token_hex(4)}.safetensors"
+        readable = [n for n in names if n in server.readable]
         try:
             save_file({n: server.host[n] for n in names}, str(path))
+            want = {n: checksum_tensor(_READ_BACK_CHECKSUM, server.host[n]) for n in readable}
+            self.last_swap["write_s"] = time.perf_counter() - started
+            self._pause_if_swapping(server)
+            pushing = time.perf_counter()
             self._rpc(server, "weightsync_reload_file", str(path))
         finally:
             path.unlink(missing_ok=True)
         pushed = time.perf_counter()
-        readable = [n for n in names if n in server.readable]
         if readable:
             [held] = self._rpc(
                 server, "weightsync_checksums", *[json.dumps(readable), _READ_BACK_CHECKSUM]
             )
-            wrong = [
-                n
-                for n in readable
-                if held.get(n) != checksum_tensor(_READ_BACK_CHECKSUM, server.host[n])
-            ]
+            wrong = [n for n in readable if held.get(n) != want[n]]
             if wrong:
                 raise SnapshotCorruptError(
                     f"vLLM's worker holds different bits than were pushed for "
                     f"{', '.join(wrong[:5])}; the push was undone — report this with the "
                     "vLLM version"
                 )
-        self.last_swap["push_s"] = pushed - started
+        self.last_swap["push_s"] = pushed - pushing
         self.last_swap["read_back_s"] = time.perf_counter() - pushed
-        logger.info("pushed %d tensors into vLLM in %.3fs", len(names), pushed - started)
+        logger.info("pushed %d tensors into vLLM in %.3fs", len(names), pushed - pushing)
 
     def _restore(self, server: _Server, names: list[str], cause: BaseException) -> None:
         try:
@@ -400,24 +409,24 @@ class VllmServerEngine(Engine):
 
     @contextmanager
     def swap(self, identity: str) -> Iterator[None]:
-        """Pause vLLM around a swap; label and resume after it (see the module doc).
+        """Pause vLLM for a swap's push and cache reset; label and resume after it.
 
-        The label becomes `identity` only when an apply or base load succeeded
-        inside; otherwise the weights (and the label) stay the previous ones.
+        vLLM is paused lazily, once the push is ready (`_pause_if_swapping`), so it
+        keeps serving while the host copy is patched and the push written. The
+        label becomes `identity` only when an apply or base load succeeded inside;
+        otherwise the weights (and the label) stay the previous ones.
         """
         with self._lock:
-            paused = self._server
             self._applied_in_swap = False
+            self._swapping = True
+            self._paused_server = None
             self.last_swap = {}
-            if paused is not None:
-                started = time.perf_counter()
-                mode = "keep" if self.transition == "async" else "wait"
-                self._post(paused, "/pause", params={"mode": mode, "clear_cache": "false"})
-                self.last_swap["pause_s"] = time.perf_counter() - started
             try:
                 yield
             finally:
+                self._swapping = False
                 server = self._server  # a new server when the base changed the model
+                paused, self._paused_server = self._paused_server, None
                 started = time.perf_counter()
                 try:
                     if server is not None and self._applied_in_swap:
@@ -425,11 +434,22 @@ class VllmServerEngine(Engine):
                 finally:
                     if paused is not None and paused is server:
                         self._post(server, "/resume")
+                        self.last_swap["vllm_paused_s"] = time.perf_counter() - self._paused_at
                 self.last_swap["resume_s"] = time.perf_counter() - started
                 logger.info(
                     "swap to %s: %s", identity,
                     ", ".join(f"{k} {v:.3f}s" for k, v in self.last_swap.items()),
                 )  # fmt: skip
+
+    def _pause_if_swapping(self, server: _Server) -> None:
+        """Inside `swap`: pause vLLM now (once), in the transition's mode."""
+        if not self._swapping or self._paused_server is not None:
+            return
+        started = time.perf_counter()
+        mode = "keep" if self.transition == "async" else "wait"
+        self._post(server, "/pause", params={"mode": mode, "clear_cache": "false"})
+        self._paused_server, self._paused_at = server, started
+        self.last_swap["pause_s"] = time.perf_counter() - started
 
     def _label(self, server: _Server, identity: str) -> None:
         self._post(
@@ -449,6 +469,7 @@ class VllmServerEngine(Engine):
         server = self._server
         if server is None:
             return 0
+        self._pause_if_swapping(server)
         started = time.perf_counter()
         answer = self._post(
             server, "/reset_prefix_cache", params={"reset_running_requests": "true"}

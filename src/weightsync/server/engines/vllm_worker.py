@@ -73,8 +73,16 @@ class WeightsyncWorkerExtension:
         from weightsync.codec import checksum_tensor
 
         wanted = json.loads(names) if isinstance(names, str) else names
-        held = self.weightsync_read_back(wanted)
-        return {name: checksum_tensor(checksum_format, t) for name, t in held.items()}
+        params = dict(self.model_runner.get_model().named_parameters())
+        out = {}
+        for name in wanted:
+            param = params.get(name)
+            if param is None or param.numel() == 0:
+                continue
+            # Checksummed where it lives on CPU (no copy); a GPU tensor comes to the host.
+            held = param.detach() if param.device.type == "cpu" else param.detach().cpu()
+            out[name] = checksum_tensor(checksum_format, held)
+        return out
 
     def weightsync_model_info(self) -> dict[str, Any]:
         """The loaded model's class, fused-module mapping and parameter names/shapes."""
