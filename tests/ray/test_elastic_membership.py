@@ -179,3 +179,56 @@ def test_sync_deployment_admits_only_the_head_and_catches_a_late_replica_up(
             assert order[-1] == "replica-1"
     finally:
         membership.stop()
+
+
+def test_a_replica_that_cannot_catch_up_stays_out_and_status_says_why(
+    tmp_path: Path, chain: tuple[TrainingClient, list[str]], replicas: Any
+) -> None:
+    import shutil
+
+    client, (base, d1, _) = chain
+    start, _ = replicas
+    source = Source()
+    source.replicas["replica-0"] = (start("replica-0"), "a")
+    membership = ElasticMembership(
+        source,
+        HeadRecordFile(tmp_path / "gateway" / "head.json"),
+        start_identity=base,
+        transition="async",
+        poll_interval_s=0.05,
+    )
+    membership.start()
+    try:
+        membership.wait_until(num_admitted=1, timeout_s=60)
+        app = create_gateway_app([], api_key=None, max_body_bytes=1 << 20, membership=membership)
+        with ServerThread(app) as url:
+            answer = httpx.post(f"{url}{HOT_LOAD}", json=request(client, d1), timeout=30.0)
+            assert answer.status_code == 200, answer.text
+            wait_for(
+                lambda: status(url)["replica-0"]["current_snapshot_identity"] == d1,
+                "replica-0 at d1",
+            )
+            # The chain's delta is gone from storage: a late replica cannot verify it.
+            shutil.rmtree(tmp_path / "store" / d1)
+            source.replicas["replica-1"] = (start("replica-1"), "a")
+
+            def reason() -> str:
+                entry = status(url).get("replica-1") or {}
+                return str(entry.get("degraded") or entry.get("loading_state", {}).get("error"))
+
+            wait_for(lambda: d1 in reason(), "replica-1's reason naming d1")
+            entry = status(url)["replica-1"]
+            assert entry["membership"] == "catching_up"
+            assert entry["current_snapshot_identity"] == base
+            assert membership.view().admitted == ["replica-0"]
+            served = {
+                httpx.post(
+                    f"{url}/v1/completions",
+                    json={"model": "tiny", "prompt": "ab", "max_tokens": 2, "temperature": 0},
+                    timeout=60.0,
+                ).json()["snapshot_identity"]
+                for _ in range(4)  # round robin would reach replica-1 if it were admitted
+            }
+            assert served == {d1}
+    finally:
+        membership.stop()

@@ -88,6 +88,8 @@ class _Tracked:
     problem: str | None = None
     sent_identity: str | None = None
     sent_at: float = 0.0
+    #: Why the last catch-up load did not take (kept until the replica moves on).
+    catch_up_problem: str | None = None
     retry_s: float = CATCH_UP_RETRY_S
 
 
@@ -301,8 +303,10 @@ class ElasticMembership:
             return
         link = self._record.next_link(status.current_snapshot_identity)
         if link is None:
-            t.sent_identity, t.retry_s = None, CATCH_UP_RETRY_S
+            t.sent_identity, t.retry_s, t.catch_up_problem = None, CATCH_UP_RETRY_S, None
             return
+        if t.sent_identity not in (None, link.identity):
+            t.retry_s, t.catch_up_problem = CATCH_UP_RETRY_S, None  # the last one took
         now = time.monotonic()
         if t.sent_identity == link.identity:
             if now - t.sent_at < t.retry_s:
@@ -320,14 +324,14 @@ class ElasticMembership:
                 f"{t.url}{HOT_LOAD_PATH}", json=link.request, headers=self._headers
             )
         except httpx.HTTPError as e:
-            t.problem = f"catch-up load of {link.identity!r} unreachable: {e}"
+            t.catch_up_problem = f"catch-up load of {link.identity!r} unreachable: {e}"
             return
         if answer.status_code >= 400:
-            t.problem = (
+            t.catch_up_problem = (
                 f"catch-up load of {link.identity!r} refused ({answer.status_code}): "
-                + (answer.text[:300])
+                f"{answer.text[:300]}"
             )
-            logger.warning("%s: %s", t.replica_id, t.problem)
+            logger.warning("%s: %s", t.replica_id, t.catch_up_problem)
 
     # --- the published view ------------------------------------------------------
 
@@ -347,7 +351,7 @@ class ElasticMembership:
                 replica_id=t.replica_id,
                 url=t.url if t.status is not None else None,
                 state=self._state(t),
-                problem=t.problem,
+                problem=t.problem or t.catch_up_problem,
             )
             for t in tracked
         ]
@@ -367,5 +371,6 @@ class ElasticMembership:
         parts = []
         for t in sorted(self._tracked.values(), key=lambda t: _replica_order(t.replica_id)):
             current = t.status.current_snapshot_identity if t.status is not None else None
-            parts.append(f"{t.replica_id} {self._state(t)} at {current} ({t.problem or 'ok'})")
+            problem = t.problem or t.catch_up_problem or "ok"
+            parts.append(f"{t.replica_id} {self._state(t)} at {current} ({problem})")
         return "; ".join(parts) or "no replicas"

@@ -335,7 +335,9 @@ def create_gateway_app(
             status, doc = answered.get(member.replica_id, (503, member.problem or "missing"))
             if 200 <= status < 300:
                 for entry in HotLoadStatus.model_validate(doc).replicas:
-                    update = {"url": member.url, "membership": member.state}
+                    update: dict[str, Any] = {"url": member.url, "membership": member.state}
+                    if member.problem is not None and entry.degraded is None:
+                        update["degraded"] = member.problem  # e.g. a refused catch-up load
                     entries.append(entry.model_copy(update=update))
                 continue
             entries.append(
