@@ -9,7 +9,10 @@ script, never by the library) to `<out>/full-<k>.safetensors`, so the test can
 compare. `--kill-rank R` makes rank R SIGKILL itself right after its first part
 file of the second save is durable (a storage wrapper: the seam where a rank
 dies mid-save); `--fail-rank R` makes that write raise `OSError` once instead
-(both ranks then save the same snapshot again). Results go to `<out>/rank<r>.json`.
+(both ranks then save the same snapshot again). `--sync-url URL` saves through a
+`WeightSyncer` on every rank instead (`save_and_hotload`), rank 0's talking to the
+deployment at URL; after each sync rank 0 writes `<out>/synced-<k>` and waits for the
+test's `<out>/checked-<k>`. Results go to `<out>/rank<r>.json`.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from weightsync.errors import UnsupportedOperationError
+from weightsync.deployment import DeploymentManager
+from weightsync.errors import InvalidInputError, UnsupportedOperationError
 from weightsync.storage import LocalStorage
+from weightsync.syncer import WeightSyncer
 from weightsync.toymodel import build_model
 from weightsync.trainer import TrainingClient
 
@@ -130,6 +135,14 @@ def full_weights(model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def wait_for(path: Path, *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the test did not write {path} within {timeout_s:g} s")
+        time.sleep(0.02)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--storage", required=True)
@@ -142,6 +155,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=20.0)
     ap.add_argument("--bucket-bytes", type=int, default=256)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--sync-url", default=None)
+    ap.add_argument("--check-deployment", action="store_true")
     args = ap.parse_args()
 
     dist.init_process_group("gloo")
@@ -171,6 +186,29 @@ def main() -> None:
             bucket_bytes=args.bucket_bytes,
         )
         result["session_id"] = client.session_id
+        syncer = None
+        if args.sync_url is not None:
+            mgr = None
+            if rank == 0:
+                url = args.sync_url
+                registry = out / "registry"
+                mgr = DeploymentManager(
+                    base_url=url, hotload_api_url=url, inference_url=url, registry_dir=registry
+                )
+            syncer = WeightSyncer(
+                policy_client=client,
+                deploy_mgr=mgr,
+                deployment_id="sharded" if rank == 0 else None,
+                base_model="tiny",
+                hotload_timeout=60,
+                hotload_ready_timeout_s=30.0,
+                warmup_max_retries=2,
+                check_deployment_before_save=args.check_deployment,
+            )
+            try:
+                WeightSyncer(policy_client=client, deploy_mgr=mgr, recover_with_base=True)
+            except InvalidInputError as e:
+                result["recover_with_base"] = str(e)
         for k in range(args.deltas + 1):
             if k:
                 if args.mode == "fsdp":
@@ -179,6 +217,16 @@ def main() -> None:
                     shard1_update(model, k)
             name = "base" if k == 0 else f"step{k}"
             started = time.monotonic()
+            if syncer is not None:
+                identity = syncer.save_and_hotload(name)
+                result["saves"].append({"identity": identity, "timing": dict(syncer.last_timing)})
+                weights = full_weights(model)
+                if rank == 0:
+                    save_file(weights, str(out / f"full-{k}.safetensors"))
+                    (out / f"synced-{k}.tmp").write_text(str(identity))
+                    os.replace(out / f"synced-{k}.tmp", out / f"synced-{k}")  # whole, at once
+                    wait_for(out / f"checked-{k}", timeout_s=120.0)
+                continue
             try:
                 saved = client.save_weights_for_sampler_ext(name)
             except Exception as e:  # the fault tests' ranks report what they raised

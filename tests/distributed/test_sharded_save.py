@@ -27,7 +27,7 @@ from weightsync.server.config import ReplicaConfig
 from weightsync.server.replica import Replica
 from weightsync.server.runner import ServerThread
 from weightsync.snapshot import Manifest, SnapshotStore, write_base, write_delta
-from weightsync.toymodel import build_tokenizer
+from weightsync.toymodel import build_model, build_tokenizer, save_model_dir
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 BIN = Path(sys.executable).parent
@@ -47,8 +47,23 @@ def torchrun(
 ) -> list[dict[str, Any]]:
     """Run the worker on `ranks` ranks with torchrun; return each rank's result."""
     out = tmp_path / "out"
+    done = subprocess.run(
+        torchrun_cmd(tmp_path, *args, ranks=ranks),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def torchrun_cmd(tmp_path: Path, *args: str, ranks: int = 2) -> list[str]:
+    """The torchrun command line of the worker on `ranks` ranks (creates `<tmp>/out`)."""
+    out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    cmd = [
+    return [
         str(BIN / "torchrun"),
         "--nproc-per-node",
         str(ranks),
@@ -63,16 +78,6 @@ def torchrun(
         str(out),
         *args,
     ]
-    done = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
 def full_weights(out: Path, k: int, manifest: Manifest) -> dict[str, torch.Tensor]:
@@ -282,3 +287,104 @@ def wait_loaded(client: httpx.Client, identity: str, timeout_s: float = 60.0) ->
             return dict(status)
         assert time.monotonic() < deadline, f"load of {identity} did not finish: {status}"
         time.sleep(0.02)
+
+
+def test_a_weight_syncer_on_every_rank_with_only_rank_0_talking_to_the_deployment(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """Every rank calls `save_and_hotload` on the same `WeightSyncer`; only rank 0's has
+    a deployment. After each sync the served weights are the full model's, bit for bit.
+    Every rank passes `check_deployment_before_save=True`; rank 1, which cannot ask, takes
+    rank 0's checkpoint type each time (its own rule would make every save a base).
+    Before the last sync the deployment is rolled back to the base (from here): rank 0
+    sees it and chooses a base, which rank 1 saves with it."""
+    base_dir = save_model_dir(
+        build_model("tiny", seed=0, initializer_range=0.2),
+        tmp_path / "tiny-base",
+        tokenizer_dir=tokenizer_dir,
+    )
+    (tmp_path / "store").mkdir()
+    config = ReplicaConfig(
+        storage=str(tmp_path / "store"),
+        model_dir=base_dir,
+        state_dir=tmp_path / "state",
+        model_name="tiny",
+        deployment_id="sharded",
+    )
+    replica = Replica(config)
+    replica.start()
+    server = ServerThread(create_app(replica))
+    url = server.start()
+    out = tmp_path / "out"
+    args = ["--mode", "fsdp", "--deltas", "3", "--tokenizer", str(tokenizer_dir)]
+    cmd = torchrun_cmd(tmp_path, *args, "--sync-url", url, "--check-deployment")
+    store = SnapshotStore(tmp_path / "store")
+    log = (tmp_path / "torchrun.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    served: list[str] = []
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for k in range(4):
+                identity = wait_synced(proc, out, k, tmp_path / "torchrun.log")
+                status = client.get("/hot_load/v1/models/hot_load").json()["replicas"][0]
+                assert status["current_snapshot_identity"] == identity, status
+                full = full_weights(out, k, store.read_manifest(identity))
+                live = replica.engine.named_weights()
+                assert all(same_bits(live[n], t) for n, t in full.items()), k
+                served.append(identity)
+                if k == 2:  # roll the deployment back: the next delta could not apply
+                    answer = client.post(
+                        "/hot_load/v1/models/hot_load", json={"identity": served[0]}
+                    )
+                    assert answer.status_code == 200, answer.text
+                    assert wait_loaded(client, served[0])["loading_state"]["stage"] == "ready"
+                (out / f"checked-{k}").write_text("ok")
+        assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, (tmp_path / "torchrun.log").read_text()[
+            -4000:
+        ]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        server.stop()
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all("crash" not in r for r in results), results
+    assert all("not supported under a sharded trainer" in r["recover_with_base"] for r in results)
+    # Every rank's syncer returned the identity rank 0's loaded; rank 0 chose the last base.
+    assert [[s["identity"] for s in r["saves"]] for r in results] == [served, served]
+    kinds = [store.read_manifest(i).kind for i in served]
+    assert kinds == ["base", "delta", "delta", "base"]
+    assert [s["timing"]["checkpoint_type"] for s in results[1]["saves"]] == kinds
+    # The SDK's timing keys: every phase on rank 0; rank 1 only saved.
+    sdk_keys = {"save_time_s", "hotload_time_s", "warmup_time_s", "total_time_s"}
+    for save in results[0]["saves"]:
+        assert sdk_keys <= set(save["timing"]), save
+        assert save["timing"]["warmed_up"] is True
+    for save in results[1]["saves"]:
+        assert {"save_time_s", "total_time_s"} <= set(save["timing"])
+        assert "hotload_time_s" not in save["timing"]
+    # Per-tensor checksums equal to a single-process save of the same weights.
+    chain = [
+        {"session_id": r["session_id"], "saves": [{"identity": i} for i in served[:3]]}
+        for r in results
+    ]
+    check_chain(tmp_path, chain)
+    last = store.read_manifest(served[3])
+    config_doc = json.loads(store.read_file(last, "config.json"))
+    full = full_weights(out, 3, last)
+    reference = write_base(tmp_path / "single-last", "s3", full, config=config_doc)
+    assert {n: e.checksum for n, e in reference.tensors.items()} == {
+        n: e.checksum for n, e in last.tensors.items()
+    }
+
+
+def wait_synced(proc: subprocess.Popen[bytes], out: Path, k: int, log: Path) -> str:
+    """The identity rank 0 reports synced as its `k`th save (the worker's handshake)."""
+    marker = out / f"synced-{k}"
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not marker.exists():
+        assert proc.poll() is None, f"the ranks exited before sync {k}: {log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"sync {k} did not happen within {RUN_TIMEOUT_S} s"
+        time.sleep(0.05)
+    return marker.read_text()  # renamed into place whole by the worker

@@ -14,6 +14,11 @@ by a fresh base inside the same call) and `check_deployment_before_save`
 (ask the deployment before every save; a delta whose parent it does not serve
 is saved as a base instead). The deployment manager may be weightsync's or the
 SDK's own: only the SDK's method names and keywords are used on it.
+
+Under a sharded trainer (a `TrainingClient` under `torch.distributed`) every rank
+constructs the same syncer and makes the same calls; only rank 0 is given
+`deploy_mgr` and `deployment_id`. Each save takes rank 0's checkpoint type (it alone
+knows what the deployment serves), so the ranks always save the same snapshot.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from weightsync.syncer.timing import Stopwatch, SyncTiming
 if TYPE_CHECKING:
     from weightsync.deployment.sampler import DeploymentSampler
     from weightsync.trainer import TrainingClient
+    from weightsync.trainer.distributed import ShardedSaver
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +57,8 @@ _SAVE_FAILURES = (WeightSyncError, OSError, RuntimeError, ValueError)
 #: What asking a deployment manager can raise: ours raises WeightSyncError, the SDK's
 #: httpx errors (HTTP status, connection) and RuntimeError; a malformed answer ValueError.
 _MANAGER_ERRORS = (WeightSyncError, httpx.HTTPError, OSError, RuntimeError, ValueError)
+#: The longest one warmup request may take (the managers' own per-request limit).
+_WARMUP_REQUEST_S = 60.0
 
 
 class HotloadManager(Protocol):
@@ -155,6 +163,12 @@ class WeightSyncer:
                 self.lora_rank,
                 client_rank,
             )
+        if self.recover_with_base and self._sharded_saver() is not None:
+            raise InvalidInputError(
+                "recover_with_base=True is not supported under a sharded trainer: the recovery "
+                "base would be saved by rank 0 alone, while a save needs every rank. Leave it "
+                "off: after a refused delta the next save_and_hotload saves a base on every rank"
+            )
         if (self.deploy_mgr is None) != (self.deployment_id is None):
             logger.warning(
                 "WeightSyncer: weight sync is disabled: it needs both deploy_mgr and deployment_id"
@@ -227,6 +241,7 @@ class WeightSyncer:
         kind = self._resolve_type(
             checkpoint_type, serving=serving, check_serving=self.check_deployment_before_save
         )
+        kind = self._rank0_type(kind, name)
         with watch.phase("save"):
             result = self._save(name, kind, timing)
         identity = str(result.snapshot_name)
@@ -249,6 +264,7 @@ class WeightSyncer:
         self.last_timing = timing
         try:
             kind = self._resolve_type(checkpoint_type, serving=None, check_serving=False)
+            kind = self._rank0_type(kind, name)
             with watch.phase("save"):
                 result = self._save(name, kind, timing)
         except _SAVE_FAILURES as e:
@@ -469,6 +485,28 @@ class WeightSyncer:
             )
             kind = "base"
         return kind
+
+    def _sharded_saver(self) -> ShardedSaver | None:
+        from weightsync.trainer.distributed import ShardedSaver
+
+        saver = getattr(self.policy_client, "sharded_saver", None)
+        return saver if isinstance(saver, ShardedSaver) else None
+
+    def _rank0_type(self, kind: CheckpointType, name: str) -> CheckpointType:
+        """Under a sharded trainer, rank 0's type for this save (see the module docstring)."""
+        saver = self._sharded_saver()
+        if saver is None:
+            return kind
+        # Between two saves rank 0 may hot-load (wait for the manager, load, warm up);
+        # the other ranks wait for its choice at most that long, then one save barrier.
+        wait_s = (
+            self.hotload_ready_timeout_s
+            + self.hotload_timeout
+            + self.warmup_max_retries * (self.warmup_retry_interval_s + _WARMUP_REQUEST_S)
+            + saver.barrier_timeout_s
+        )
+        chosen = saver.rank0_checkpoint_type(kind, name=name, timeout_s=wait_s)
+        return normalize_checkpoint_type(chosen) or kind
 
     def _first_type(self) -> CheckpointType:
         return "delta" if self.first_checkpoint_type == "delta" else "base"

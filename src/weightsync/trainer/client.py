@@ -191,6 +191,11 @@ class TrainingClient:
     def __repr__(self) -> str:
         return f"TrainingClient(session_id={self.session_id!r}, storage={self.storage.url!r})"
 
+    @property
+    def sharded_saver(self) -> distributed.ShardedSaver | None:
+        """The rank logic of a sharded save (None outside a process group of > 1 rank)."""
+        return self._sharded
+
     # --- chain state ---------------------------------------------------------
 
     @property

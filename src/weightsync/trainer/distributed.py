@@ -315,7 +315,7 @@ class ShardedSaver:
         self.bucket_bytes = int(bucket_bytes)
         self._store = dist.distributed_c10d._get_default_store()
         self._number = next(_client_numbers)
-        self._saves = itertools.count()
+        self._next_save = 0  # the sequence number of the next save, the same on every rank
         self.session_id = self._agree_on_session(session_id)
 
     def _agree_on_session(self, proposed: str) -> str:
@@ -332,6 +332,38 @@ class ShardedSaver:
                 f"{self.barrier_timeout_s:g} s ({e}); every rank must create one, in the same order"
             ) from e
         return str(self._store.get(key).decode())
+
+    def rank0_checkpoint_type(self, kind: str, *, name: str, timeout_s: float) -> str:
+        """Rank 0's `kind` for the next save, on every rank (`WeightSyncer` on every rank).
+
+        Rank 0 posts its choice for the next save and returns at once; the others wait
+        up to `timeout_s` for it and return it, so a base that rank 0 chose from what the
+        deployment serves (or after a failed load) is a base on every rank. Call it once
+        before each save, on every rank or on rank 0 only; raises `DistributedSaveError`
+        naming rank 0 when it does not post within the timeout.
+        """
+        key = f"{_STORE_PREFIX}/client{self._number}/save{self._next_save}/checkpoint_type"
+        if self.rank == 0:
+            self._store.set(key, kind)
+            return kind
+        try:
+            self._store.wait([key], timedelta(seconds=timeout_s))
+        except RuntimeError as e:  # the store's timeout (DistStoreError) or its loss
+            raise DistributedSaveError(
+                f"rank {self.rank}: rank 0 did not choose the checkpoint type of save {name!r} "
+                f"within {timeout_s:g} s ({e}); every rank must call the same WeightSyncer "
+                "saves in the same order; nothing was saved"
+            ) from e
+        chosen = self._store.get(key).decode()
+        if chosen != kind:
+            logger.info(
+                "save %r: rank 0 chose a %s (this rank would have saved a %s); saving a %s",
+                name,
+                chosen,
+                kind,
+                chosen,
+            )
+        return str(chosen)
 
     def save(
         self,
@@ -351,7 +383,8 @@ class ShardedSaver:
         this rank's bits of it (what the last save returned). Every rank calls it with
         the same identity and kind, in the same order.
         """
-        seq = next(self._saves)
+        seq = self._next_save
+        self._next_save += 1
         rv = _Rendezvous(
             self._store,
             f"{_STORE_PREFIX}/client{self._number}/save{seq}",
