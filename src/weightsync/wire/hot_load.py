@@ -204,6 +204,8 @@ class ReplicaStatus(WireModel):
     reports. `transition` and `engine` are None only in the gateway's entry for
     a replica it cannot reach; `url` is set by the gateway, and `membership` by the
     gateway of an elastic deployment (only `admitted` replicas count as "every replica").
+    `inference_url` is where an engine that serves outside the replica answers
+    inference (the `vllm` engine: vLLM's own OpenAI server); null otherwise.
     """
 
     omit_if_none = frozenset({"url", "membership"})
@@ -221,7 +223,7 @@ class ReplicaStatus(WireModel):
     degraded: str | None = None
     url: str | None = None
     membership: MemberState | None = None
-
+    inference_url: str | None = None
 
     def adapter_identities(self) -> list[str]:
         """The identities of `loaded_adapters`, least recently used first."""
