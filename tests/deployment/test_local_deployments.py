@@ -49,9 +49,9 @@ def test_hotload_base_then_deltas_and_the_ledger(manager, deployment, snapshots)
     assert [e["identity"] for e in entries][-2:] == snapshots.deltas
     assert all(e["replica_id"] is not None for e in entries)
     # Sending the served identity again is a no-op, never a second application.
-    manager.hotload_and_wait(
+    assert manager.hotload_and_wait(
         "main", "tiny", snapshots.deltas[-1], snapshots.metadata(snapshots.deltas[-1])
-    )
+    ), manager.last_hotload_error_message
     assert len(manager.ledger("main")) == len(entries)
 
 
@@ -73,7 +73,9 @@ def test_refusals_carry_the_servers_reason(manager, deployment, snapshots):
 
 
 def test_ledger_reset_then_only_a_base_is_accepted(manager, deployment, snapshots):
-    manager.hotload_and_wait("main", "tiny", snapshots.base, timeout_seconds=120)
+    assert manager.hotload_and_wait("main", "tiny", snapshots.base, timeout_seconds=120), (
+        manager.last_hotload_error_message
+    )
     manager.reset_ledger("main")
     delta = snapshots.deltas[0]  # its parent is served, but the ledger was reset
     with pytest.raises(HotloadRefusedError, match="HTTP 409"):
@@ -100,7 +102,9 @@ def test_scale_to_zero_restart_recovers_then_delete(manager, snapshots):
     )
     first = manager.create_or_get(config)
     delta = snapshots.deltas[0]
-    manager.hotload_and_wait("lifecycle", "", delta, snapshots.metadata(delta))
+    assert manager.hotload_and_wait("lifecycle", "", delta, snapshots.metadata(delta)), (
+        manager.last_hotload_error_message
+    )
     assert manager.scale_to_zero("lifecycle") is True
     assert not psutil.pid_exists(first.pid) or psutil.Process(first.pid).status() == "zombie"
     assert manager.get("lifecycle").state == "stopped"
