@@ -230,6 +230,14 @@ def test_another_deployment_gets_a_404_naming_the_served_one(deployment_url: str
     sdk_headers = {"fireworks-deployment": SERVED, "fireworks-model": "accounts/fireworks/models/x"}
     assert client.get(HOT_LOAD_PATH, headers=sdk_headers).status_code == 200
     assert client.post(COMPLETIONS_PATH, json=completion, headers=sdk_headers).status_code == 200
+    # The body's model, as the SDK's sampler sends it: another deployment is a 404 too.
+    for model in (other, f"{other}@{D1}"):
+        r = client.post(COMPLETIONS_PATH, json={**completion, "model": model})
+        assert r.status_code == 404, (model, r.text)
+        message = r.json()["error"]["message"]
+        assert SERVED in message and "another-deployment" in message
+    r = client.post(COMPLETIONS_PATH, json={**completion, "model": SERVED})
+    assert r.status_code == 200, r.text
     # The account list serves no deployment: the header does not apply to it.
     assert client.get(ACCOUNTS_PATH, headers={"fireworks-deployment": other}).status_code == 200
     # The resource paths of another account or deployment.

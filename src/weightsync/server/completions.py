@@ -16,7 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from weightsync.errors import InvalidInputError, UnsupportedOperationError
+from weightsync.errors import (
+    DeploymentNotFoundError,
+    InvalidInputError,
+    UnsupportedOperationError,
+)
 from weightsync.server.engines.base import GenerateRequest, GenerateResult
 from weightsync.server.inference_admission import (
     cancellable,
@@ -219,9 +223,16 @@ class Generator:
         )
 
     def _adapter(self, model: str | None) -> str | None:
-        """A `model` naming a loaded LoRA adapter selects it; any other name means the base."""
+        """A `model` naming a loaded LoRA adapter selects it; any other name means the base.
+
+        A Fireworks deployment name (`accounts/{a}/deployments/{d}`) of another deployment
+        is refused (`DeploymentNotFoundError`, 404) naming the one served here.
+        """
         if not model:
             return None
+        mismatch = self.replica.config.served.mismatch(model.split("@", 1)[0], "the body's model")
+        if mismatch is not None:
+            raise DeploymentNotFoundError(mismatch)
         name = model.split("@", 1)[1] if "@" in model else model
         return name if name in self.replica.engine.loaded_adapters() else None
 
