@@ -3,8 +3,9 @@
 One cluster, one S3 bucket and one deployment serve the whole module, in order:
 base + deltas to replicas on both nodes; a replica killed mid-chain restarts
 and catches up before it takes traffic; a replica added after five deltas
-serves the head; a node removed leaves the other serving. Everything binds
-127.0.0.1 (Ray's node address included).
+serves the head; scaling down while a delta hot-loads leaves the rest at it; a
+node removed leaves the other serving. Everything binds 127.0.0.1 (Ray's node
+address included).
 """
 
 from __future__ import annotations
@@ -291,6 +292,73 @@ def test_replica_added_after_five_deltas_serves_the_head(
     assert_serves_bits(url, trainer, d5, {"replica-0", "replica-1", "replica-2"})
     nodes = ray_deployment.replicas.nodes()
     assert len(set(nodes.values())) == 2
+
+
+def test_scaling_down_while_a_delta_hot_loads(
+    deployment: tuple[RayDeployment, str], trainer: Trainer
+) -> None:
+    """3 → 2 replicas while a delta hot-loads: the load completes on the rest, which serve it
+    bit for bit; status drops the stopped one; every answer meanwhile is the head or, under
+    the async transition, the one version before it."""
+    ray_deployment, url = deployment
+    before = trainer.chain[-1]
+    wait_all_at(url, before, 3)
+    shrink = trainer.save("shrink")
+    answered: list[str] = []
+    failed: list[BaseException] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                answered.append(complete(url))
+            except (AssertionError, httpx.HTTPError) as e:
+                failed.append(e)
+                return
+
+    answers: list[dict[str, Any]] = []
+
+    def load() -> None:
+        try:
+            answers.append(hot_load(url, trainer, shrink))
+        except (AssertionError, httpx.HTTPError) as e:
+            failed.append(e)
+
+    sender = threading.Thread(target=traffic)
+    loader = threading.Thread(target=load)
+    sender.start()
+    try:
+        loader.start()
+        # Once the head moves, all three replicas were sent the delta and are loading it.
+        deadline = time.monotonic() + 60
+        while ray_deployment.membership.record.head != shrink and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ray_deployment.membership.record.head == shrink, "no replica accepted the delta"
+        ray_deployment.scale(2)  # replica-2, the newest, goes; the hot-load goes on
+        loader.join(90)
+        assert not loader.is_alive(), "the hot-load did not answer within 90s of a scale-down"
+        wait_all_at(url, shrink, 2)
+    finally:
+        stop.set()
+        sender.join(60)
+    assert not failed, failed
+    (answer,) = answers
+    # Every replica accepted, replica-2 included: it stopped while the delta was in flight.
+    assert {r["replica_id"] for r in answer["replicas"]} == {"replica-0", "replica-1", "replica-2"}
+    assert answer["membership"]["head_snapshot_identity"] == shrink
+    assert len(ray_deployment.replicas) == 2
+    entries = status(url)
+    assert {r["replica_id"] for r in entries} == {"replica-0", "replica-1"}
+    assert all(r["membership"] == "admitted" for r in entries), entries
+    assert_serves_bits(url, trainer, shrink, {"replica-0", "replica-1"})
+    assert answered and set(answered) <= {before, shrink}, set(answered)
+    assert complete(url) == shrink
+    # Back to three (the cluster's three CPUs: one replica or more on each node, which the
+    # next test needs; the newest went, wherever Ray had placed it).
+    ray_deployment.scale(3)
+    wait_all_at(url, shrink, 3, timeout_s=180)
+    assert_serves_bits(url, trainer, shrink, {"replica-0", "replica-1", "replica-3"})
+    assert len(set(ray_deployment.replicas.nodes().values())) == 2
 
 
 def test_node_removed_leaves_the_rest_serving(
