@@ -49,12 +49,17 @@ from weightsync.server.engines.base import (
     TokenCallback,
     check_generate_request,
 )
+from weightsync.server.engines.vllm_layout import (
+    layer_closure,
+    layer_groups,
+    model_dtype,
+    same_model,
+)
 
 logger = logging.getLogger(__name__)
 
 PushMode = Literal["changed", "full"]
 _WORKER_EXTENSION = "weightsync.server.engines.vllm_worker.WeightsyncWorkerExtension"
-_CONFIG_KEYS_IGNORED = frozenset({"transformers_version", "_name_or_path"})
 
 
 @dataclass(eq=False)
@@ -149,7 +154,7 @@ class VllmEngine(Engine):
         """
         config = dict(config)
         current = self._loaded
-        if current is not None and _same_model(current, config, tensors):
+        if current is not None and same_model(current.config, current.host, config, tensors):
             with self._engine_lock:
                 for name, target in current.host.items():
                     target.copy_(tensors[name])
@@ -174,7 +179,7 @@ class VllmEngine(Engine):
                 "(e.g. ['Qwen3ForCausalLM']) — save the model with save_pretrained"
             )
         host = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-        dtype = _model_dtype(host)
+        dtype = model_dtype(host)
         if self.work_root is not None:
             self.work_root.mkdir(parents=True, exist_ok=True)
         work_dir = Path(tempfile.mkdtemp(prefix="weightsync-vllm-", dir=self.work_root))
@@ -213,7 +218,7 @@ class VllmEngine(Engine):
         # vLLM has read the file; the host copy is the source of every later push.
         weights_file.unlink()
         info = engine.collective_rpc("weightsync_model_info")[0]
-        groups = _layer_groups(list(host), info["packed_modules_mapping"])
+        groups = layer_groups(list(host), info["packed_modules_mapping"])
         params: dict[str, tuple[tuple[int, ...], str]] = info["parameters"]
         readable = frozenset(
             name
@@ -272,7 +277,11 @@ class VllmEngine(Engine):
                     back.apply_(loaded.host[name])
                 raise
             changed = [n for n, p in patches.items() if p.num_changed > 0]
-            names = sorted(loaded.host) if self.push == "full" else _closure(loaded, changed)
+            names = (
+                sorted(loaded.host)
+                if self.push == "full"
+                else layer_closure(loaded.groups, changed)
+            )
             try:
                 self._push(loaded, names)
             except Exception as e:
@@ -469,60 +478,6 @@ class VllmEngine(Engine):
 
 
 # --- helpers ------------------------------------------------------------------------
-
-
-def _layer_groups(
-    names: list[str], packed_modules_mapping: Mapping[str, list[str]]
-) -> dict[str, tuple[str, ...]]:
-    """Map each tensor name to all tensor names loaded into the same vLLM layer.
-
-    vLLM fuses some checkpoint modules (q/k/v into `qkv_proj`, gate/up into
-    `gate_up_proj`) and re-processes a layer only once every checkpoint tensor
-    of it has arrived, so a push must carry whole layers.
-    """
-    fused = {part: packed for packed, parts in packed_modules_mapping.items() for part in parts}
-
-    def layer_of(name: str) -> str:
-        module, _, _ = name.rpartition(".")
-        parent, _, leaf = module.rpartition(".")
-        return f"{parent}.{fused.get(leaf, leaf)}" if parent else fused.get(leaf, leaf)
-
-    by_layer: dict[str, list[str]] = {}
-    for name in names:
-        by_layer.setdefault(layer_of(name), []).append(name)
-    return {name: tuple(sorted(by_layer[layer_of(name)])) for name in names}
-
-
-def _closure(loaded: _Loaded, changed: list[str]) -> list[str]:
-    names: set[str] = set()
-    for name in changed:
-        names.update(loaded.groups[name])
-    return sorted(names)
-
-
-def _same_model(
-    loaded: _Loaded, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
-) -> bool:
-    def clean(c: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in c.items() if k not in _CONFIG_KEYS_IGNORED}
-
-    if clean(loaded.config) != clean(config) or set(loaded.host) != set(tensors):
-        return False
-    return all(
-        tuple(t.shape) == tuple(tensors[n].shape) and t.dtype == tensors[n].dtype
-        for n, t in loaded.host.items()
-    )
-
-
-def _model_dtype(host: Mapping[str, torch.Tensor]) -> torch.dtype:
-    """The floating dtype most of the weights are stored in (what vLLM computes in)."""
-    sizes: dict[torch.dtype, int] = {}
-    for t in host.values():
-        if t.is_floating_point():
-            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
-    if not sizes:
-        raise InvalidInputError("the base has no floating-point tensors")
-    return max(sizes, key=lambda d: sizes[d])
 
 
 def _int_view(t: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,12 @@ from weightsync.server.engines.base import (
     TokenCallback,
     check_generate_request,
 )
+from weightsync.server.engines.vllm_layout import (
+    layer_closure,
+    layer_groups,
+    model_dtype,
+    same_model,
+)
 from weightsync.server.engines.vllm_middleware import CONTROL_PATH, PARENT_ENV, TOKEN_ENV
 
 logger = logging.getLogger(__name__)
@@ -69,7 +75,6 @@ PushMode = Literal["changed", "full"]
 Transition = Literal["async", "sync"]
 WORKER_EXTENSION = "weightsync.server.engines.vllm_worker.WeightsyncWorkerExtension"
 MIDDLEWARE = "weightsync.server.engines.vllm_middleware.SnapshotIdentityMiddleware"
-_CONFIG_KEYS_IGNORED = frozenset({"transformers_version", "_name_or_path"})
 #: The checksum the read-back compares with (fast, exact over the bits).
 _READ_BACK_CHECKSUM = "xxh3_64"
 
@@ -198,7 +203,7 @@ class VllmServerEngine(Engine):
             "--model", str(model_dir),
             "--served-model-name", served,
             "--host", self.bind_host, "--port", str(port),
-            "--dtype", str(_model_dtype(host)).removeprefix("torch."),
+            "--dtype", str(model_dtype(host)).removeprefix("torch."),
             "--max-model-len", str(max_model_len),
             "--max-num-seqs", str(self.max_num_seqs),
             "--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes),
@@ -242,7 +247,7 @@ class VllmServerEngine(Engine):
         except BaseException:
             _stop(server)
             raise
-        server.groups = _layer_groups(list(host), info["packed_modules_mapping"])
+        server.groups = layer_groups(list(host), info["packed_modules_mapping"])
         params: dict[str, Any] = info["parameters"]
         server.readable = frozenset(
             name
@@ -309,7 +314,7 @@ class VllmServerEngine(Engine):
         config = dict(config)
         with self._lock:
             current = self._server
-            if current is not None and _same_model(current, config, tensors):
+            if current is not None and same_model(current.config, current.host, config, tensors):
                 for name, target in current.host.items():
                     target.copy_(tensors[name])
                 self._push(current, sorted(current.host))
@@ -349,7 +354,11 @@ class VllmServerEngine(Engine):
                     back.apply_(server.host[name])
                 raise
             changed = [n for n, p in patches.items() if p.num_changed > 0]
-            names = sorted(server.host) if self.push == "full" else _closure(server, changed)
+            names = (
+                sorted(server.host)
+                if self.push == "full"
+                else layer_closure(server.groups, changed)
+            )
             try:
                 self._push(server, names)
             except Exception as e:
@@ -611,60 +620,6 @@ def _take_chunk(chunk: Mapping[str, Any], result: GenerateResult, top_k: int) ->
 def _token_id(token: str) -> int:
     """A token vLLM names `token_id:<id>` (`return_tokens_as_token_ids`)."""
     return int(token.rpartition(":")[2])
-
-
-def _layer_groups(
-    names: list[str], packed_modules_mapping: Mapping[str, list[str]]
-) -> dict[str, tuple[str, ...]]:
-    """Map each tensor name to all tensor names loaded into the same vLLM layer.
-
-    vLLM fuses some checkpoint modules (q/k/v into `qkv_proj`, gate/up into
-    `gate_up_proj`) and re-processes a layer only once every checkpoint tensor
-    of it has arrived, so a push must carry whole layers.
-    """
-    fused = {part: packed for packed, parts in packed_modules_mapping.items() for part in parts}
-
-    def layer_of(name: str) -> str:
-        module, _, _ = name.rpartition(".")
-        parent, _, leaf = module.rpartition(".")
-        return f"{parent}.{fused.get(leaf, leaf)}" if parent else fused.get(leaf, leaf)
-
-    by_layer: dict[str, list[str]] = {}
-    for name in names:
-        by_layer.setdefault(layer_of(name), []).append(name)
-    return {name: tuple(sorted(by_layer[layer_of(name)])) for name in names}
-
-
-def _closure(server: _Server, changed: list[str]) -> list[str]:
-    names: set[str] = set()
-    for name in changed:
-        names.update(server.groups[name])
-    return sorted(names)
-
-
-def _same_model(
-    server: _Server, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
-) -> bool:
-    def clean(c: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in c.items() if k not in _CONFIG_KEYS_IGNORED}
-
-    if clean(server.config) != clean(config) or set(server.host) != set(tensors):
-        return False
-    return all(
-        tuple(t.shape) == tuple(tensors[n].shape) and t.dtype == tensors[n].dtype
-        for n, t in server.host.items()
-    )
-
-
-def _model_dtype(host: Mapping[str, torch.Tensor]) -> torch.dtype:
-    """The floating dtype most of the weights are stored in (what vLLM computes in)."""
-    sizes: dict[torch.dtype, int] = {}
-    for t in host.values():
-        if t.is_floating_point():
-            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
-    if not sizes:
-        raise InvalidInputError("the base has no floating-point tensors")
-    return max(sizes, key=lambda d: sizes[d])
 
 
 def _free_port(host: str) -> int:
