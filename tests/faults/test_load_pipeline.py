@@ -377,13 +377,18 @@ def test_forty_lora_syncs_keep_the_limit_least_recently_used_out(faults_rig: Rig
     loaded = _adapters(rig)
     assert len(loaded) == 8 and favourite in loaded
     assert set(loaded) == {favourite, *names[-7:]}
+    # A request naming an unloaded adapter is refused, never answered by the base weights.
+    r = rig.http.post("/v1/completions", json={**body, "model": f"weightsync@{names[1]}"})
+    assert r.status_code == 404 and "was unloaded" in r.text, r.text
     restarted = _restart(rig)
     assert sorted(restarted.engine.loaded_adapters()) == sorted(loaded)
     record(
         Observation(
             case="40 LoRA syncs (--max-adapters 8)",
-            expected="8 kept (least recently used unloaded); restart reloads only those",
-            syncer=f"loaded {len(loaded)}: the used one + the 7 newest", serving=START_IDENTITY,
+            expected="8 kept (least recently used unloaded); an unloaded one is a 404, not the "
+            "base; restart reloads only those",
+            syncer=f"loaded {len(loaded)}: the used one + the 7 newest; an unloaded one: 404",
+            serving=START_IDENTITY,
             stage="ready", error=None, serves_reference_of=START_IDENTITY,
             ledger_last=None,
         )

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from weightsync.errors import (
     DeploymentNotFoundError,
     InvalidInputError,
+    SnapshotNotFoundError,
     UnsupportedOperationError,
 )
 from weightsync.server.engines.base import GenerateRequest, GenerateResult
@@ -226,7 +227,8 @@ class Generator:
         """A `model` naming a loaded LoRA adapter selects it; any other name means the base.
 
         A Fireworks deployment name (`accounts/{a}/deployments/{d}`) of another deployment
-        is refused (`DeploymentNotFoundError`, 404) naming the one served here.
+        is refused (`DeploymentNotFoundError`, 404) naming the one served here, and so is an
+        adapter this replica unloaded past its limit (`SnapshotNotFoundError`, 404).
         """
         if not model:
             return None
@@ -234,7 +236,15 @@ class Generator:
         if mismatch is not None:
             raise DeploymentNotFoundError(mismatch)
         name = model.split("@", 1)[1] if "@" in model else model
-        return name if name in self.replica.engine.loaded_adapters() else None
+        if name in self.replica.engine.loaded_adapters():
+            return name
+        if self.replica.pipeline.was_unloaded(name):
+            raise SnapshotNotFoundError(
+                f"LoRA adapter {name!r} was unloaded from replica "
+                f"{self.replica.config.replica_id} (least recently used past --max-adapters "
+                f"{self.replica.pipeline.max_adapters}); hot-load it again, or raise the limit"
+            )
+        return None
 
     def _prompts(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
         if isinstance(prompt, str):

@@ -38,6 +38,7 @@ import logging
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ from weightsync.snapshot.layout import CONFIG_FILE
 from weightsync.wire import LOADING_STAGES, CacheResetPolicy, Stage
 
 logger = logging.getLogger(__name__)
+
+#: How many unloaded adapter names a replica remembers, to refuse requests naming them.
+UNLOADED_ADAPTERS_REMEMBERED = 4096
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,6 +129,9 @@ class LoadPipeline:
         self.fetch_timeout_s = fetch_timeout_s
         self.tokenizer_root = tokenizer_root
         self.max_adapters = max_adapters
+        #: Adapters unloaded past the limit (newest last, bounded): a request naming one is
+        #: refused rather than answered by the base weights.
+        self._unloaded_adapters: OrderedDict[str, None] = OrderedDict()
         self._on_stage = on_stage
         self._state = threading.Lock()
         self._served: Served | None = None
@@ -407,13 +414,24 @@ class LoadPipeline:
         report.decode_s = time.perf_counter() - t1
         self._set_stage("swapping")
         self.engine.load_adapter(manifest.identity, adapter_config, tensors)
+        with self._state:
+            self._unloaded_adapters.pop(manifest.identity, None)
         loaded = self.engine.loaded_adapters()  # least recently used first
         for name in loaded[: max(0, len(loaded) - self.max_adapters)]:
             if name != manifest.identity:
                 self.engine.unload_adapter(name)
+                with self._state:
+                    self._unloaded_adapters[name] = None
+                    while len(self._unloaded_adapters) > UNLOADED_ADAPTERS_REMEMBERED:
+                        self._unloaded_adapters.popitem(last=False)
                 logger.info("unloaded LoRA adapter %s (limit %d, least recently used)",
                             name, self.max_adapters)  # fmt: skip
         return self.engine.loaded_adapters()
+
+    def was_unloaded(self, adapter: str) -> bool:
+        """Whether `adapter` was loaded here and unloaded past `max_adapters` since."""
+        with self._state:
+            return adapter in self._unloaded_adapters
 
     def _prepare(self, store: SnapshotStore, manifest: Manifest, report: LoadReport) -> _Prepared:
         """Fetch, check every file, decode and verify: all that can fail, before the swap."""
