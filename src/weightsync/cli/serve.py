@@ -378,32 +378,17 @@ def _serve_replica(
     inference: InferenceLimits,
 ) -> None:
     from weightsync.server.app import create_app
-    from weightsync.server.config import ReplicaConfig
     from weightsync.server.replica import Replica
     from weightsync.server.runner import bind_socket, serve
     from weightsync.server.stage_hooks import stall_hook_from_env
 
-    config = ReplicaConfig(
-        storage=storage,
-        snapshot=snapshot,
-        model_dir=model_dir,
-        snapshot_name=snapshot_name,
-        state_dir=state_dir,
-        replica_id=replica_id,
-        model_name=model_name,
-        deployment_id=deployment_id,
-        account_id=account_id,
-        transition=transition,  # type: ignore[arg-type]
-        engine=engine,
-        engine_options=_engine_options(
-            engine, transition, model_name, engine_threads=engine_threads, vllm_args=vllm_args
-        ),
-        api_key=api_key,
-        max_body_bytes=max_body_bytes,
-        fetch=fetch,
-        max_adapters=max_adapters,
-        inference=inference,
-    )
+    config = _replica_config(
+        storage=storage, snapshot=snapshot, model_dir=model_dir, snapshot_name=snapshot_name,
+        api_key=api_key, transition=transition, engine=engine, engine_threads=engine_threads,
+        vllm_args=vllm_args, state_dir=state_dir, model_name=model_name,
+        deployment_id=deployment_id, account_id=account_id, max_body_bytes=max_body_bytes,
+        replica_id=replica_id, fetch=fetch, max_adapters=max_adapters, inference=inference,
+    )  # fmt: skip
     sock = bind_socket(host, port)  # bind first: a taken port fails before the model loads
     if parent_pid is not None:
         _watch_parent(parent_pid)
