@@ -9,7 +9,13 @@ import torch
 from snapshot_testkit import assert_bits_equal, perturb, toy_weights
 
 from weightsync.errors import InvalidInputError
-from weightsync.snapshot import SnapshotStore, write_base, write_delta, write_lora
+from weightsync.snapshot import (
+    SnapshotStore,
+    materialize_to,
+    write_base,
+    write_delta,
+    write_lora,
+)
 from weightsync.toymodel import build_model, build_tokenizer
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,12 +44,12 @@ def test_materialized_delta_loads_with_from_pretrained(tmp_path: Path, tiny_conf
     d1 = write_delta(store.storage, "d1", parent=base, old=w0, new=w1)
     write_delta(store.storage, "d2", parent=d1, old=w1, new=w2)
     assert store.local_tokenizer_dir("d2") == tmp_path / "store" / "b"
-    out = store.materialize_to("d2", tmp_path / "out")
+    out = materialize_to(store, "d2", tmp_path / "out")
     assert_bits_equal(_loaded_weights(out), w2)
     assert (out / "tokenizer.json").read_bytes() == (tok / "tokenizer.json").read_bytes()
     assert not (out / "weightsync.json").exists()
     with pytest.raises(InvalidInputError, match="not an empty directory"):
-        store.materialize_to("d2", out)
+        materialize_to(store, "d2", out)
 
 
 def test_lora_snapshot_is_a_peft_adapter_directory(tmp_path: Path) -> None:
@@ -67,4 +73,4 @@ def test_lora_snapshot_is_a_peft_adapter_directory(tmp_path: Path) -> None:
     loaded = PeftModel.from_pretrained(build_model("tiny"), tmp_path / "lora-1")
     assert_bits_equal(get_peft_model_state_dict(loaded), adapter)
     with pytest.raises(InvalidInputError, match="LoRA"):
-        store.materialize_to("lora-1", tmp_path / "out")
+        materialize_to(store, "lora-1", tmp_path / "out")

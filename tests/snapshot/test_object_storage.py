@@ -10,7 +10,13 @@ import pytest
 from snapshot_testkit import assert_bits_equal, perturb, toy_weights
 
 from weightsync.errors import SnapshotCorruptError
-from weightsync.snapshot import MANIFEST_FILE, SnapshotStore, write_base, write_delta
+from weightsync.snapshot import (
+    MANIFEST_FILE,
+    SnapshotStore,
+    materialize_to,
+    write_base,
+    write_delta,
+)
 from weightsync.storage import open_storage
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,7 +46,7 @@ def test_chain_round_trip(store: SnapshotStore, tiny_config: object, tmp_path: P
     assert reader.local_tokenizer_dir("d-2") is None
     assert_bits_equal(reader.materialize("d-2"), w2)
     assert reader.verify("d-2").ok
-    out = reader.materialize_to("d-1", tmp_path / "out")
+    out = materialize_to(reader, "d-1", tmp_path / "out")
     assert (out / "config.json").is_file()
 
 

@@ -22,6 +22,7 @@ def test_snapshot_public_names() -> None:
         "SnapshotStore",
         "TensorEntry",
         "VerifyReport",
+        "materialize_to",
         "shard_file",
         "shard_plan",
         "verify_tensors",

@@ -219,10 +219,12 @@ def materialize(
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Write the weights IDENTITY stands for as a standalone Hugging Face model directory."""
+    from weightsync.snapshot import materialize_to
+
     try:
         store = _store(storage, endpoint_url)
         with Console(stderr=True).status(f"materializing {identity}"):
-            out = store.materialize_to(identity, output_dir)
+            out = materialize_to(store, identity, output_dir)
     except WeightSyncError as e:
         raise _fail(e) from e
     if as_json:

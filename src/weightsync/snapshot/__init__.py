@@ -3,7 +3,7 @@
 See FORMAT.md at the repository root for the byte-level specification.
 """
 
-from weightsync.snapshot.checks import verify_tensors
+from weightsync.snapshot.checks import VerifyReport, verify_tensors
 from weightsync.snapshot.layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -21,7 +21,7 @@ from weightsync.snapshot.manifest import (
     SnapshotKind,
     TensorEntry,
 )
-from weightsync.snapshot.materialize import VerifyReport
+from weightsync.snapshot.materialize import materialize_to
 from weightsync.snapshot.reader import FetchedSnapshot, SnapshotStore
 from weightsync.snapshot.writer import write_base, write_delta, write_lora
 
@@ -40,6 +40,7 @@ __all__ = [
     "SnapshotStore",
     "TensorEntry",
     "VerifyReport",
+    "materialize_to",
     "shard_file",
     "shard_plan",
     "verify_tensors",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,6 +14,26 @@ from weightsync.codec.bits import bits, dtype_name
 from weightsync.codec.checksums import checksum_hasher
 from weightsync.errors import SnapshotCorruptError, UnsupportedDtypeError
 from weightsync.snapshot.manifest import Manifest, TensorEntry
+
+
+@dataclass
+class VerifyReport:
+    """What `SnapshotStore.verify` checked, and every problem it found."""
+
+    identity: str
+    kind: str
+    chain: list[str] = field(default_factory=list)
+    files_checked: int = 0
+    bytes_checked: int = 0
+    tensors_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
 
 
 def verify_file(manifest: Manifest, name: str, data: bytes) -> None:

@@ -1,4 +1,5 @@
-"""Reading snapshots: listing, manifests, chains, fetching verified payloads, patches.
+"""Reading snapshots: listing, manifests, chains, fetching verified payloads, patches,
+rebuilding (materializing) the weights a snapshot stands for and verifying a chain.
 
 Only JSON and safetensors are ever parsed (never pickle). Every identity that
 enters is validated, so no read can leave the storage root. A directory without
@@ -31,12 +32,14 @@ from weightsync.errors import (
     SnapshotCorruptError,
     SnapshotNotFoundError,
     StorageFileNotFoundError,
+    UnknownChecksumError,
+    UnknownCodecError,
     UnsupportedDtypeError,
 )
 from weightsync.identity import validate_identity
 from weightsync.snapshot import fireworks_layout
-from weightsync.snapshot import materialize as _materialize
 from weightsync.snapshot.checks import (
+    VerifyReport,
     verify_file,
     verify_patched_tensor,
     verify_tensors,
@@ -336,15 +339,48 @@ class SnapshotStore:
 
     def materialize(self, identity: str) -> dict[str, torch.Tensor]:
         """The weights `identity` stands for, rebuilt along its chain and verified."""
-        return _materialize.materialize(self, identity)
+        chain = self.chain(identity)
+        weights = self.fetch(chain[0].identity).tensors()
+        for manifest in chain[1:]:
+            fetched = self.fetch(manifest.identity)
+            for name, patch in fetched.patches(weights).items():
+                patch.apply_(weights[name])
+            # Checked after every link so a corrupt delta is named, not just the last one.
+            verify_tensors(manifest, weights)
+        return weights
 
-    def materialize_to(self, identity: str, output_dir: str | os.PathLike[str]) -> pathlib.Path:
-        """Write the weights of `identity` as a standalone Hugging Face directory."""
-        return _materialize.materialize_to(self, identity, output_dir)
+    def verify(self, identity: str) -> VerifyReport:
+        """Check every file of every snapshot in the chain, then the materialized weights.
 
-    def verify(self, identity: str) -> _materialize.VerifyReport:
-        """Check every file of the chain and the materialized weights; return a report."""
-        return _materialize.verify(self, identity)
+        Corruption and broken chains are reported, not raised; a missing snapshot or
+        an invalid identity still raises.
+        """
+        head = self.read_manifest(identity)
+        report = VerifyReport(identity=identity, kind=head.kind)
+        try:
+            chain = self.chain(identity)
+        except (ChainError, SnapshotCorruptError, UnknownCodecError, UnknownChecksumError) as e:
+            report.problems.append(str(e))
+            return report
+        report.chain = [m.identity for m in chain]
+        for manifest in chain:
+            for name in sorted(manifest.files):
+                try:
+                    data = self.read_file(manifest, name)
+                except SnapshotCorruptError as e:
+                    report.problems.append(str(e))
+                    continue
+                report.files_checked += 1
+                report.bytes_checked += len(data)
+        if report.problems:
+            return report
+        try:
+            weights = self.materialize(identity)
+        except (ChainError, SnapshotCorruptError) as e:
+            report.problems.append(str(e))
+            return report
+        report.tensors_checked = len(weights)
+        return report
 
 
 def _densified(patch: Patch, old: torch.Tensor) -> Patch:

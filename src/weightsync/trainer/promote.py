@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from weightsync.errors import InvalidInputError, UnsupportedOperationError
-from weightsync.snapshot import SnapshotStore
+from weightsync.snapshot import SnapshotStore, materialize_to
 from weightsync.snapshot.layout import is_tokenizer_file
 from weightsync.snapshot.writer import write_hf_files
 from weightsync.storage import open_storage
@@ -66,7 +66,7 @@ def promote(
             "cannot load; read its tensors with SnapshotStore.materialize() and load them "
             "into the module with load_state_dict"
         )
-    path = store.materialize_to(identity, out)
+    path = materialize_to(store, identity, out)
     logger.info("promoted %s snapshot %s to %s", manifest.kind, identity, path)
     return path
 
