@@ -5,6 +5,9 @@ with a state dict) and optionally its optimizer. Each save exports the live
 tensors cast to `export_dtype` and writes a base or a delta snapshot named
 ``{name}-{session_id}``. A delta is encoded against the bits of the previous
 snapshot this client saved, kept in CPU memory, never read back from storage.
+A delta's changes are found next to the parameters (on their device, where the
+previous bits are kept by `previous_bits_device`; `trainer/device_diff.py`) and
+only the changed positions and bits are copied to the host.
 
 Chain state (the previous snapshot and its bits) changes only after a snapshot
 is fully written, so a failed save leaves the next delta on the last good one.
@@ -41,6 +44,7 @@ from weightsync.sdk_defaults import (
 from weightsync.snapshot import Manifest, SnapshotStore, write_base, write_delta, write_lora
 from weightsync.storage import Storage, open_storage
 from weightsync.trainer import distributed, lora, state
+from weightsync.trainer.device_diff import ChangeExporter
 from weightsync.trainer.export import (
     ExportBuffers,
     ExportPlan,
@@ -112,10 +116,16 @@ class TrainingClient:
         storage_options: Mapping[str, Any] | None = None,
         barrier_timeout_s: float = distributed.DEFAULT_BARRIER_TIMEOUT_S,
         bucket_bytes: int = distributed.DEFAULT_BUCKET_BYTES,
+        previous_bits_device: str = "auto",
     ) -> None:
         """Under an initialized process group of > 1 rank every rank creates a client and
         saves its own shard (`trainer/distributed.py`): `barrier_timeout_s` bounds each
-        wait for another rank, `bucket_bytes` the rows of other ranks held at a time."""
+        wait for another rank, `bucket_bytes` the rows of other ranks held at a time.
+
+        `previous_bits_device` ("auto", "device", "host"): where the bits a delta is
+        diffed against are kept; "auto" keeps them on the parameters' accelerator when it
+        has more than twice their size free, else on the (pinned) host
+        (`trainer/device_diff.py`). Sharded saves keep their own path."""
         if not isinstance(model, torch.nn.Module):
             raise InvalidInputError(
                 f"TrainingClient needs a torch.nn.Module, got {type(model).__name__}"
@@ -179,6 +189,7 @@ class TrainingClient:
 
         self._previous: _Previous | None = None
         self._spare = ExportBuffers(self.export_dtype)
+        self._changes = ChangeExporter(self.export_dtype, previous_bits_device=previous_bits_device)
         self._saved_names: set[str] = set()
         logger.info(
             "training client session %s: storage %s, export %s, %s",
@@ -207,6 +218,13 @@ class TrainingClient:
         """Forget the previous snapshot (and free its bits): the next save is a base."""
         self._previous = None
         self._spare.release()
+        self._changes.reset()
+
+    @property
+    def diff_location(self) -> Literal["device", "host"] | None:
+        """Where the next delta's changes are found: "device" (a copy of the previous bits
+        next to the parameters) or "host" (the previous host image); None before a base."""
+        return self._changes.where
 
     # --- sampler snapshots ---------------------------------------------------
 
@@ -327,24 +345,35 @@ class TrainingClient:
             )
         if self._sharded is not None:
             return self._write_sharded(identity, kind)
-        current = self._spare.fill(self._export_plan(what=f"snapshot {identity!r}").sources)
-        if kind == "base":
-            manifest = self._write_base(identity, current, hf_config(self.model, self.export_dtype))
-        else:
-            previous = self._previous
-            if previous is None:
-                raise self._no_parent_error(identity)
-            with write_progress(self.storage, identity, expected_bytes=num_bytes(current)) as out:
-                manifest = write_delta(
-                    out,
-                    identity,
-                    parent=previous.manifest,
-                    old=previous.tensors,
-                    new=current,
-                    compression_format=self.compression_format,
-                    checksum_format=self.checksum_format,
-                    session_id=self.session_id,
+        sources = self._export_plan(what=f"snapshot {identity!r}").sources
+        previous = self._previous
+        if kind != "base" and previous is None:
+            raise self._no_parent_error(identity)
+        try:
+            if kind == "base" or previous is None:
+                current = self._changes.export_base(sources, self._spare)
+                manifest = self._write_base(
+                    identity, current, hf_config(self.model, self.export_dtype)
                 )
+            else:
+                current = self._changes.export_delta(sources, previous.tensors, self._spare).tensors
+                with write_progress(
+                    self.storage, identity, expected_bytes=num_bytes(current)
+                ) as out:
+                    manifest = write_delta(
+                        out,
+                        identity,
+                        parent=previous.manifest,
+                        old=previous.tensors,
+                        new=current,
+                        compression_format=self.compression_format,
+                        checksum_format=self.checksum_format,
+                        session_id=self.session_id,
+                    )
+        except BaseException:
+            self._changes.abandoned()
+            raise
+        self._changes.committed()
         # Written: these bits become the parent; the old parent's buffers are reused next.
         if self._previous is not None:
             self._spare.adopt(self._previous.tensors)

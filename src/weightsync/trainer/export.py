@@ -2,8 +2,9 @@
 
 Names are the model's `state_dict()` names; when several names share one tensor
 (tied embeddings) the first is kept, as `save_pretrained` does, so with tied
-embeddings `lm_head.weight` is dropped. The cast goes into reusable CPU buffers:
-a training loop saving every step allocates nothing after the first two saves.
+embeddings `lm_head.weight` is dropped. The cast goes into reusable CPU buffers
+(pinned when the model is on CUDA): a training loop saving every step allocates
+nothing after the first two saves.
 """
 
 from __future__ import annotations
@@ -185,7 +186,10 @@ class ExportBuffers:
             for name, src in sources.items():
                 buf = self._buffers.get(name)
                 if buf is None or buf.shape != src.shape:
-                    buf = torch.empty(src.shape, dtype=self.dtype, device="cpu")
+                    # Pinned when the source is on an accelerator: its copies run at full speed.
+                    buf = torch.empty(
+                        src.shape, dtype=self.dtype, device="cpu", pin_memory=_pin_for(src)
+                    )
                     self._buffers[name] = buf
                 buf.copy_(src.detach())
                 out[name] = buf
@@ -194,12 +198,30 @@ class ExportBuffers:
             self._buffers = {name: self._buffers[name] for name in out}
         return out
 
+    def buffer(self, name: str, like: torch.Tensor, *, pin: bool) -> tuple[torch.Tensor, bool]:
+        """The buffer for `name` shaped like `like`, and whether it was just allocated."""
+        buf = self._buffers.get(name)
+        if buf is not None and buf.shape == like.shape and buf.dtype == like.dtype:
+            return buf, False
+        buf = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
+        self._buffers[name] = buf
+        return buf, True
+
+    def retain(self, names: Iterable[str]) -> None:
+        """Forget the buffers of names not in `names` (the model's tensor set changed)."""
+        keep = set(names)
+        self._buffers = {n: b for n, b in self._buffers.items() if n in keep}
+
     def adopt(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Take `tensors` (a previous export no longer needed) as the buffers to fill next."""
         self._buffers = dict(tensors)
 
     def release(self) -> None:
         self._buffers = {}
+
+
+def _pin_for(src: torch.Tensor) -> bool:
+    return src.device.type == "cuda" and torch.cuda.is_available()
 
 
 def export_copy(sources: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
