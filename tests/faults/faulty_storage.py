@@ -12,11 +12,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from weightsync.errors import StorageError, StorageFileNotFoundError
-from weightsync.storage import Storage
+from weightsync.storage import Storage, StorageWrapper
 
 FaultKind = Literal["fail", "missing", "delay", "hang", "truncate", "flip", "replace"]
 
@@ -51,12 +50,11 @@ def flip_byte(data: bytes, offset: int) -> bytes:
     return bytes(out)
 
 
-class FaultyStorage:
+class FaultyStorage(StorageWrapper):
     """Wraps a storage; reads of paths some active `Fault` matches are tampered with."""
 
     def __init__(self, inner: Storage) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.faults: list[Fault] = []
         self.reads: list[str] = []
         self._lock = threading.Lock()
@@ -103,24 +101,3 @@ class FaultyStorage:
             elif fault.kind == "replace":
                 data = fault.data
         return data
-
-    def exists(self, path: str) -> bool:
-        return self.inner.exists(path)
-
-    def size_bytes(self, path: str) -> int:
-        return self.inner.size_bytes(path)
-
-    def list_dir(self, path: str = "") -> list[str]:
-        return self.inner.list_dir(path)
-
-    def child_url(self, *parts: str) -> str:
-        return self.inner.child_url(*parts)
-
-    def write_bytes(self, path: str, data: bytes | memoryview) -> None:
-        self.inner.write_bytes(path, data)
-
-    def remove(self, path: str, *, recursive: bool = False) -> None:
-        self.inner.remove(path, recursive=recursive)
-
-    def local_path(self, path: str) -> Path | None:
-        return self.inner.local_path(path)

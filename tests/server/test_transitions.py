@@ -9,19 +9,18 @@ from typing import Any
 import pytest
 from server_helpers import PROMPT_IDS, Chain, greedy, hot_load, reference_greedy, wait_loaded
 
-from weightsync.storage import open_storage
+from weightsync.storage import StorageWrapper, open_storage
 
 BASE, D1, D2, D3 = (f"{n}-0badcafe" for n in ("base", "step1", "step2", "step3"))
 LONG = 500  # tokens: long enough that a hot-load lands while the generation runs
 pytestmark = pytest.mark.timeout(120)
 
 
-class GatedStorage:
+class GatedStorage(StorageWrapper):
     """Storage whose payload reads of one snapshot block until `gate` is set (a fault seam)."""
 
     def __init__(self, inner: Any, identity: str) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.identity = identity
         self.gate = threading.Event()
         self.waiting = threading.Event()
@@ -31,9 +30,6 @@ class GatedStorage:
             self.waiting.set()
             assert self.gate.wait(60)
         return bytes(self.inner.read_bytes(path))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 def _stage(client) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
 from pathlib import Path
 
 import pytest
@@ -10,17 +9,16 @@ from snapshot_testkit import assert_bits_equal, perturb, toy_weights
 
 from weightsync.errors import SnapshotNotFoundError, StorageError
 from weightsync.snapshot import MANIFEST_FILE, SnapshotStore, write_base, write_delta
-from weightsync.storage import LocalStorage, Storage
+from weightsync.storage import LocalStorage, Storage, StorageWrapper
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class FailingStorage:
+class FailingStorage(StorageWrapper):
     """A real local storage whose `write_bytes` fails after `ok_writes` writes (a seam fault)."""
 
     def __init__(self, inner: Storage, *, ok_writes: int, fail_remove: bool = False) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.ok_writes = ok_writes
         self.fail_remove = fail_remove
         self.written: list[str] = []
@@ -35,24 +33,6 @@ class FailingStorage:
         if self.fail_remove:
             raise StorageError(f"injected failure removing {path}")
         self.inner.remove(path, recursive=recursive)
-
-    def child_url(self, *parts: str) -> str:
-        return self.inner.child_url(*parts)
-
-    def exists(self, path: str) -> bool:
-        return self.inner.exists(path)
-
-    def read_bytes(self, path: str) -> bytes:
-        return self.inner.read_bytes(path)
-
-    def list_dir(self, path: str = "") -> list[str]:
-        return self.inner.list_dir(path)
-
-    def size_bytes(self, path: str) -> int:
-        return self.inner.size_bytes(path)
-
-    def local_path(self, path: str) -> pathlib.Path | None:
-        return self.inner.local_path(path)
 
 
 @pytest.mark.parametrize("ok_writes", [0, 2, 4, 5])

@@ -36,7 +36,13 @@ def test_snapshot_public_names() -> None:
 
 
 def test_storage_public_names() -> None:
-    assert set(storage.__all__) == {"FsspecStorage", "LocalStorage", "Storage", "open_storage"}
+    assert set(storage.__all__) == {
+        "FsspecStorage",
+        "LocalStorage",
+        "Storage",
+        "StorageWrapper",
+        "open_storage",
+    }
     assert all(hasattr(storage, name) for name in storage.__all__)
 
 

@@ -13,7 +13,7 @@ from weightsync.errors import (
     StorageFileNotFoundError,
     StoragePathError,
 )
-from weightsync.storage import LocalStorage
+from weightsync.storage import LocalStorage, StorageWrapper
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -97,25 +97,23 @@ def test_a_name_the_filesystem_cannot_hold_is_bad_input_not_transient(tmp_path: 
         storage.read_bytes("inner-missing/f")
 
 
-class _Counting:
+class _Counting(StorageWrapper):
     """Counts reads through to a real storage (the retry policy's seam)."""
 
     def __init__(self, inner: LocalStorage) -> None:
-        self.inner, self.url, self.reads = inner, inner.url, 0
+        super().__init__(inner)
+        self.reads = 0
 
     def read_bytes(self, path: str) -> bytes:
         self.reads += 1
         return self.inner.read_bytes(path)
-
-    def child_url(self, *parts: str) -> str:
-        return self.inner.child_url(*parts)
 
 
 def test_bad_paths_and_missing_files_are_not_retried(tmp_path: Path) -> None:
     from weightsync.server.fetch_policy import FetchPolicy, RetryingStorage
 
     counting = _Counting(LocalStorage(tmp_path))
-    retrying = RetryingStorage(counting, FetchPolicy(attempts=5, backoff_s=0))  # type: ignore[arg-type]
+    retrying = RetryingStorage(counting, FetchPolicy(attempts=5, backoff_s=0))
     with pytest.raises(StoragePathError):
         retrying.read_bytes("n" * 300)
     with pytest.raises(StorageFileNotFoundError):

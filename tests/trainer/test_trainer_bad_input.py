@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +19,18 @@ from weightsync.errors import (
     UnsupportedDtypeError,
 )
 from weightsync.snapshot import SnapshotStore
-from weightsync.storage import LocalStorage
+from weightsync.storage import LocalStorage, StorageWrapper
 from weightsync.toymodel import build_model
 from weightsync.trainer import TrainingClient
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class FailingStorage:
+class FailingStorage(StorageWrapper):
     """Local storage that fails the `fail_at`-th write (1-based) from `arm()` on."""
 
     def __init__(self, root: Path) -> None:
-        self.inner = LocalStorage(root)
-        self.url = self.inner.url
+        super().__init__(LocalStorage(root))
         self.writes = 0
         self.fail_at: int | None = None
 
@@ -46,27 +44,6 @@ class FailingStorage:
             self.fail_at = None
             raise StorageError(f"injected failure writing {self.inner.child_url(path)}")
         self.inner.write_bytes(path, data)
-
-    def child_url(self, *parts: str) -> str:
-        return self.inner.child_url(*parts)
-
-    def exists(self, path: str) -> bool:
-        return self.inner.exists(path)
-
-    def read_bytes(self, path: str) -> bytes:
-        return self.inner.read_bytes(path)
-
-    def list_dir(self, path: str = "") -> list[str]:
-        return self.inner.list_dir(path)
-
-    def size_bytes(self, path: str) -> int:
-        return self.inner.size_bytes(path)
-
-    def remove(self, path: str, *, recursive: bool = False) -> None:
-        self.inner.remove(path, recursive=recursive)
-
-    def local_path(self, path: str) -> pathlib.Path | None:
-        return self.inner.local_path(path)
 
 
 @pytest.mark.parametrize("fail_at", [1, 3, 5])

@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 from weightsync.errors import (
@@ -22,7 +21,7 @@ from weightsync.errors import (
     StorageFileNotFoundError,
     StoragePathError,
 )
-from weightsync.storage import Storage
+from weightsync.storage import Storage, StorageWrapper
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class FetchPolicy:
             raise InvalidInputError(f"fetch timeout_s must be > 0, got {self.timeout_s}")
 
 
-class RetryingStorage:
+class RetryingStorage(StorageWrapper):
     """A `Storage` whose reads retry transient `StorageError`s (see `FetchPolicy`).
 
     A missing file is not retried: snapshots are immutable and their manifest is
@@ -64,8 +63,7 @@ class RetryingStorage:
     """
 
     def __init__(self, inner: Storage, policy: FetchPolicy) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.policy = policy
 
     def _retry(self, what: str, call: Callable[[], T]) -> T:
@@ -115,19 +113,7 @@ class RetryingStorage:
             f"listing {self.inner.child_url(path)}", lambda: self.inner.list_dir(path)
         )
 
-    # --- the rest (not retried: a replica never writes snapshots) ------------
-
-    def child_url(self, *parts: str) -> str:
-        return self.inner.child_url(*parts)
-
-    def write_bytes(self, path: str, data: bytes | memoryview) -> None:
-        self.inner.write_bytes(path, data)
-
-    def remove(self, path: str, *, recursive: bool = False) -> None:
-        self.inner.remove(path, recursive=recursive)
-
-    def local_path(self, path: str) -> Path | None:
-        return self.inner.local_path(path)
+    # The rest is forwarded unretried by StorageWrapper: a replica never writes snapshots.
 
 
 __all__ = [

@@ -21,12 +21,11 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from weightsync.errors import InvalidInputError
 from weightsync.identity import validate_identity
 from weightsync.snapshot import SnapshotStore
-from weightsync.storage import Storage
+from weightsync.storage import Storage, StorageWrapper
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ class _Entry:
     expires_at: float
 
 
-class PrefetchingStorage:
+class PrefetchingStorage(StorageWrapper):
     """A `Storage` whose `read_bytes` first looks at files read ahead by `hint`."""
 
     def __init__(
@@ -57,8 +56,7 @@ class PrefetchingStorage:
             raise InvalidInputError(
                 f"prefetch max_bytes must be >= 0 and ttl_s > 0, got {max_bytes}, {ttl_s}"
             )
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
         self._clock = clock
@@ -154,7 +152,7 @@ class PrefetchingStorage:
             if not self._closed:
                 self._schedule_locked()
 
-    # --- Storage ----------------------------------------------------------
+    # --- Storage (the rest is forwarded by StorageWrapper) --------------------
 
     def read_bytes(self, path: str) -> bytes:
         with self._lock:
@@ -164,27 +162,6 @@ class PrefetchingStorage:
             return self.inner.read_bytes(path)
         # A failed read-ahead raises here, as the direct read would have.
         return entry.future.result()
-
-    def child_url(self, *parts: str) -> str:
-        return self.inner.child_url(*parts)
-
-    def exists(self, path: str) -> bool:
-        return self.inner.exists(path)
-
-    def write_bytes(self, path: str, data: bytes | memoryview) -> None:
-        self.inner.write_bytes(path, data)
-
-    def list_dir(self, path: str = "") -> list[str]:
-        return self.inner.list_dir(path)
-
-    def size_bytes(self, path: str) -> int:
-        return self.inner.size_bytes(path)
-
-    def remove(self, path: str, *, recursive: bool = False) -> None:
-        self.inner.remove(path, recursive=recursive)
-
-    def local_path(self, path: str) -> Path | None:
-        return self.inner.local_path(path)
 
 
 __all__ = [

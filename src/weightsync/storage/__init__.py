@@ -9,6 +9,7 @@ from weightsync.errors import InvalidInputError
 from weightsync.storage.base import Storage
 from weightsync.storage.fsspec_storage import FsspecStorage
 from weightsync.storage.local_storage import LocalStorage
+from weightsync.storage.wrapper import StorageWrapper
 
 
 def open_storage(url_or_path: str | os.PathLike[str] | Storage, **storage_options: Any) -> Storage:
@@ -34,4 +35,4 @@ def open_storage(url_or_path: str | os.PathLike[str] | Storage, **storage_option
     )
 
 
-__all__ = ["FsspecStorage", "LocalStorage", "Storage", "open_storage"]
+__all__ = ["FsspecStorage", "LocalStorage", "Storage", "StorageWrapper", "open_storage"]

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import pathlib
 import sys
 from collections.abc import Callable, Iterator
 
-from weightsync.storage import Storage
+from weightsync.storage import Storage, StorageWrapper
 
 logger = logging.getLogger(__name__)
 
@@ -20,38 +19,16 @@ logger = logging.getLogger(__name__)
 MIN_PROGRESS_BYTES = 256 * 1024 * 1024
 
 
-class CountingStorage:
+class CountingStorage(StorageWrapper):
     """A `Storage` that forwards everything and reports each write's size."""
 
     def __init__(self, inner: Storage, on_write: Callable[[int], None]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._on_write = on_write
-        self.url = inner.url
-
-    def child_url(self, *parts: str) -> str:
-        return self._inner.child_url(*parts)
-
-    def exists(self, path: str) -> bool:
-        return self._inner.exists(path)
-
-    def read_bytes(self, path: str) -> bytes:
-        return self._inner.read_bytes(path)
 
     def write_bytes(self, path: str, data: bytes | memoryview) -> None:
-        self._inner.write_bytes(path, data)
+        self.inner.write_bytes(path, data)
         self._on_write(len(data))
-
-    def list_dir(self, path: str = "") -> list[str]:
-        return self._inner.list_dir(path)
-
-    def size_bytes(self, path: str) -> int:
-        return self._inner.size_bytes(path)
-
-    def remove(self, path: str, *, recursive: bool = False) -> None:
-        self._inner.remove(path, recursive=recursive)
-
-    def local_path(self, path: str) -> pathlib.Path | None:
-        return self._inner.local_path(path)
 
 
 @contextlib.contextmanager
