@@ -232,3 +232,94 @@ def test_a_replica_that_cannot_catch_up_stays_out_and_status_says_why(
             assert served == {d1}
     finally:
         membership.stop()
+
+
+def adapter_answer(url: str, model: str) -> tuple[list[int], list[float]]:
+    """A greedy completion's token ids and logprobs (compared exactly across replicas)."""
+    answer = httpx.post(
+        f"{url}/v1/completions",
+        json={
+            "model": model, "prompt": "ab", "max_tokens": 4, "temperature": 0,
+            "logprobs": 1, "return_token_ids": True,
+        },
+        timeout=60.0,
+    )  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    (choice,) = answer.json()["choices"]
+    return list(choice["token_ids"]), list(choice["logprobs"]["token_logprobs"])
+
+
+def test_a_late_replica_loads_the_deployments_adapters_before_it_is_admitted(
+    tmp_path: Path, chain: tuple[TrainingClient, list[str]], replicas: Any
+) -> None:
+    client, (base, d1, _) = chain
+    start, _ = replicas
+    lora_client = TrainingClient(
+        build_model("tiny", seed=0),
+        storage=client.storage.url,
+        lora_rank=4,
+        tokenizer_dir=build_tokenizer(tmp_path / "lora-tok"),
+    )
+    with torch.no_grad():  # PEFT starts lora_B at zero: make the adapter change outputs
+        for name, p in lora_client.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    adapter = lora_client.save_weights_for_sampler_ext("adapter").snapshot_name
+    assert client.store.read_manifest(adapter).kind == "lora"
+    source = Source()
+    source.replicas["replica-0"] = (start("replica-0"), "a")
+    head_file = HeadRecordFile(tmp_path / "gateway" / "head.json")
+    membership = ElasticMembership(
+        source,
+        head_file,
+        start_identity=base,
+        transition="async",
+        poll_interval_s=0.05,
+        is_adapter=lambda identity: client.store.read_manifest(identity).kind == "lora",
+    )
+    membership.start()
+    try:
+        membership.wait_until(num_admitted=1, timeout_s=60)
+        app = create_gateway_app([], api_key=None, max_body_bytes=1 << 20, membership=membership)
+        with ServerThread(app) as url:
+            for body in (request(client, d1), {"identity": adapter}):
+                answer = httpx.post(f"{url}{HOT_LOAD}", json=body, timeout=30.0)
+                assert answer.status_code == 200, answer.text
+                wait_for(
+                    lambda: status(url)["replica-0"]["loading_state"]["stage"] == "ready",
+                    f"replica-0 loaded {body['identity']}",
+                )
+            entry = status(url)["replica-0"]
+            assert entry["current_snapshot_identity"] == d1  # the adapter left the head alone
+            assert [a["identity"] for a in entry["loaded_adapters"]] == [adapter]
+            recorded = head_file.load(start_identity="unused")
+            assert recorded.head == d1 and recorded.adapter_identities == [adapter]
+            old_url = entry["url"]
+            expected = adapter_answer(old_url, adapter)
+            assert expected != adapter_answer(old_url, "tiny"), "the adapter changes nothing"
+            # A replica that starts from the base: the chain, then the adapter, then traffic.
+            source.replicas["replica-1"] = (start("replica-1"), "a")
+            seen: list[tuple[str | None, list[str], str]] = []
+
+            def late_admitted() -> bool:
+                late = status(url).get("replica-1")
+                if late is None:
+                    return False
+                loaded = [a["identity"] for a in late["loaded_adapters"]]
+                seen.append((late["current_snapshot_identity"], loaded, late["membership"]))
+                return late["membership"] == "admitted"
+
+            wait_for(late_admitted, "replica-1 admitted")
+            assert all(loaded == [adapter] for _, loaded, state in seen if state == "admitted")
+            assert seen[-1][:2] == (d1, [adapter])
+            late = status(url)["replica-1"]
+            assert adapter_answer(late["url"], adapter) == expected  # bit for bit
+            ledger = httpx.get(f"{url}/hot_load/v1/ledger", timeout=30.0).json()
+            loads = next(r for r in ledger["replicas"] if r["replica_id"] == "replica-1")
+            assert [e["identity"] for e in loads["entries"]][-2:] == [d1, adapter]
+            # Through the gateway (round robin over both), every answer is the adapter's.
+            assert {tuple(map(tuple, adapter_answer(url, adapter))) for _ in range(4)} == {
+                tuple(map(tuple, expected))
+            }
+    finally:
+        membership.stop()

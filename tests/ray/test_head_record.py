@@ -62,3 +62,47 @@ def test_the_file_survives_a_restart_and_refuses_a_damaged_record(tmp_path: Path
     path.write_text("{not json")
     with pytest.raises(DeploymentError, match="delete it"):
         HeadRecordFile(path).load(start_identity="b0")
+
+
+def test_adapters_are_recorded_beside_the_chain_newest_last_bounded() -> None:
+    record = HeadRecord.starting_at("b0").accepted(*delta("d1", "b0"))
+    record = record.adapter_loaded(*base("lora-a"), max_adapters=2)
+    record = record.adapter_loaded(*base("lora-b"), max_adapters=2)
+    assert record.adapter_identities == ["lora-a", "lora-b"]
+    assert record.head == "d1"  # an adapter does not move the head
+    assert record.adapter_loaded(*base("lora-b"), max_adapters=2) is record  # a retry
+    # Loaded again, an adapter is the newest; past the limit the least recently loaded goes,
+    # as a replica unloads its least recently used one.
+    record = record.adapter_loaded(*base("lora-a"), max_adapters=2)
+    assert record.adapter_identities == ["lora-b", "lora-a"]
+    record = record.adapter_loaded(*base("lora-c"), max_adapters=2)
+    assert record.adapter_identities == ["lora-a", "lora-c"]
+    # The chain moves on under them; a new base (the same model) keeps them too.
+    assert record.accepted(*delta("d2", "d1")).adapter_identities == ["lora-a", "lora-c"]
+    assert record.accepted(*base("b1")).adapter_identities == ["lora-a", "lora-c"]
+
+
+def test_next_load_is_the_chain_then_each_missing_adapter() -> None:
+    record = HeadRecord.starting_at("b0").accepted(*delta("d1", "b0"))
+    record = record.adapter_loaded(*base("lora-a"), max_adapters=8)
+    record = record.adapter_loaded(*base("lora-b"), max_adapters=8)
+    assert record.next_load("b0", []) == record.links[1]  # the chain first
+    assert record.next_load("d1", []) == record.adapters[0]
+    assert record.next_load("d1", ["lora-a"]) == record.adapters[1]
+    assert record.next_load("d1", ["lora-b", "lora-a", "other"]) is None
+    assert record.missing_adapters(["lora-b"]) == ["lora-a"]
+    assert record.adapters[0].request == {"identity": "lora-a"}
+
+
+def test_adapters_survive_a_restart_and_a_version_1_record_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "head.json"
+    record = HeadRecord.starting_at("b0").adapter_loaded(*base("lora-a"), max_adapters=8)
+    HeadRecordFile(path).save(record)
+    assert HeadRecordFile(path).load(start_identity="b0") == record
+    # Written before adapters were recorded: the chain, no adapters.
+    path.write_text('{"version": 1, "links": [{"identity": "b0", "request": {"identity": "b0"}}]}')
+    loaded = HeadRecordFile(path).load(start_identity="unused")
+    assert loaded.head == "b0" and loaded.adapters == ()
+    path.write_text('{"version": 3, "links": [{"identity": "b0", "request": {}}]}')
+    with pytest.raises(DeploymentError, match="version 3"):
+        HeadRecordFile(path).load(start_identity="b0")

@@ -13,8 +13,10 @@ further behind the newest one an admitted replica serves than the transition
 allows (`async`: one version, the one it serves while it loads the next; `sync`:
 none). A replica that is behind — late, restarted from its ledger or its start
 snapshot, or one that missed a load — is sent the chain's next load, one at a
-time, from the `HeadRecord`, until it serves the head. Each replica verifies
-what it loads on its own, from the shared storage.
+time, from the `HeadRecord`, until it serves the head — and then each LoRA adapter
+the record lists that it lacks, so a completion naming an adapter is never answered
+by a replica that would serve it with base weights. Each replica verifies what it
+loads on its own, from the shared storage.
 
 Hot-loads and admission never interleave: the gateway holds `hot_load_round`
 while it fans a hot-load out to the admitted replicas, and the reconciler holds
@@ -38,6 +40,7 @@ import httpx
 from pydantic import ValidationError
 
 from weightsync.errors import HotloadTimeoutError
+from weightsync.server.config import DEFAULT_MAX_ADAPTERS
 from weightsync.server.head_record import HeadRecord, HeadRecordFile
 from weightsync.server.membership import Member
 from weightsync.wire import (
@@ -111,11 +114,14 @@ class ElasticMembership:
         api_key: str | None = None,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
         is_adapter: Callable[[str], bool] | None = None,
+        max_adapters: int = DEFAULT_MAX_ADAPTERS,
     ) -> None:
         """`is_adapter(identity)` tells a LoRA adapter's hot-load from a base or delta (an
-        adapter does not move the head: replicas keep serving their base under it)."""
+        adapter does not move the head: replicas keep serving their base under it; it is
+        recorded beside the head, the newest `max_adapters` — the replicas' own limit)."""
         self.source = source
         self.is_adapter = is_adapter
+        self.max_adapters = max_adapters
         self.head_file = head_file
         self.transition = transition
         self.poll_interval_s = poll_interval_s
@@ -157,15 +163,18 @@ class ElasticMembership:
         return self._round()
 
     def accepted(self, request: HotLoadRequest, body: dict[str, Any]) -> None:
-        """Record the new head durably (before any replica could be admitted at it)."""
+        """Record the new head, or the new adapter, durably (before any replica could be
+        admitted with it)."""
         if self.is_adapter is not None and self.is_adapter(request.identity):
-            logger.info("adapter %s loaded; the head stays %s", request.identity, self._record.head)
-            return
-        record = self._record.accepted(request, body)
+            record = self._record.adapter_loaded(request, body, max_adapters=self.max_adapters)
+            what = f"adapter {request.identity} recorded; the head stays {record.head}"
+        else:
+            record = self._record.accepted(request, body)
+            what = f"deployment head is now {record.head}"
         if record is not self._record:
             self.head_file.save(record)
             self._record = record
-            logger.info("deployment head is now %s", record.head)
+            logger.info("%s", what)
         self._publish()
 
     def lost(self, replica_ids: set[str]) -> None:
@@ -288,9 +297,12 @@ class ElasticMembership:
             idle = status.loading_state.stage not in LOADING_STAGES
             was = t.admitted
             if was:
+                # It was in every adapter's round since it was admitted: only its version
+                # can take it out.
                 t.admitted = lag is not None and lag <= newest + allowance
             else:
-                t.admitted = lag == 0 and idle
+                lacks = self._record.missing_adapters(status.adapter_identities())
+                t.admitted = lag == 0 and idle and not lacks
             if t.admitted != was:
                 logger.info(
                     "%s %s at %s", t.replica_id, "admitted" if t.admitted else "withdrawn",
@@ -301,7 +313,14 @@ class ElasticMembership:
         status = t.status
         if status is None or t.url is None or status.loading_state.stage in LOADING_STAGES:
             return
-        link = self._record.next_link(status.current_snapshot_identity)
+        if t.admitted:
+            # Only the chain: adapters reach it through the hot-loads' fan-out, and its own
+            # least-recently-used choice of which to keep is not undone here.
+            link = self._record.next_link(status.current_snapshot_identity)
+        else:
+            link = self._record.next_load(
+                status.current_snapshot_identity, status.adapter_identities()
+            )
         if link is None:
             t.sent_identity, t.retry_s, t.catch_up_problem = None, CATCH_UP_RETRY_S, None
             return
@@ -372,5 +391,8 @@ class ElasticMembership:
         for t in sorted(self._tracked.values(), key=lambda t: _replica_order(t.replica_id)):
             current = t.status.current_snapshot_identity if t.status is not None else None
             problem = t.problem or t.catch_up_problem or "ok"
+            if t.status is not None and not t.admitted:
+                lacks = self._record.missing_adapters(t.status.adapter_identities())
+                problem += f"; lacks adapters {', '.join(lacks)}" if lacks else ""
             parts.append(f"{t.replica_id} {self._state(t)} at {current} ({problem})")
         return "; ".join(parts) or "no replicas"

@@ -5,8 +5,11 @@ replaying this chain from where it stands (its ledger's last verified load, or
 the snapshot it was started from) — or from the chain's first link, a base,
 when what it serves is not in the chain. The record starts with the snapshot
 the deployment was started from; a delta's hot-load appends a link, a base's
-hot-load starts a new chain. It is written to a temporary name and renamed, so
-a gateway that restarts (or a crash mid-write) finds the last whole record.
+hot-load starts a new chain. Beside the chain it keeps the LoRA adapters the
+deployment loaded (the newest `max_adapters`, as each replica keeps them), which
+a joining replica loads, verified, once it serves the head. It is written to a
+temporary name and renamed, so a gateway that restarts (or a crash mid-write)
+finds the last whole record.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from typing import Any
 from weightsync.errors import DeploymentError
 from weightsync.wire import HotLoadRequest
 
-HEAD_RECORD_VERSION = 1
+#: Version 2 added `adapters`; a version-1 record (no adapters) still loads.
+HEAD_RECORD_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True, kw_only=True)
-class ChainLink:
+class RecordedLoad:
     """One accepted load: its identity and the request body that loads it (replayed verbatim)."""
 
     identity: str
@@ -34,14 +39,16 @@ class ChainLink:
 @dataclass(frozen=True, kw_only=True)
 class HeadRecord:
     """The accepted chain, oldest first: `links[0]` is a base, each later link a delta on the
-    one before it. `head` is the identity every admitted replica must reach."""
+    one before it. `head` is the identity every admitted replica must reach. `adapters` are
+    the LoRA adapters loaded beside it, least recently loaded first."""
 
-    links: tuple[ChainLink, ...]
+    links: tuple[RecordedLoad, ...]
+    adapters: tuple[RecordedLoad, ...] = ()
 
     @classmethod
     def starting_at(cls, identity: str) -> HeadRecord:
         """The record of a deployment started from snapshot `identity`."""
-        return cls(links=(ChainLink(identity=identity, request={"identity": identity}),))
+        return cls(links=(RecordedLoad(identity=identity, request={"identity": identity}),))
 
     @property
     def head(self) -> str:
@@ -59,7 +66,11 @@ class HeadRecord:
                 return i
         return None
 
-    def next_link(self, current: str | None) -> ChainLink | None:
+    @property
+    def adapter_identities(self) -> list[str]:
+        return [adapter.identity for adapter in self.adapters]
+
+    def next_link(self, current: str | None) -> RecordedLoad | None:
         """The load that moves a replica serving `current` one step toward the head.
 
         None when `current` is the head; the chain's base when `current` is not in it.
@@ -71,34 +82,77 @@ class HeadRecord:
             return None
         return self.links[position + 1]
 
+    def next_load(self, current: str | None, loaded_adapters: list[str]) -> RecordedLoad | None:
+        """What a replica serving `current` with `loaded_adapters` loads next to match the
+        deployment: the chain's next link, then each recorded adapter it lacks (oldest first);
+        None when it serves the head with every recorded adapter."""
+        link = self.next_link(current)
+        if link is not None:
+            return link
+        return next((a for a in self.adapters if a.identity not in loaded_adapters), None)
+
+    def missing_adapters(self, loaded_adapters: list[str]) -> list[str]:
+        """The recorded adapters that are not in `loaded_adapters`."""
+        return [a for a in self.adapter_identities if a not in loaded_adapters]
+
+    def adapter_loaded(
+        self, request: HotLoadRequest, body: dict[str, Any], *, max_adapters: int
+    ) -> HeadRecord:
+        """The record after the admitted replicas accepted adapter `request` (sent as `body`).
+
+        It becomes the newest adapter; past `max_adapters` the least recently loaded is
+        dropped, as each replica unloads its least recently used one. The chain is unchanged.
+        """
+        if self.adapters and self.adapters[-1].identity == request.identity:
+            return self  # a retried load
+        kept = [a for a in self.adapters if a.identity != request.identity]
+        kept.append(RecordedLoad(identity=request.identity, request=body))
+        return HeadRecord(links=self.links, adapters=tuple(kept[-max_adapters:]))
+
     def accepted(self, request: HotLoadRequest, body: dict[str, Any]) -> HeadRecord:
         """The record after every admitted replica accepted `request` (sent as `body`).
 
         A delta on the head is appended; a base starts a new chain; the head again
         (a retried request) changes nothing. A delta whose parent is not the head
-        never reaches here: the replicas serving the head refuse it (409).
+        never reaches here: the replicas serving the head refuse it (409). The adapters
+        stay: a base must be the same model, and replicas load it under their adapters.
         """
         if request.identity == self.head:
             return self
-        link = ChainLink(identity=request.identity, request=body)
+        link = RecordedLoad(identity=request.identity, request=body)
         if request.incremental_snapshot_metadata is None:
-            return HeadRecord(links=(link,))
-        return HeadRecord(links=(*self.links, link))
+            return HeadRecord(links=(link,), adapters=self.adapters)
+        return HeadRecord(links=(*self.links, link), adapters=self.adapters)
 
     def to_json(self) -> str:
-        links = [{"identity": link.identity, "request": link.request} for link in self.links]
-        return json.dumps({"version": HEAD_RECORD_VERSION, "links": links}, indent=1)
+        def listed(loads: tuple[RecordedLoad, ...]) -> list[dict[str, Any]]:
+            return [{"identity": load.identity, "request": load.request} for load in loads]
+
+        return json.dumps(
+            {
+                "version": HEAD_RECORD_VERSION,
+                "links": listed(self.links),
+                "adapters": listed(self.adapters),
+            },
+            indent=1,
+        )
 
     @classmethod
     def from_json(cls, text: str, *, where: str) -> HeadRecord:
+        def loads(items: list[Any]) -> tuple[RecordedLoad, ...]:
+            return tuple(
+                RecordedLoad(identity=str(item["identity"]), request=dict(item["request"]))
+                for item in items
+            )
+
         try:
             data = json.loads(text)
-            if data.get("version") != HEAD_RECORD_VERSION:
-                raise ValueError(f"version {data.get('version')!r}, expected {HEAD_RECORD_VERSION}")
-            links = tuple(
-                ChainLink(identity=str(item["identity"]), request=dict(item["request"]))
-                for item in data["links"]
-            )
+            if data.get("version") not in READABLE_VERSIONS:
+                raise ValueError(
+                    f"version {data.get('version')!r}, expected one of {READABLE_VERSIONS}"
+                )
+            links = loads(data["links"])
+            adapters = loads(data.get("adapters", []))
             if not links:
                 raise ValueError("no links")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -106,7 +160,7 @@ class HeadRecord:
                 f"head record {where} is unreadable ({e}); delete it to restart the deployment "
                 "from its start snapshot"
             ) from e
-        return cls(links=links)
+        return cls(links=links, adapters=adapters)
 
 
 class HeadRecordFile:
