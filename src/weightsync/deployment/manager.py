@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
+import httpx
 from pydantic import ValidationError
 
 from weightsync.deployment.http import DeploymentHTTP, RetryPolicy, auth_headers
@@ -203,7 +204,10 @@ class DeploymentManager:
         request_timeout_s: float = 30.0,
         retry: RetryPolicy | None = None,
         stop_on_exit: bool = True,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
+        """`transport` carries the calls to deployments (hot-load, status, ledger, warmup:
+        httpx's seam, for tests); the manager's one pooled client is closed by `close()`."""
         self.api_key = api_key
         self.base_url = base_url.rstrip("/") if base_url else None
         self._inference_url = inference_url.rstrip("/") if inference_url else None
@@ -216,6 +220,7 @@ class DeploymentManager:
             verify_ssl=True if verify_ssl is None else verify_ssl,
             timeout_s=request_timeout_s,
             retry=retry,
+            transport=transport,
         )
         # API keys of deployments this manager spawned, when the manager has none itself.
         self._deployment_keys: dict[str, str] = {}

@@ -5,6 +5,10 @@ as token ids to `/v1/completions`, so the tokens the trainer scores are exactly
 the tokens the deployment saw. Without one, messages go to
 `/v1/chat/completions` and the deployment's tokenizer renders them. Every
 result names the snapshot identity that produced it.
+
+Connections are reused: a sampler holds one pooled HTTP client for its synchronous
+calls and, since an httpx async pool belongs to the event loop that opened it, one
+per event loop for its async calls (see `DeploymentSampler`).
 """
 
 from __future__ import annotations
@@ -12,9 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
+import httpx
 from pydantic import ValidationError
 
 from weightsync.deployment.http import (
@@ -77,7 +85,15 @@ class SampledCompletion:
 
 
 class DeploymentSampler:
-    """Samples completions (tokens, logprobs, snapshot identity) from one deployment."""
+    """Samples completions (tokens, logprobs, snapshot identity) from one deployment.
+
+    Lifetime of its connections: `sample` uses one pooled client, opened on first use
+    and kept until `close()`. The async methods use one pooled client per event loop,
+    kept while that loop lives: `await aclose()` (or `async with sampler`) closes it
+    inside the loop; `sample_batch` closes the one of the loop it runs. `with sampler`
+    closes the synchronous pool on exit. `transport=` / `async_transport=` replace the
+    network (httpx's seam: a recording or fault-injecting transport in tests).
+    """
 
     def __init__(  # noqa: PLR0917  (the SDK's positional order)
         self,
@@ -92,6 +108,8 @@ class DeploymentSampler:
         verify_ssl: bool = True,
         timeout_s: float = 120.0,
         retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+        async_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if concurrency_controller is not None or max_concurrency is not None:
             raise UnsupportedOperationError(
@@ -106,6 +124,83 @@ class DeploymentSampler:
         self._verify_ssl = verify_ssl
         self._timeout_s = timeout_s
         self._retry = retry or RetryPolicy()
+        self._transport = transport
+        self._async_transport = async_transport
+        self._lock = threading.Lock()
+        self._http: DeploymentHTTP | None = None
+        # One async pool per event loop (an entry goes when its loop is collected).
+        self._async_http: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, AsyncDeploymentHTTP
+        ] = weakref.WeakKeyDictionary()
+
+    # --- connections ----------------------------------------------------------
+
+    def _sync_client(self) -> DeploymentHTTP:
+        with self._lock:
+            if self._http is None:
+                self._http = DeploymentHTTP(
+                    headers=self._headers,
+                    verify_ssl=self._verify_ssl,
+                    timeout_s=self._timeout_s,
+                    retry=self._retry,
+                    transport=self._transport,
+                )
+            return self._http
+
+    def _async_client(self) -> AsyncDeploymentHTTP:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            client = self._async_http.get(loop)
+            if client is None:
+                client = AsyncDeploymentHTTP(
+                    headers=self._headers,
+                    verify_ssl=self._verify_ssl,
+                    timeout_s=self._timeout_s,
+                    retry=self._retry,
+                    transport=self._async_transport,
+                )
+                self._async_http[loop] = client
+            return client
+
+    def close(self) -> None:
+        """Close the synchronous pool (a later `sample` opens a new one)."""
+        with self._lock:
+            http, self._http = self._http, None
+        if http is not None:
+            http.close()
+
+    async def aclose(self) -> None:
+        """Close the running event loop's async pool, and the synchronous pool."""
+        await self._close_loop_pool()
+        self.close()
+
+    async def _close_loop_pool(self) -> None:
+        with self._lock:
+            client = self._async_http.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
     # --- request building ----------------------------------------------------
 
@@ -193,16 +288,7 @@ class DeploymentSampler:
         path, body, prompt_ids = request
         if _too_long(prompt_ids, max_seq_len):
             return []
-        client = AsyncDeploymentHTTP(
-            headers=self._headers,
-            verify_ssl=self._verify_ssl,
-            timeout_s=self._timeout_s,
-            retry=self._retry,
-        )
-        try:
-            response = await client.post_json(self.inference_url + path, body)
-        finally:
-            await client.aclose()
+        response = await self._async_client().post_json(self.inference_url + path, body)
         return self._parse(
             response, prompt_ids, chat=path == CHAT_COMPLETIONS_PATH, logprobs=logprobs
         )
@@ -261,16 +347,7 @@ class DeploymentSampler:
         )
         if _too_long(prompt_ids, max_seq_len):
             return []
-        client = DeploymentHTTP(
-            headers=self._headers,
-            verify_ssl=self._verify_ssl,
-            timeout_s=self._timeout_s,
-            retry=self._retry,
-        )
-        try:
-            response = client.post_json(self.inference_url + path, body)
-        finally:
-            client.close()
+        response = self._sync_client().post_json(self.inference_url + path, body)
         return self._parse(
             response, prompt_ids, chat=path == CHAT_COMPLETIONS_PATH, logprobs=logprobs
         )
@@ -278,14 +355,18 @@ class DeploymentSampler:
     def sample_batch(
         self, prompts: list[list[Message]], **kwargs: Any
     ) -> list[list[SampledCompletion]]:
-        """Sample several prompts concurrently (one request each); results in prompt order."""
+        """Sample several prompts concurrently (one request each, over one pool, in a loop
+        of its own); results in prompt order."""
 
         async def run() -> list[list[SampledCompletion]]:
-            return list(
-                await asyncio.gather(
-                    *(self.sample_with_tokens(messages=p, **kwargs) for p in prompts)
+            try:
+                return list(
+                    await asyncio.gather(
+                        *(self.sample_with_tokens(messages=p, **kwargs) for p in prompts)
+                    )
                 )
-            )
+            finally:  # this loop ends here: its pool must close inside it
+                await self._close_loop_pool()
 
         return asyncio.run(run())
 
