@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from long_completion import LONG_MAX_TOKENS, LongCompletion
 
 ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed (pip install '.[ray]')")
 
@@ -388,6 +389,105 @@ def test_node_removed_leaves_the_rest_serving(
     assert complete(url) == d6
     ray_deployment.scale(len(survivors))
     assert {r["replica_id"] for r in status(url)} == survivors
+
+
+def adapter_answer(url: str, adapter: str) -> tuple[list[int], list[float]]:
+    """A greedy completion naming `adapter`: its token ids and logprobs (compared exactly)."""
+    answer = httpx.post(
+        f"{url}/v1/completions",
+        json={
+            "model": adapter, "prompt": "ab", "max_tokens": 4, "temperature": 0,
+            "logprobs": 1, "return_token_ids": True,
+        },
+        headers=HEADERS,
+        timeout=60.0,
+    )  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    (choice,) = answer.json()["choices"]
+    return list(choice["token_ids"]), list(choice["logprobs"]["token_logprobs"])
+
+
+def test_a_replica_added_later_serves_the_adapters_and_scaling_down_drains_it(
+    deployment: tuple[RayDeployment, str],
+    trainer: Trainer,
+    cluster: tuple[Cluster, Any],
+    tmp_path: Path,
+) -> None:
+    """A LoRA adapter hot-loaded into the deployment reaches a replica added later before it
+    takes traffic (its answers bit-identical to the others'); removing that replica while a
+    long streamed completion runs on it lets the completion finish whole."""
+    ray_deployment, url = deployment
+    cluster[0].add_node(**NODE_ARGS, num_cpus=2)  # room for one more replica
+    head = trainer.chain[-1]
+    before = {r["replica_id"] for r in status(url)}
+    wait_all_at(url, head, len(before))
+    lora = TrainingClient(
+        build_model("tiny", seed=0),
+        storage=trainer.client.storage.url,
+        lora_rank=4,
+        tokenizer_dir=build_tokenizer(tmp_path / "tok"),
+    )
+    with torch.no_grad():  # PEFT starts lora_B at zero: make the adapter change outputs
+        for name, p in lora.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    adapter = lora.save_weights_for_sampler_ext("adapter").snapshot_name
+    hot_load(url, trainer, adapter)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        entries = status(url)
+        if all([a["identity"] for a in r["loaded_adapters"]] == [adapter] for r in entries):
+            break
+        time.sleep(0.1)
+    assert all([a["identity"] for a in r["loaded_adapters"]] == [adapter] for r in entries)
+    record = ray_deployment.membership.head_file.load(start_identity="unused")
+    assert record.head == head and record.adapter_identities == [adapter]
+    expected = adapter_answer(entries[0]["url"], adapter)
+    assert expected != adapter_answer(entries[0]["url"], "tiny"), "the adapter changes nothing"
+    # Every answer naming the adapter, whichever replica gives it, is the adapter's.
+    answered: list[tuple[list[int], list[float]]] = []
+    failed: list[BaseException] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                answered.append(adapter_answer(url, adapter))
+            except (AssertionError, httpx.HTTPError) as e:
+                failed.append(e)
+                return
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        ray_deployment.scale(len(before) + 1)
+        wait_all_at(url, head, len(before) + 1, timeout_s=180)
+        (late,) = {r["replica_id"] for r in status(url)} - before
+        time.sleep(1.0)  # the late replica takes its share of the traffic
+    finally:
+        stop.set()
+        sender.join(60)
+    assert not failed, failed
+    assert answered and all(a == expected for a in answered), "an answer had other weights"
+    entry = next(r for r in status(url) if r["replica_id"] == late)
+    assert [a["identity"] for a in entry["loaded_adapters"]] == [adapter]
+    assert adapter_answer(entry["url"], adapter) == expected  # bit for bit
+    # One long completion per replica (round robin), the late one included; then scale it
+    # away: the newest admitted replica goes, drained.
+    completions = [LongCompletion(url, headers=HEADERS).start() for _ in range(len(before) + 1)]
+    metrics = httpx.get(f"{entry['url']}/metrics", headers=HEADERS, timeout=30.0).text
+    assert "weightsync_inference_running 1.0" in metrics, "no completion runs on the late one"
+    scale_started = time.monotonic()
+    cancelled = ray_deployment.scale(len(before))
+    assert cancelled == {late: 0}
+    for completion in completions:
+        completion.join()
+        assert completion.error is None, completion.error
+        assert completion.done and completion.finish_reasons == ["length"]
+        assert completion.tokens == LONG_MAX_TOKENS
+        assert completion.last_chunk_at > scale_started, "it ended before the scale-down"
+    assert {r["replica_id"] for r in status(url)} == before
+    assert adapter_answer(url, adapter) == expected
 
 
 def test_serve_with_ray_from_the_deployment_manager(

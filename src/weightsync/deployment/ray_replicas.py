@@ -7,7 +7,10 @@ The gateway stays where `weightsync serve --ray` runs: one address for the
 hot-load API and inference, the same wire contract, a status entry per replica.
 Its `ElasticMembership` admits a replica only once it serves the head recorded
 in the gateway's state dir (`head.json`), and catches up the ones that start
-late or that Ray restarts (`max_restarts`) by replaying the chain.
+late or that Ray restarts (`max_restarts`) by replaying the chain and loading the
+deployment's LoRA adapters. A replica scaled down is drained first: out of the
+gateway's view, its in-flight requests finish (for up to `drain_timeout_s`, then
+they are cancelled), then it stops.
 
 Ray is an optional dependency (the `ray` extra): this module imports it only
 when a deployment starts.
@@ -17,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI
 
@@ -33,12 +37,19 @@ from weightsync.server.head_record import HeadRecordFile
 from weightsync.snapshot import SnapshotStore
 from weightsync.storage import open_storage
 
+if TYPE_CHECKING:
+    from weightsync.server.replica import Replica
+    from weightsync.server.runner import ServerThread
+
 logger = logging.getLogger(__name__)
 
 PlacementStrategy = Literal["SPREAD", "PACK", "DEFAULT"]
 #: Seconds one endpoint query waits for all actors before reporting the slow ones missing.
 ENDPOINT_WAIT_S = 0.5
 HEAD_RECORD_FILE = "head.json"
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+#: Beyond the drain's own wait: the replica's shutdown (its load thread, engine, ledger).
+REPLICA_CLOSE_S = 30.0
 
 
 def import_ray() -> Any:
@@ -71,6 +82,9 @@ class RayPlacement:
     #: Environment the replicas get (storage credentials, endpoint), beside their node's.
     env_vars: dict[str, str] = field(default_factory=dict)
     namespace: str = "weightsync"
+    #: How long a replica being scaled down lets its in-flight requests finish before it
+    #: cancels them and stops.
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not self.address:
@@ -85,6 +99,8 @@ class RayPlacement:
             )
         if self.max_restarts < -1:
             raise InvalidInputError(f"max_restarts must be >= -1, got {self.max_restarts}")
+        if not self.drain_timeout_s >= 0:
+            raise InvalidInputError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
 
 
 class ReplicaActor:
@@ -107,8 +123,49 @@ class ReplicaActor:
     def endpoint(self) -> dict[str, str]:
         return {"url": self.url, "incarnation": self.incarnation, "node_id": self.node_id}
 
+    def drain(self, timeout_s: float) -> int:
+        """Stop the server gracefully; how many inference requests it had to cancel.
+
+        See `drain_server`: no new connection is accepted, in-flight requests run to
+        their end for up to `timeout_s`, what is left is cancelled, then it stops.
+        """
+        return drain_server(self.server, self.replica, timeout_s=timeout_s)
+
     def stop(self) -> None:
         self.server.stop()
+
+
+def in_flight(replica: Replica) -> int:
+    """Inference requests `replica` has admitted and not finished (running or queued)."""
+    registry = replica.metrics.registry
+    running = registry.get_sample_value("weightsync_inference_running") or 0.0
+    queued = registry.get_sample_value("weightsync_inference_queued") or 0.0
+    return int(running + queued)
+
+
+def drain_server(server: ServerThread, replica: Replica, *, timeout_s: float) -> int:
+    """Shut `server` (serving `replica`) down gracefully; the requests it had to cancel.
+
+    Uvicorn's graceful shutdown: it stops accepting connections, closes idle ones and
+    lets open requests (a streamed completion too) run to their end, for up to
+    `timeout_s` (whole seconds, rounded up); then it cancels what is left and runs the
+    app's shutdown. The caller takes the replica out of every client's view first.
+    """
+    grace_s = math.ceil(timeout_s)
+    server.server.config.timeout_graceful_shutdown = grace_s
+    deadline = time.monotonic() + grace_s
+    server.server.should_exit = True
+    left = in_flight(replica)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = in_flight(replica)
+    if left:
+        logger.warning(
+            "%s: %d inference requests still running after the %ds drain; cancelling them",
+            replica.config.replica_id, left, grace_s,
+        )  # fmt: skip
+    server.stop(timeout_s=grace_s + REPLICA_CLOSE_S)
+    return left
 
 
 @dataclass(kw_only=True)
@@ -181,6 +238,22 @@ class RayReplicaSet:
         """Stop a detached replica for good (Ray does not restart it)."""
         self._ray.kill(handle.actor, no_restart=True)
         logger.info("stopped %s", handle.replica_id)
+
+    def drain(self, handles: list[Any]) -> dict[str, int | None]:
+        """Drain detached replicas at once (see `ReplicaActor.drain`): for each, the requests
+        it cancelled, or None where it did not answer (gone, or hung past the bound)."""
+        timeout_s = self.placement.drain_timeout_s
+        refs = {h.replica_id: h.actor.drain.remote(timeout_s) for h in handles}
+        bound_s = math.ceil(timeout_s) + REPLICA_CLOSE_S + ENDPOINT_WAIT_S
+        self._ray.wait(list(refs.values()), num_returns=len(refs), timeout=bound_s)
+        cancelled: dict[str, int | None] = {}
+        for replica_id, ref in refs.items():
+            try:
+                cancelled[replica_id] = int(self._ray.get(ref, timeout=0))
+            except (self._ray.exceptions.RayError, TimeoutError) as e:
+                logger.warning("%s did not drain (%s); stopping it", replica_id, e)
+                cancelled[replica_id] = None
+        return cancelled
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -277,6 +350,7 @@ class RayDeployment:
             api_key=api_key,
             poll_interval_s=poll_interval_s,
             is_adapter=self._is_adapter,
+            max_adapters=template.max_adapters,
         )
         self._store: SnapshotStore | None = None
         self.app: FastAPI = create_gateway_app(
@@ -302,21 +376,32 @@ class RayDeployment:
             self.stop()
             raise
 
-    def scale(self, num_replicas: int) -> None:
-        """Add replicas (they start at the head and are admitted once they serve it) or stop
-        some: missing ones first, then those catching up, then the newest admitted ones
-        (each withdrawn from traffic before it stops)."""
+    def scale(self, num_replicas: int) -> dict[str, int | None]:
+        """Add replicas (they start at the head and are admitted once they serve it with the
+        deployment's adapters) or stop some: missing ones first, then those catching up,
+        then the newest admitted ones. Each is withdrawn from traffic, drained (its
+        in-flight requests finish, for up to `drain_timeout_s`, then are cancelled) and
+        stopped. Returns, per stopped replica, the requests its drain cancelled (None: it
+        was missing, or did not answer)."""
         if num_replicas < 0:
             raise InvalidInputError(f"replicas must be >= 0, got {num_replicas}")
         while len(self.replicas) < num_replicas:
             self.replicas.add(self.membership.record.head)
+        view = self.membership.view()
+        spare = [*view.missing, *view.catching_up, *reversed(view.admitted)]
+        handles = []
         while len(self.replicas) > num_replicas:
-            view = self.membership.view()
-            spare = [*view.missing, *view.catching_up, *reversed(view.admitted)]
-            handle = self.replicas.detach(spare[0] if spare else None) or self.replicas.detach()
-            # Out of the gateway's view before it stops: no new request reaches it.
+            handle = self.replicas.detach(spare.pop(0) if spare else None)
+            handles.append(handle or self.replicas.detach())
+        for handle in handles:
+            # Out of the gateway's view before it drains: no new request reaches it.
             self.membership.wait_until_absent(handle.replica_id, timeout_s=30.0)
+        missing = set(view.missing)
+        cancelled: dict[str, int | None] = {h.replica_id: None for h in handles}
+        cancelled.update(self.replicas.drain([h for h in handles if h.replica_id not in missing]))
+        for handle in handles:
             self.replicas.kill(handle)
+        return cancelled
 
     def stop(self) -> None:
         self.membership.stop()
