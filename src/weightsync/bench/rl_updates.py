@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from weightsync.errors import InvalidInputError
+from weightsync.snapshot.tied_weights import tied_duplicates
 
 # A scaled-down Qwen3-0.6B (Qwen3's 151936-token vocabulary, hidden 512, 12
 # layers): ~116M bf16 elements after tying, so a snapshot is a 100M+ element
@@ -39,18 +40,16 @@ def build_bench_model(*, seed: int = 0) -> Any:
 def sampler_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """bf16 copies of `model`'s weights as a sampler would receive them.
 
-    Tied duplicates (e.g. `lm_head.weight` sharing the embedding's storage) are
-    dropped like `save_pretrained` does: the first name in state-dict order wins.
+    Tied duplicates are dropped as a snapshot drops them (`tied_duplicates`: the
+    first name in state-dict order wins).
     """
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().to(torch.bfloat16, copy=True).contiguous()
-    return out
+    state = model.state_dict()
+    tied = tied_duplicates(state.items(), what=f"benchmark model {type(model).__name__}")
+    return {
+        name: tensor.detach().to(torch.bfloat16, copy=True).contiguous()
+        for name, tensor in state.items()
+        if name not in tied
+    }
 
 
 def rl_snapshots(

@@ -57,3 +57,19 @@ def bits(t: torch.Tensor) -> np.ndarray:
 
 def uint_dtype(t: torch.Tensor) -> np.dtype:
     return np.dtype(_UINT_NP[t.element_size()])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` and `b` have the same dtype and shape and hold the same bits.
+
+    Compared as raw bytes (NaN payloads, ±0 told apart), on any device and dtype.
+    """
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.device != b.device:
+        b = b.to(a.device)
+    return bool(torch.equal(_byte_view(a), _byte_view(b)))
+
+
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)

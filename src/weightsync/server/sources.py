@@ -1,13 +1,15 @@
 """Where a replica's weights come from: a Hugging Face model directory, or snapshots, verified.
 
 Only safetensors and JSON are read (never pickle), floating tensors are cast
-to bf16 like every snapshot, and a tied `lm_head.weight` duplicate is dropped,
-so a model directory yields exactly the tensors a base snapshot of it holds.
+to bf16 like every snapshot, and a tied duplicate (e.g. `lm_head.weight` of a
+model with tied embeddings) is dropped by the rule a snapshot's export uses, so
+a model directory yields exactly the tensors a base snapshot of it holds.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -30,11 +32,12 @@ from weightsync.server.load_report import LoadReport
 from weightsync.server.tokenizer import TextTokenizer, load_tokenizer
 from weightsync.snapshot import Manifest, SnapshotStore
 from weightsync.snapshot.layout import TOKENIZER_MARKERS, is_tokenizer_file
+from weightsync.snapshot.tied_weights import tied_duplicates
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 FINGERPRINT_CHECKSUM = "xxh3_64"
-_TIED_HEAD = "lm_head.weight"
-_TIED_EMBEDDING = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,13 +78,36 @@ def read_model_dir(model_dir: Path, *, dtype: torch.dtype = torch.bfloat16) -> M
         for name, raw in loaded.items():
             cast = raw.is_floating_point() and raw.dtype != dtype
             tensors[name] = (raw.to(dtype) if cast else raw).contiguous()
-    if config.get("tie_word_embeddings", False) and _TIED_EMBEDDING in tensors:
-        tensors.pop(_TIED_HEAD, None)
+    for duplicate, kept in _tied_in_model(config, what=f"model directory {model_dir}").items():
+        if kept in tensors:
+            tensors.pop(duplicate, None)
     return ModelWeights(
         config=config,
         tensors=tensors,
         tokenizer_dir=model_dir if has_tokenizer(model_dir) else None,
     )
+
+
+def _tied_in_model(config: Mapping[str, Any], *, what: str) -> dict[str, str]:
+    """The tied duplicates (dropped -> kept name) of the model `config` describes.
+
+    Files cannot share memory, so the model is built, without weights, on the meta
+    device and its ties found by storage (`tied_duplicates`). A config transformers
+    cannot build a causal LM from has no known ties: every tensor is kept.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    doc = dict(config)
+    model_type = doc.pop("model_type", None)
+    if not isinstance(model_type, str):
+        return {}
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **doc))
+    except (ValueError, TypeError, KeyError) as e:
+        logger.info("%s: no tied weights known (transformers cannot build it: %s)", what, e)
+        return {}
+    return tied_duplicates(model.state_dict(keep_vars=True).items(), what=what)
 
 
 #: Config keys that describe the file, not the model: they never change an output.

@@ -18,6 +18,7 @@ import torch
 
 from weightsync.codec.bits import DTYPE_NAMES, SUPPORTED_DTYPES
 from weightsync.errors import InvalidInputError, UnsupportedDtypeError
+from weightsync.snapshot.tied_weights import tied_duplicates
 
 logger = logging.getLogger(__name__)
 
@@ -84,46 +85,20 @@ class ExportPlan:
         return list(self.sources)
 
 
-# A storage by its device and base address.
-_StorageKey = tuple[str, int]
-
-
 def plan_export(named_tensors: Iterable[tuple[str, torch.Tensor]], *, what: str) -> ExportPlan:
-    """Remove tied duplicates (keeping the first name) and refuse what cannot be exported.
+    """Remove tied duplicates (`tied_duplicates`: the first name is kept) and refuse what
+    cannot be exported.
 
     `what` names the model in messages. Raises `UnsupportedDtypeError` for a tensor
     that is not floating point (e.g. an integer buffer) and `InvalidInputError` for a
     tensor without data (meta device), a sparse tensor, or two tensors that partly
     overlap in memory (they cannot be stored as separate weights nor as one).
     """
-    sources: dict[str, torch.Tensor] = {}
-    dropped: dict[str, str] = {}
-    # (storage, offset, dtype, shape, stride) -> kept name; identical views are ties.
-    views: dict[tuple[_StorageKey, int, torch.dtype, tuple[int, ...], tuple[int, ...]], str] = {}
-    # storage -> names using it, to catch partial overlaps.
-    storages: dict[_StorageKey, list[str]] = {}
-    for name, tensor in named_tensors:
+    named = list(named_tensors)
+    for name, tensor in named:
         _check_exportable(name, tensor, what=what)
-        if tensor.numel() == 0:  # holds no memory, so it can alias nothing
-            sources[name] = tensor
-            continue
-        offset = int(tensor.storage_offset())
-        # The storage's base address, without materializing a storage object per tensor.
-        ptr = (str(tensor.device), tensor.data_ptr() - offset * tensor.element_size())
-        key = (ptr, offset, tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
-        if key in views:
-            dropped[name] = views[key]
-            continue
-        for other in storages.get(ptr, []):
-            if _overlaps(sources[other], tensor):
-                raise InvalidInputError(
-                    f"{what}: tensors {other!r} and {name!r} share memory but are different "
-                    "views of it, so they can be exported neither as one tied weight nor as "
-                    "two; make them separate parameters (e.g. `.clone()`) or tie them fully"
-                )
-        views[key] = name
-        storages.setdefault(ptr, []).append(name)
-        sources[name] = tensor
+    dropped = tied_duplicates(named, what=what)
+    sources = {name: tensor for name, tensor in named if name not in dropped}
     if not sources:
         raise InvalidInputError(f"{what} has no tensors in its state dict; nothing to export")
     if dropped:
@@ -152,21 +127,6 @@ def _check_exportable(name: str, tensor: torch.Tensor, *, what: str) -> None:
             "sampler weights; register it as a non-persistent buffer "
             "(`register_buffer(..., persistent=False)`) or drop it from the state dict"
         )
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a_start = a.data_ptr()
-    b_start = b.data_ptr()
-    a_end = a_start + _span_bytes(a)
-    b_end = b_start + _span_bytes(b)
-    return a_start < b_end and b_start < a_end
-
-
-def _span_bytes(t: torch.Tensor) -> int:
-    if t.numel() == 0:
-        return 0
-    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
-    return (last + 1) * t.element_size()
 
 
 class ExportBuffers:

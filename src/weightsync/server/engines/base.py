@@ -94,6 +94,50 @@ def check_generate_request(
         raise InvalidInputError(f"logprobs must be >= 0 or None, got {request.logprobs}")
 
 
+#: Config keys that differ between saves of the same model and change nothing an engine
+#: builds from the config. `architectures` is not one of them: it names the model class.
+CONFIG_KEYS_IGNORED = frozenset({"transformers_version", "_name_or_path"})
+
+
+def same_model(
+    served_config: Mapping[str, Any],
+    served: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+) -> bool:
+    """Whether a base (`config`, `tensors`) is the model an engine holds (`served_config`,
+    `served`), so it can be copied in place: the same config but for `CONFIG_KEYS_IGNORED`,
+    the same tensor names, shapes and dtypes. Every engine decides in-place or rebuild by it.
+    """
+
+    def clean(c: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in c.items() if k not in CONFIG_KEYS_IGNORED}
+
+    if clean(served_config) != clean(config) or set(served) != set(tensors):
+        return False
+    return all(
+        tuple(t.shape) == tuple(tensors[n].shape) and t.dtype == tensors[n].dtype
+        for n, t in served.items()
+    )
+
+
+def model_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype most of a base's elements are stored in (what the model computes in).
+
+    Raises `InvalidInputError` for a base without floating-point tensors (no model weights).
+    """
+    sizes: dict[torch.dtype, int] = {}
+    for t in tensors.values():
+        if t.is_floating_point():
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+    if not sizes:
+        raise InvalidInputError(
+            "the base has no floating-point tensors, so it holds no model weights; "
+            "save the model's own weights (e.g. save_pretrained's safetensors)"
+        )
+    return max(sizes, key=lambda d: sizes[d])
+
+
 #: Held around each decoding step; yields the snapshot identity serving that step.
 #: The replica uses it to pause generation at a token boundary during a swap.
 StepGuard = Callable[[], AbstractContextManager[str]]
@@ -105,7 +149,13 @@ TokenCallback = Callable[[GenerateResult], bool]
 
 
 class Engine(ABC):
-    """A model runtime held by one replica."""
+    """A model runtime held by one replica.
+
+    What every engine shares lives here, once: the request checks
+    (`check_generate_request`), the same-model rule that picks in-place or rebuild
+    for a base (`same_model`), the dtype a model computes in (`model_dtype`) and the
+    weights' checksums (`weights_checksums`).
+    """
 
     name: ClassVar[str]
     #: Whether `generate` honours `GenerateRequest.prompt_logprobs` (echo with logprobs).

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.initialization import no_init_weights
 
 from weightsync.codec import Patch
+from weightsync.codec.bits import same_bits
 from weightsync.errors import DeploymentError, InvalidInputError, UnsupportedDtypeError
 from weightsync.server.engines.base import (
     CacheScope,
@@ -38,6 +38,8 @@ from weightsync.server.engines.base import (
     StepGuard,
     TokenCallback,
     check_generate_request,
+    model_dtype,
+    same_model,
 )
 from weightsync.server.engines.prefix_cache import LayerKV, PrefixCache
 from weightsync.server.engines.sampling import (
@@ -47,11 +49,12 @@ from weightsync.server.engines.sampling import (
     token_logprobs,
 )
 from weightsync.server.engines.torch_adapters import LoraAdapters
+from weightsync.snapshot.tied_weights import tied_duplicates
 
 logger = logging.getLogger(__name__)
 
-#: Config keys that describe the file, not the model (ignored when comparing configs).
-_VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "architectures"})
+#: How the model built from a snapshot's config is named in messages.
+_BUILT = "the model built from the snapshot config"
 
 
 @dataclass(eq=False)
@@ -61,7 +64,6 @@ class _Loaded:
     model: Any  # a transformers PreTrainedModel
     config: dict[str, Any]
     weights: dict[str, torch.Tensor]  # snapshot name -> live tensor
-    specs: dict[str, tuple[tuple[int, ...], torch.dtype]]
     eos_token_ids: frozenset[int]
     vocab_size: int
     max_positions: int | None
@@ -119,7 +121,7 @@ class TorchEngine(Engine):
         config = dict(config)
         tokenizer = self._load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
         current = self._loaded
-        if current is not None and self._same_model(current, config, tensors):
+        if current is not None and same_model(current.config, current.weights, config, tensors):
             with self._step_lock:
                 for name, target in current.weights.items():
                     target.copy_(tensors[name])
@@ -377,15 +379,6 @@ class TorchEngine(Engine):
         return loaded
 
     @staticmethod
-    def _same_model(
-        loaded: _Loaded, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
-    ) -> bool:
-        specs = {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
-        return _comparable_config(config) == _comparable_config(loaded.config) and (
-            specs == loaded.specs
-        )
-
-    @staticmethod
     def _load_tokenizer(tokenizer_dir: Path) -> Any:
         try:
             return AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -403,7 +396,7 @@ def _build(config: dict[str, Any], tensors: Mapping[str, torch.Tensor], tokenize
         raise InvalidInputError("the model config has no 'model_type'; is it an HF config.json?")
     if not tensors:
         raise InvalidInputError("a base snapshot must hold tensors; got none")
-    dtype = _dominant_dtype(tensors)
+    dtype = model_dtype(tensors)
     fields = {k: v for k, v in config.items() if k != "model_type"}
     try:
         hf_config = AutoConfig.for_model(model_type, **fields)
@@ -439,7 +432,6 @@ def _build(config: dict[str, Any], tensors: Mapping[str, torch.Tensor], tokenize
         model=model,
         config=dict(config),
         weights=weights,
-        specs={n: (tuple(t.shape), t.dtype) for n, t in weights.items()},
         eos_token_ids=frozenset(eos),
         vocab_size=int(hf_config.vocab_size),
         max_positions=getattr(hf_config, "max_position_embeddings", None),
@@ -449,17 +441,10 @@ def _build(config: dict[str, Any], tensors: Mapping[str, torch.Tensor], tokenize
 
 
 def _snapshot_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State-dict names -> live tensors, dropping names that alias an earlier tensor (tied)."""
-    live = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
-    weights: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name in model.state_dict(keep_vars=True):
-        tensor = live[name]
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        weights[name] = tensor.data
-    return weights
+    """State-dict names -> live tensors, tied duplicates dropped (the snapshot's names)."""
+    state = model.state_dict(keep_vars=True)
+    tied = tied_duplicates(state.items(), what=_BUILT)
+    return {name: tensor.data for name, tensor in state.items() if name not in tied}
 
 
 def _load_strict(
@@ -468,13 +453,13 @@ def _load_strict(
     missing = sorted(set(weights) - set(tensors))
     unexpected = sorted(set(tensors) - set(weights))
     # A snapshot may carry a tied duplicate after all; accept it only if it is the same bits.
-    tied = _tied_aliases(model)
+    tied = tied_duplicates(model.state_dict(keep_vars=True).items(), what=_BUILT)
     for name in list(unexpected):
         canonical = tied.get(name)
         if (
             canonical is not None
             and canonical in tensors
-            and _same_bits(tensors[name], tensors[canonical])
+            and same_bits(tensors[name], tensors[canonical])
         ):
             unexpected.remove(name)
     if missing or unexpected:
@@ -501,17 +486,6 @@ def _load_strict(
             weights[name] = _find_data(model, name)
 
 
-def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
-    """Alias name -> canonical name, for state-dict names sharing one tensor."""
-    first: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        canonical = first.setdefault(id(tensor), name)
-        if canonical != name:
-            aliases[name] = canonical
-    return aliases
-
-
 def _replace_data(model: torch.nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.data.data_ptr() == old.data_ptr():
@@ -521,24 +495,6 @@ def _replace_data(model: torch.nn.Module, old: torch.Tensor, new: torch.Tensor) 
 def _find_data(model: torch.nn.Module, name: str) -> torch.Tensor:
     tensor: torch.Tensor = model.state_dict(keep_vars=True)[name]
     return tensor.data
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    return bool(torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
-
-
-def _dominant_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
-    counts: Counter[torch.dtype] = Counter()
-    for tensor in tensors.values():
-        if tensor.is_floating_point():
-            counts[tensor.dtype] += tensor.numel()
-    return counts.most_common(1)[0][0] if counts else torch.float32
-
-
-def _comparable_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
 
 
 def _cache_layers(cache: DynamicCache) -> list[LayerKV]:

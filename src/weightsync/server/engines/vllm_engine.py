@@ -39,6 +39,7 @@ from safetensors.torch import save as save_safetensors
 from safetensors.torch import save_file
 
 from weightsync.codec import Patch, checksum_tensor
+from weightsync.codec.bits import same_bits
 from weightsync.errors import DeploymentError, InvalidInputError, SnapshotCorruptError
 from weightsync.server.engines.base import (
     CacheScope,
@@ -48,13 +49,10 @@ from weightsync.server.engines.base import (
     StepGuard,
     TokenCallback,
     check_generate_request,
-)
-from weightsync.server.engines.vllm_layout import (
-    layer_closure,
-    layer_groups,
     model_dtype,
     same_model,
 )
+from weightsync.server.engines.vllm_layout import layer_closure, layer_groups
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +133,6 @@ class VllmEngine(Engine):
         # Held around every call into vLLM (a step, adding/aborting a request, a push,
         # a cache reset): vLLM's engine is not thread-safe.
         self._engine_lock = threading.Lock()
-        #: Seconds of the last push into vLLM (for timings; set by apply_patches/load_base).
-        self.last_push_s = 0.0
 
     # --- loading ----------------------------------------------------------------
 
@@ -296,7 +292,6 @@ class VllmEngine(Engine):
         import time
 
         if not names:
-            self.last_push_s = 0.0
             return
         started = time.perf_counter()
         pairs = [(name, loaded.host[name]) for name in names]
@@ -306,21 +301,17 @@ class VllmEngine(Engine):
             pairs if loaded.in_process else save_safetensors(dict(pairs))
         )
         loaded.engine.collective_rpc("weightsync_reload", args=(payload,))
-        self.last_push_s = time.perf_counter() - started
+        push_s = time.perf_counter() - started
         if self.verify_read_back:
             readable = [n for n in names if n in loaded.readable]
             held = loaded.engine.collective_rpc("weightsync_read_back", args=(readable,))[0]
-            wrong = [
-                n
-                for n in readable
-                if n not in held or not torch.equal(_int_view(held[n]), _int_view(loaded.host[n]))
-            ]
+            wrong = [n for n in readable if n not in held or not same_bits(held[n], loaded.host[n])]
             if wrong:
                 raise SnapshotCorruptError(
                     f"vLLM holds different bits than were pushed for {', '.join(wrong[:5])}; "
                     "the push was undone — report this with the vLLM version"
                 )
-        logger.info("pushed %d tensors into vLLM in %.3fs", len(names), self.last_push_s)
+        logger.info("pushed %d tensors into vLLM in %.3fs", len(names), push_s)
 
     def _restore(self, loaded: _Loaded, names: list[str], cause: BaseException) -> None:
         """After a failed push, push the (restored) host tensors again, or report vLLM broken."""
@@ -478,11 +469,6 @@ class VllmEngine(Engine):
 
 
 # --- helpers ------------------------------------------------------------------------
-
-
-def _int_view(t: torch.Tensor) -> torch.Tensor:
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return t.contiguous().view(ints[t.element_size()])
 
 
 def _cached_block_count(engine: Any) -> int:

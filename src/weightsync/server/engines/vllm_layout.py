@@ -1,18 +1,10 @@
 """What both vLLM engines (`vllm`, vLLM's own server; `vllm-inprocess`) need to know of vLLM's
-weight layout: which checkpoint tensors load into one fused layer, when a base is the model
-already loaded, and the dtype vLLM computes in."""
+weight layout: which checkpoint tensors load into one fused layer, so a push carries whole
+layers. (The same-model rule and the model dtype are every engine's: `engines/base.py`.)"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
-
-import torch
-
-from weightsync.errors import InvalidInputError
-
-#: Config keys that differ between saves of the same model and change no output.
-CONFIG_KEYS_IGNORED = frozenset({"transformers_version", "_name_or_path"})
 
 
 def layer_groups(
@@ -43,34 +35,3 @@ def layer_closure(groups: Mapping[str, tuple[str, ...]], changed: Iterable[str])
     for name in changed:
         names.update(groups[name])
     return sorted(names)
-
-
-def same_model(
-    served_config: Mapping[str, Any],
-    served: Mapping[str, torch.Tensor],
-    config: Mapping[str, Any],
-    tensors: Mapping[str, torch.Tensor],
-) -> bool:
-    """Whether a base (`config`, `tensors`) is the model already loaded: same config but for
-    `CONFIG_KEYS_IGNORED`, same tensor names, shapes and dtypes."""
-
-    def clean(c: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in c.items() if k not in CONFIG_KEYS_IGNORED}
-
-    if clean(served_config) != clean(config) or set(served) != set(tensors):
-        return False
-    return all(
-        tuple(t.shape) == tuple(tensors[n].shape) and t.dtype == tensors[n].dtype
-        for n, t in served.items()
-    )
-
-
-def model_dtype(host: Mapping[str, torch.Tensor]) -> torch.dtype:
-    """The floating dtype most of the weights are stored in (what vLLM computes in)."""
-    sizes: dict[torch.dtype, int] = {}
-    for t in host.values():
-        if t.is_floating_point():
-            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
-    if not sizes:
-        raise InvalidInputError("the base has no floating-point tensors")
-    return max(sizes, key=lambda d: sizes[d])

@@ -60,13 +60,10 @@ from weightsync.server.engines.base import (
     StepGuard,
     TokenCallback,
     check_generate_request,
-)
-from weightsync.server.engines.vllm_layout import (
-    layer_closure,
-    layer_groups,
     model_dtype,
     same_model,
 )
+from weightsync.server.engines.vllm_layout import layer_closure, layer_groups
 from weightsync.server.engines.vllm_middleware import CONTROL_PATH, PARENT_ENV, TOKEN_ENV
 
 logger = logging.getLogger(__name__)
