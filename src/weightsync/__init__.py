@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from weightsync.errors import (
     ChainError,
+    ChecksumMismatchError,
     DeploymentConflictError,
     DeploymentError,
     DeploymentHTTPError,
@@ -68,6 +69,7 @@ __all__ = [
     "DEFAULT_CHECKSUM",
     "DEFAULT_CODEC",
     "ChainError",
+    "ChecksumMismatchError",
     "DeploymentConfig",
     "DeploymentConflictError",
     "DeploymentError",

@@ -46,6 +46,10 @@ class SnapshotCorruptError(WeightSyncError, ValueError):
     """A snapshot's bytes do not match its manifest (checksum, size, or format)."""
 
 
+class ChecksumMismatchError(SnapshotCorruptError):
+    """Bytes or weights do not hash to the checksum their manifest records."""
+
+
 class ChainError(WeightSyncError, ValueError):
     """A delta cannot be applied: its parent is missing, different, or incompatible."""
 

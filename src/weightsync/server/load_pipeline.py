@@ -48,6 +48,7 @@ from typing import Any
 from weightsync.codec import Patch, checksum_tensor
 from weightsync.codec.bits import bits
 from weightsync.errors import (
+    ChecksumMismatchError,
     DeploymentError,
     HotloadRefusedError,
     HotloadTimeoutError,
@@ -295,6 +296,7 @@ class LoadPipeline:
         )
         started = time.perf_counter()
         error: str | None = None
+        failure: Exception | None = None
         kept: list[str] | None = None
         try:
             if manifest.kind == "lora":
@@ -303,16 +305,16 @@ class LoadPipeline:
                 self._load_weights(store, manifest, policy, report)
             report.result = "ok"
         except WeightSyncError as e:
-            error = str(e)
+            error, failure = str(e), e
             logger.error("hot-load of %s failed: %s", manifest.identity, e)
         except Exception as e:  # a bug: keep serving, report it, log the traceback
-            error = f"internal error while loading {manifest.identity!r}: {e!r}"
+            error, failure = f"internal error while loading {manifest.identity!r}: {e!r}", e
             logger.exception("hot-load of %s failed with an unexpected error", manifest.identity)
         report.error = error
         report.total_s = time.perf_counter() - started
         report.finished_at = utc_now()
         try:
-            self._finish(manifest, report, kept)
+            self._finish(manifest, report, kept, failure)
         except Exception as e:  # never a dead loader with a stuck stage
             logger.exception("finishing the hot-load of %s failed", manifest.identity)
             with self._state:
@@ -321,12 +323,19 @@ class LoadPipeline:
                 self._progress = None
                 self._publish_locked()
 
-    def _finish(self, manifest: Manifest, report: LoadReport, kept: list[str] | None) -> None:
+    def _finish(
+        self,
+        manifest: Manifest,
+        report: LoadReport,
+        kept: list[str] | None,
+        failure: Exception | None,
+    ) -> None:
+        """Record the load (ledger, metrics, status); `failure` is what ended it, if it failed."""
         written = self._write(LedgerEntry(load=report), adapters=kept)
         m = self.metrics
         m.loads.labels(kind=manifest.kind, result=report.result).inc()
         m.bytes_fetched.inc(report.bytes_fetched)
-        if report.error is not None and "checksum" in report.error:
+        if isinstance(failure, ChecksumMismatchError):
             m.verify_failures.inc()
         for stage in ("fetch", "decode", "verify", "check", "total"):
             m.stage_seconds.labels(stage=stage).observe(getattr(report, f"{stage}_s"))
@@ -515,7 +524,10 @@ class LoadPipeline:
                 f"({', '.join(mismatched[:5])})"
             )
             self._restore(previous, what)
-            raise SnapshotCorruptError(
+            # A mismatch with the manifest is a verify failure (its own metric); a failed
+            # apply is the engine's.
+            failed = SnapshotCorruptError if applied is not None else ChecksumMismatchError
+            raise failed(
                 f"{what}; the previous weights ({previous.identity if previous else None!r}) "
                 "were read again and are served — the engine's apply is faulty, report it"
             )

@@ -12,7 +12,7 @@ import torch
 from weightsync.codec import Patch, checksum_bytes, checksum_tensor
 from weightsync.codec.bits import bits, dtype_name
 from weightsync.codec.checksums import checksum_hasher
-from weightsync.errors import SnapshotCorruptError, UnsupportedDtypeError
+from weightsync.errors import ChecksumMismatchError, SnapshotCorruptError, UnsupportedDtypeError
 from weightsync.snapshot.manifest import Manifest, TensorEntry
 
 
@@ -49,7 +49,7 @@ def verify_file(manifest: Manifest, name: str, data: bytes) -> None:
         )
     actual = checksum_bytes(manifest.checksum_format, data)
     if actual != entry.checksum:
-        raise SnapshotCorruptError(
+        raise ChecksumMismatchError(
             f"{where} fails its {manifest.checksum_format} checksum ({actual} != "
             f"{entry.checksum}); its bytes are corrupt, re-save the snapshot"
         )
@@ -64,7 +64,7 @@ def verify_tensor(manifest: Manifest, name: str, tensor: torch.Tensor) -> None:
     _check_spec(where, entry, tensor)
     actual = checksum_tensor(manifest.checksum_format, tensor)
     if actual != entry.checksum:
-        raise SnapshotCorruptError(
+        raise ChecksumMismatchError(
             f"{where} fails its {manifest.checksum_format} checksum ({actual} != "
             f"{entry.checksum}): the weights are not bit-identical to what was saved"
         )
@@ -126,7 +126,7 @@ def verify_patched_tensor(
             )
     actual = hasher.hexdigest()
     if actual != entry.checksum:
-        raise SnapshotCorruptError(
+        raise ChecksumMismatchError(
             f"{where} fails its {manifest.checksum_format} checksum ({actual} != "
             f"{entry.checksum}): the weights are not bit-identical to what was saved"
         )
