@@ -287,7 +287,7 @@ def test_weightsync_serve_flags_name_the_deployment(chain: Chain, tmp_path: Path
     """`weightsync serve --replicas 2 --deployment-id --account-id`: gateway and replicas agree."""
     ready = tmp_path / "ready.json"
     cmd = [
-        sys.executable, "-m", "weightsync.server", "serve",
+        sys.executable, "-m", "weightsync.cli", "serve",
         "--storage", str(chain.root), "--snapshot", BASE, "--replicas", "2",
         "--engine-threads", "1", "--state-dir", str(tmp_path / "state"),
         "--model-name", MODEL, "--deployment-id", DEPLOYMENT, "--account-id", ACCOUNT,

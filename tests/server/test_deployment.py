@@ -39,7 +39,7 @@ def test_two_replicas_behind_a_gateway(chain: Chain, tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "weightsync.server",
+        "weightsync.cli",
         "serve",
         "--storage",
         str(chain.root),
@@ -76,6 +76,14 @@ def test_two_replicas_behind_a_gateway(chain: Chain, tmp_path: Path) -> None:
         assert [r["replica_id"] for r in replicas] == ["replica-0", "replica-1"]
         children = psutil.Process(proc.pid).children()
         assert len(children) == 2
+        # Each replica is given its typed config as a file, never flags nor the API key.
+        for i, child in enumerate(sorted(children, key=lambda c: c.cmdline()[-1])):
+            launch_file = tmp_path / "state" / f"replica-{i}" / "launch.json"
+            assert child.cmdline()[1:] == ["-m", "weightsync.server", str(launch_file)]
+            launch = json.loads(launch_file.read_text())
+            assert launch["replica"]["replica_id"] == f"replica-{i}"
+            assert launch["replica"]["snapshot"] == BASE and launch["parent_pid"] == proc.pid
+            assert launch["replica"]["api_key"] is None and "gw-key" not in launch_file.read_text()
         for parent, identity in ((BASE, D1), (D1, D2)):
             r = client.post(
                 "/hot_load/v1/models/hot_load",

@@ -1,13 +1,15 @@
-"""`weightsync serve`: start a deployment (one replica, or a gateway over N replica processes)."""
+"""`weightsync serve`: start a deployment (one replica, or a gateway over N replica processes).
+
+The flags become one `ReplicaConfig` (`_replica_config`), served in this process,
+or the template of a gateway's replica processes (`server.replica_process`) or
+of Ray actors (`deployment.ray_replicas`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import signal
-import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,8 +22,6 @@ from weightsync.server.config import (
     DEFAULT_MAX_ADAPTERS,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MODEL_NAME,
-    ServedDeployment,
-    default_deployment_id,
     default_state_root,
 )
 from weightsync.server.fetch_policy import (
@@ -36,10 +36,12 @@ from weightsync.server.inference_admission import (
     DEFAULT_MAX_REQUEST_TOKENS,
     InferenceLimits,
 )
+from weightsync.server.stage_hooks import stall_hook_from_env
 
 if TYPE_CHECKING:
     from weightsync.deployment.ray_replicas import RayPlacement
     from weightsync.server.config import ReplicaConfig
+    from weightsync.server.logs import LogFormat
 
 logger = logging.getLogger("weightsync.serve")
 
@@ -51,18 +53,6 @@ def _default_state_dir(
     source = f"{storage}|{snapshot}|{model_dir.resolve() if model_dir else None}"
     digest = hashlib.sha256(source.encode()).hexdigest()[:10]
     return default_state_root() / f"{model_name}-{digest}"
-
-
-def _watch_parent(parent_pid: int) -> None:
-    """Stop this replica (gracefully) when the gateway that spawned it is gone."""
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
-        logger.warning("parent process %d is gone; shutting down", parent_pid)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 @app.command("serve")
@@ -165,25 +155,36 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
     log_format: Annotated[str, typer.Option(help="text | json")] = "text",
     replica_id: Annotated[str, typer.Option(hidden=True)] = "replica-0",
-    parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Serve a model and accept hot-loads of snapshots (see docs/server.md)."""
     from weightsync.server.logs import configure_logging
-    from weightsync.server.runner import LOOPBACK_HOSTS, bind_socket
-    from weightsync.server.runner import serve as run_server
+    from weightsync.server.runner import LOOPBACK_HOSTS
 
     if log_format not in ("text", "json"):
         raise typer.BadParameter("choose text or json", param_hint="--log-format")
-    configure_logging(
-        level=log_level,
-        fmt=log_format,  # type: ignore[arg-type]
-        replica_id=replica_id if parent_pid is not None else None,
-    )
+    configure_logging(level=log_level, fmt=log_format)  # type: ignore[arg-type]
     if host not in LOOPBACK_HOSTS and not api_key:
         logger.warning("binding %s without an API key: anyone who can reach it can hot-load", host)
     if state_dir is None:
         state_dir = _default_state_dir(storage, snapshot, model_dir, model_name)
     try:
+        # One replica's config: served here, the template of a pool's or a Ray deployment's
+        # replicas (each gets its own id and state dir there).
+        template = _replica_config(
+            storage=storage, snapshot=snapshot, model_dir=model_dir, snapshot_name=snapshot_name,
+            api_key=api_key, transition=transition, engine=engine, engine_threads=engine_threads,
+            vllm_args=list(vllm_arg or []), state_dir=state_dir / replica_id,
+            model_name=model_name, deployment_id=deployment_id, account_id=account_id,
+            max_body_bytes=max_body_bytes, replica_id=replica_id,
+            fetch=FetchPolicy(
+                attempts=fetch_attempts, backoff_s=fetch_backoff_s, timeout_s=fetch_timeout_s
+            ),
+            max_adapters=max_adapters,
+            inference=InferenceLimits(
+                workers=inference_workers, max_queued=max_queued_requests,
+                max_request_tokens=max_request_tokens,
+            ),
+        )  # fmt: skip
         if ray is not None:
             from weightsync.deployment.ray_replicas import RayPlacement
 
@@ -206,23 +207,7 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
                     env_vars={name: os.environ[name] for name in ray_env or ()},
                 ),
                 num_replicas=replicas,
-                template=_replica_config(
-                    storage=storage, snapshot=snapshot, model_dir=model_dir,
-                    snapshot_name=snapshot_name, api_key=api_key, transition=transition,
-                    engine=engine, engine_threads=engine_threads, vllm_args=list(vllm_arg or []),
-                    state_dir=state_dir,
-                    model_name=model_name, deployment_id=deployment_id, account_id=account_id,
-                    max_body_bytes=max_body_bytes, replica_id=replica_id,
-                    fetch=FetchPolicy(
-                        attempts=fetch_attempts, backoff_s=fetch_backoff_s,
-                        timeout_s=fetch_timeout_s,
-                    ),
-                    max_adapters=max_adapters,
-                    inference=InferenceLimits(
-                        workers=inference_workers, max_queued=max_queued_requests,
-                        max_request_tokens=max_request_tokens,
-                    ),
-                ),
+                template=template,
                 host=host,
                 port=port,
                 api_key=api_key,
@@ -232,103 +217,29 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
             )  # fmt: skip
             return
         if replicas == 1:
-            _serve_replica(
-                storage=storage,
-                snapshot=snapshot,
-                model_dir=model_dir,
-                snapshot_name=snapshot_name,
+            from weightsync.server.replica_process import ReplicaLaunch, serve_replica
+
+            launch = ReplicaLaunch(
+                replica=template,
                 host=host,
                 port=port,
-                api_key=api_key,
-                transition=transition,
-                engine=engine,
-                engine_threads=engine_threads,
-                vllm_args=list(vllm_arg or []),
-                state_dir=state_dir if parent_pid is not None else state_dir / replica_id,
-                model_name=model_name,
-                deployment_id=deployment_id,
-                account_id=account_id,
                 ready_file=ready_file,
-                max_body_bytes=max_body_bytes,
-                fetch=FetchPolicy(
-                    attempts=fetch_attempts, backoff_s=fetch_backoff_s, timeout_s=fetch_timeout_s
-                ),
                 log_level=log_level,
-                replica_id=replica_id,
-                parent_pid=parent_pid,
-                max_adapters=max_adapters,
-                inference=InferenceLimits(
-                    workers=inference_workers,
-                    max_queued=max_queued_requests,
-                    max_request_tokens=max_request_tokens,
-                ),
+                log_format=log_format,  # type: ignore[arg-type]
             )
+            # The fault-matrix tests' stall hook; the environment is read here, at the CLI edge.
+            serve_replica(launch, on_stage=stall_hook_from_env(os.environ))
             return
-        from weightsync.server.gateway import ReplicaPool, create_gateway_app
-
-        served = ServedDeployment(
-            account_id=account_id,
-            deployment_id=deployment_id or default_deployment_id(model_name),
-            model_name=model_name,
-            storage=storage,
+        _serve_gateway(
+            template=template,
+            num_replicas=replicas,
+            host=host,
+            port=port,
+            state_dir=state_dir,
+            ready_file=ready_file,
+            log_level=log_level,
+            log_format=log_format,  # type: ignore[arg-type]
         )
-        serve_args = [
-            "serve",
-            "--account-id",
-            served.account_id,
-            "--deployment-id",
-            served.deployment_id,
-            "--transition",
-            transition,
-            "--engine",
-            engine,
-            "--model-name",
-            model_name,
-            "--max-body-bytes",
-            str(max_body_bytes),
-            "--fetch-attempts",
-            str(fetch_attempts),
-            "--fetch-backoff-s",
-            str(fetch_backoff_s),
-            "--fetch-timeout-s",
-            str(fetch_timeout_s),
-            "--max-adapters",
-            str(max_adapters),
-            "--inference-workers",
-            str(inference_workers),
-            "--max-queued-requests",
-            str(max_queued_requests),
-            "--max-request-tokens",
-            str(max_request_tokens),
-            "--log-level",
-            log_level,
-            "--log-format",
-            log_format,
-        ]
-        for flag, value in (
-            ("--storage", storage),
-            ("--snapshot", snapshot),
-            ("--model-dir", model_dir),
-            ("--engine-threads", engine_threads),
-            ("--snapshot-name", snapshot_name),
-        ):
-            if value is not None:
-                serve_args += [flag, str(value)]
-        for value in vllm_arg or []:
-            serve_args.append(f"--vllm-arg={value}")
-        env = dict(os.environ)
-        env.pop("WEIGHTSYNC_API_KEY", None)
-        if api_key:
-            env["WEIGHTSYNC_API_KEY"] = api_key  # not on the command line: ps would show it
-        sock = bind_socket(host, port)
-        pool = ReplicaPool(
-            num_replicas=replicas, serve_args=serve_args, state_dir=state_dir, env=env
-        )
-        urls = pool.start()
-        gateway = create_gateway_app(
-            urls, api_key=api_key, max_body_bytes=max_body_bytes, pool=pool, served=served
-        )
-        run_server(gateway, sock, ready_file=ready_file, log_level=log_level)
     except WeightSyncError as e:
         logger.error("%s", e)
         raise typer.Exit(code=1) from e
@@ -351,51 +262,39 @@ def _engine_options(
     return {} if engine_threads is None else {"num_threads": engine_threads}
 
 
-def _serve_replica(
+def _serve_gateway(
     *,
-    storage: str | None,
-    snapshot: str | None,
-    model_dir: Path | None,
-    snapshot_name: str | None,
+    template: ReplicaConfig,
+    num_replicas: int,
     host: str,
     port: int,
-    api_key: str | None,
-    transition: str,
-    engine: str,
-    engine_threads: int | None,
-    vllm_args: list[str],
     state_dir: Path,
-    model_name: str,
-    deployment_id: str | None,
-    account_id: str,
     ready_file: Path | None,
-    max_body_bytes: int,
-    fetch: FetchPolicy,
     log_level: str,
-    replica_id: str,
-    parent_pid: int | None,
-    max_adapters: int,
-    inference: InferenceLimits,
+    log_format: LogFormat,
 ) -> None:
-    from weightsync.server.app import create_app
-    from weightsync.server.replica import Replica
+    """The gateway here, over `num_replicas` replica processes made from `template`."""
+    from weightsync.server.gateway import create_gateway_app
+    from weightsync.server.replica_process import ReplicaPool
     from weightsync.server.runner import bind_socket, serve
-    from weightsync.server.stage_hooks import stall_hook_from_env
 
-    config = _replica_config(
-        storage=storage, snapshot=snapshot, model_dir=model_dir, snapshot_name=snapshot_name,
-        api_key=api_key, transition=transition, engine=engine, engine_threads=engine_threads,
-        vllm_args=vllm_args, state_dir=state_dir, model_name=model_name,
-        deployment_id=deployment_id, account_id=account_id, max_body_bytes=max_body_bytes,
-        replica_id=replica_id, fetch=fetch, max_adapters=max_adapters, inference=inference,
-    )  # fmt: skip
-    sock = bind_socket(host, port)  # bind first: a taken port fails before the model loads
-    if parent_pid is not None:
-        _watch_parent(parent_pid)
-    # The fault-matrix tests' stall hook; the environment is read here, at the CLI edge.
-    replica = Replica(config, on_stage=stall_hook_from_env(os.environ))
-    replica.start()
-    serve(create_app(replica), sock, ready_file=ready_file, log_level=log_level)
+    sock = bind_socket(host, port)  # first: a taken port fails before any replica starts
+    pool = ReplicaPool(
+        num_replicas=num_replicas,
+        template=template,
+        state_dir=state_dir,
+        log_level=log_level,
+        log_format=log_format,
+    )
+    urls = pool.start()
+    gateway = create_gateway_app(
+        urls,
+        api_key=template.api_key,
+        max_body_bytes=template.max_body_bytes,
+        pool=pool,
+        served=template.served,
+    )
+    serve(gateway, sock, ready_file=ready_file, log_level=log_level)
 
 
 def _replica_config(

@@ -3,29 +3,27 @@
 A local deployment is one `weightsync serve` process group (its replicas and
 gateway are children of it). Each is recorded as a small JSON file under the
 registry directory, so `DeploymentManager.get`/`delete` work from another
-process than the one that spawned it. Processes are stopped by process group:
-SIGTERM first (graceful shutdown), SIGKILL if it does not exit in time.
+process than the one that spawned it. Starting, waiting and stopping follow the
+one rule of `server.processes`: stopped by process group, SIGTERM first (graceful
+shutdown), SIGKILL if it does not exit in time.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-import psutil
 
-from weightsync.errors import DeploymentError, HotloadTimeoutError, InvalidInputError
+from weightsync.errors import DeploymentError, InvalidInputError
 from weightsync.identity import validate_identity
+from weightsync.server.processes import API_KEY_ENV, ManagedProcess, ready_file_url
 from weightsync.wire import TRANSITIONS, Transition
 
 logger = logging.getLogger(__name__)
@@ -34,7 +32,8 @@ EngineName = Literal["torch", "vllm"]
 RayPlacementStrategy = Literal["SPREAD", "PACK", "DEFAULT"]
 DeploymentState = Literal["running", "stopped"]
 
-LOG_TAIL_CHARS = 4000
+#: Seconds a deployment gets to shut down gracefully before SIGKILL.
+STOP_TIMEOUT_S = 15.0
 
 
 def default_registry_dir() -> Path:
@@ -57,6 +56,8 @@ class DeploymentConfig:
     replicas: int = 1
     transition: Transition = "async"
     engine: EngineName = "torch"
+    #: The torch engine's device: "cpu", "cuda" or "auto" (`weightsync serve --device`).
+    device: str = "cpu"
     port: int = 0
     host: str = "127.0.0.1"
     api_key: str | None = None
@@ -120,6 +121,7 @@ class DeploymentConfig:
             "--port", str(self.port),
             "--transition", self.transition,
             "--engine", self.engine,
+            "--device", self.device,
             "--state-dir", str(state_dir),
             "--ready-file", str(ready_file),
             "--deployment-id", self.deployment_id,
@@ -195,18 +197,22 @@ class LocalRegistry:
         return sorted(p.parent.name for p in self.root.glob("*/deployment.json"))
 
 
+def _process(info: DeploymentInfo) -> ManagedProcess | None:
+    """The recorded `weightsync serve` process (its own process group), if one was recorded."""
+    if info.pid is None:
+        return None
+    return ManagedProcess.attach(
+        f"deployment {info.deployment_id!r}",
+        info.pid,
+        create_time=info.process_create_time,
+        log_file=Path(info.log_file) if info.log_file else None,
+    )
+
+
 def process_alive(info: DeploymentInfo) -> bool:
     """True when the recorded process still runs (and is the same process, not a reused pid)."""
-    if info.pid is None:
-        return False
-    try:
-        proc = psutil.Process(info.pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        created = proc.create_time()
-    except psutil.Error:
-        return False
-    return info.process_create_time is None or abs(created - info.process_create_time) < 1.0
+    process = _process(info)
+    return process is not None and process.alive()
 
 
 def spawn(config: DeploymentConfig, registry: LocalRegistry) -> DeploymentInfo:
@@ -219,46 +225,44 @@ def spawn(config: DeploymentConfig, registry: LocalRegistry) -> DeploymentInfo:
     ready_file.unlink(missing_ok=True)
     log_file = directory / "serve.log"
     env = dict(os.environ)
-    env.pop("WEIGHTSYNC_API_KEY", None)
+    env.pop(API_KEY_ENV, None)
     if config.api_key:
-        env["WEIGHTSYNC_API_KEY"] = config.api_key  # not on the command line, where ps shows it
+        env[API_KEY_ENV] = config.api_key  # not on the command line, where ps shows it
     command = [
         sys.executable,
         "-m",
         "weightsync.cli",
         *config.serve_args(state_dir=state_dir, ready_file=ready_file),
     ]
-    logger.info("deployment %s: starting %s", config.deployment_id, " ".join(command))
-    with log_file.open("ab") as log:
-        proc = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # its own process group, so stop() reaches every replica
-        )
+    # Its own process group, so stop() reaches every replica it starts.
+    process = ManagedProcess.start(
+        f"deployment {config.deployment_id!r}", command, env=env, log_file=log_file, own_group=True
+    )
     info = DeploymentInfo(
         deployment_id=config.deployment_id,
         url=None,
-        pid=proc.pid,
+        pid=process.pid,
         state="running",
         config=_config_record(config),
         state_dir=str(state_dir),
         log_file=str(log_file),
-        process_create_time=_create_time(proc.pid),
+        process_create_time=process.create_time,
     )
     registry.write(info)
     try:
-        info.url = _wait_until_serving(config, proc, ready_file, log_file)
+        info.url = process.wait_ready(
+            functools.partial(_serving_url, config, ready_file),
+            timeout_s=config.startup_timeout_s,
+            advice="raise DeploymentConfig.startup_timeout_s if the model is large",
+        )
     except BaseException:
-        stop(info)
+        process.stop(timeout_s=STOP_TIMEOUT_S)
         info.state = "stopped"
         info.pid = None
         registry.write(info)
         raise
     registry.write(info)
-    logger.info("deployment %s: serving at %s (pid %d)", config.deployment_id, info.url, proc.pid)
+    logger.info("deployment %s: serving at %s (pid %d)", config.deployment_id, info.url, info.pid)
     return info
 
 
@@ -269,87 +273,21 @@ def _config_record(config: DeploymentConfig) -> dict[str, Any]:
     return record
 
 
-def _create_time(pid: int) -> float | None:
-    try:
-        return float(psutil.Process(pid).create_time())
-    except psutil.Error:
+def _serving_url(config: DeploymentConfig, ready_file: Path) -> str | None:
+    """The URL the ready file names once it answers `/health`; None until then."""
+    url = ready_file_url(ready_file)
+    if url is None:
         return None
-
-
-def _wait_until_serving(
-    config: DeploymentConfig, proc: subprocess.Popen[bytes], ready_file: Path, log_file: Path
-) -> str:
-    deadline = time.monotonic() + config.startup_timeout_s
-    url: str | None = None
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    while time.monotonic() < deadline:
-        code = proc.poll()
-        if code is not None:
-            raise DeploymentError(
-                f"deployment {config.deployment_id!r}: `weightsync serve` exited with code {code} "
-                f"before it was ready. Its log ({log_file}) ends with:\n{log_tail(log_file)}"
-            )
-        if url is None and ready_file.exists():
-            with contextlib.suppress(ValueError, OSError):
-                url = str(json.loads(ready_file.read_text())["url"]).rstrip("/")
-        if url is not None:
-            try:
-                if httpx.get(f"{url}/health", headers=headers, timeout=5.0).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass  # not answering yet: keep polling until the deadline
-        time.sleep(0.1)
-    raise HotloadTimeoutError(
-        f"deployment {config.deployment_id!r} did not answer /health within "
-        f"{config.startup_timeout_s:.0f}s (raise DeploymentConfig.startup_timeout_s if the model "
-        f"is large). Its log ({log_file}) ends with:\n{log_tail(log_file)}"
-    )
-
-
-def log_tail(log_file: str | Path, num_chars: int = LOG_TAIL_CHARS) -> str:
     try:
-        text = Path(log_file).read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return text[-num_chars:]
+        if httpx.get(f"{url}/health", headers=headers, timeout=5.0).status_code == 200:
+            return url
+    except httpx.HTTPError:
+        pass  # not answering yet: the caller polls until its deadline
+    return None
 
 
-def stop(info: DeploymentInfo, *, timeout_s: float = 15.0) -> bool:
+def stop(info: DeploymentInfo, *, timeout_s: float = STOP_TIMEOUT_S) -> bool:
     """Stop the deployment's process group; return True if a running process was stopped."""
-    if not process_alive(info) or info.pid is None:
-        return False
-    pid = info.pid
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        return False
-    logger.info("deployment %s: stopping process group %d", info.deployment_id, pgid)
-    _signal_group(pgid, signal.SIGTERM)
-    if not _wait_exit(pid, timeout_s):
-        logger.warning(
-            "deployment %s: process %d ignored SIGTERM for %.0fs; killing it",
-            info.deployment_id,
-            pid,
-            timeout_s,
-        )
-        _signal_group(pgid, signal.SIGKILL)
-        _wait_exit(pid, 5.0)
-    # Children that outlived their parent (same group) get the same treatment.
-    _signal_group(pgid, signal.SIGKILL)
-    return True
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _wait_exit(pid: int, timeout_s: float) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        proc.wait(timeout=timeout_s)
-    except psutil.TimeoutExpired:
-        return False
-    except psutil.Error:
-        return True
-    return True
+    process = _process(info)
+    return process is not None and process.stop(timeout_s=timeout_s)

@@ -1,6 +1,9 @@
-"""`python -m weightsync.server serve ...`: how the gateway spawns replica processes."""
+"""`python -m weightsync.server LAUNCH_FILE`: one replica process, as a gateway starts it."""
 
-from weightsync.cli import main
+import os
+import sys
+
+from weightsync.server.replica_process import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:], os.environ))

@@ -1,9 +1,8 @@
 """A deployment of several replica processes behind one address.
 
-`ReplicaPool` spawns `N` replica processes (`python -m weightsync.server serve`,
-each on a free loopback port with its own state dir and a parent-death check)
-and stops them. The gateway app speaks the same HTTP API as a replica: it fans
-hot-loads, hints and ledger resets out to every replica (all must accept;
+A local gateway's replicas are processes of a `ReplicaPool` (`replica_process`),
+which the app stops on shutdown. The gateway app speaks the same HTTP API as a
+replica: it fans hot-loads, hints and ledger resets out to every replica (all must accept;
 per-replica results are returned), concatenates statuses and ledgers, and
 balances inference over the replicas (round robin; a request with an
 `x-multi-turn-session-id` sticks to one replica so its prompt cache is reused).
@@ -20,16 +19,9 @@ import contextlib
 import itertools
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -39,7 +31,6 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from weightsync import __version__
-from weightsync.errors import DeploymentError
 from weightsync.server.config import ServedDeployment
 from weightsync.server.control_plane import (
     ControlPlane,
@@ -50,6 +41,7 @@ from weightsync.server.http_errors import error_response, install_error_handlers
 from weightsync.server.membership import Member, Membership, StaticMembership
 from weightsync.server.metrics import CONTENT_TYPE_LATEST, HttpMetrics
 from weightsync.server.middleware import DeploymentMiddleware, GuardMiddleware, MetricsMiddleware
+from weightsync.server.replica_process import ReplicaPool
 from weightsync.wire import (
     API_KEY_HEADER,
     AUTHORIZATION_HEADER,
@@ -102,99 +94,6 @@ _FORWARDED_HEADERS = (
 )
 INFERENCE_TIMEOUT_S = 600.0
 CONTROL_TIMEOUT_S = 60.0
-
-
-@dataclass
-class ReplicaProcess:
-    replica_id: str
-    process: subprocess.Popen[bytes]
-    ready_file: Path
-    url: str | None = None
-
-
-class ReplicaPool:
-    """Starts and stops the replica processes of one deployment."""
-
-    def __init__(
-        self,
-        *,
-        num_replicas: int,
-        serve_args: Sequence[str],
-        state_dir: Path,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.num_replicas = num_replicas
-        self.serve_args = list(serve_args)
-        self.state_dir = Path(state_dir)
-        self.env = env
-        self.replicas: list[ReplicaProcess] = []
-
-    def start(self, timeout_s: float = 600.0) -> list[str]:
-        """Spawn every replica and wait until all answer; return their URLs."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(self.num_replicas):
-            replica_id = f"replica-{i}"
-            replica_dir = self.state_dir / replica_id
-            ready_file = replica_dir / "ready.json"
-            ready_file.unlink(missing_ok=True)
-            cmd = [
-                sys.executable,
-                "-m",
-                "weightsync.server",
-                *self.serve_args,
-                "--replicas",
-                "1",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--state-dir",
-                str(replica_dir),
-                "--replica-id",
-                replica_id,
-                "--ready-file",
-                str(ready_file),
-                "--parent-pid",
-                str(os.getpid()),
-            ]
-            process = subprocess.Popen(cmd, env=self.env)
-            self.replicas.append(ReplicaProcess(replica_id, process, ready_file))
-        deadline = time.monotonic() + timeout_s
-        try:
-            for r in self.replicas:
-                while not r.ready_file.exists():
-                    if r.process.poll() is not None:
-                        raise DeploymentError(
-                            f"{r.replica_id} exited with code {r.process.returncode} while "
-                            "starting; see its log above"
-                        )
-                    if time.monotonic() > deadline:
-                        raise DeploymentError(
-                            f"{r.replica_id} did not become ready within {timeout_s:.0f}s"
-                        )
-                    time.sleep(0.05)
-                r.url = json.loads(r.ready_file.read_text())["url"]
-        except BaseException:
-            self.stop()
-            raise
-        return [r.url for r in self.replicas if r.url]
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM every replica (graceful), SIGKILL what is left after `timeout_s`."""
-        for r in self.replicas:
-            if r.process.poll() is None:
-                r.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for r in self.replicas:
-            try:
-                r.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop in %.0fs; killing it", r.replica_id, timeout_s)
-                r.process.kill()
-                r.process.wait()
-
-    def alive(self) -> int:
-        return sum(1 for r in self.replicas if r.process.poll() is None)
 
 
 def _forward_headers(request: Request) -> dict[str, str]:

@@ -8,9 +8,7 @@ requests, run the app's lifespan shutdown.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -20,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from weightsync.errors import DeploymentError, InvalidInputError
+from weightsync.server.processes import write_ready_file
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +45,6 @@ def socket_url(sock: socket.socket) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}"
-
-
-def write_ready_file(path: Path, url: str) -> None:
-    """Atomically write `{"url", "pid"}` (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
-    tmp.replace(path)
 
 
 def _config(app: Any, log_level: str) -> uvicorn.Config:

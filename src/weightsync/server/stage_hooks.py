@@ -6,12 +6,12 @@ hot-load begins: `("fetching" | "decoding" | "verifying" | "swapping" |
 reported after the swap lock is released (the new weights are live, the ledger
 does not name them yet), so a hook never extends the serving pause.
 
-`WEIGHTSYNC_FAULT_STALL=<stage>:<seconds>` (read by `weightsync serve`, nowhere
-else) makes every hot-load of that process sleep when it reaches `<stage>`. It
-exists for the fault-matrix tests, which kill a replica process *during*
-decode or swap: those stages run in-process on bytes already fetched, so no
-storage seam outside the process can hold them. A stall only delays a load; it
-never changes what is loaded, verified or recorded.
+`WEIGHTSYNC_FAULT_STALL=<stage>:<seconds>` (read by `weightsync serve` and the
+replica processes it starts, nowhere else) makes every hot-load of that process
+sleep when it reaches `<stage>`. It exists for the fault-matrix tests, which
+kill a replica process *during* decode or swap: those stages run in-process on
+bytes already fetched, so no storage seam outside the process can hold them. A
+stall only delays a load; it never changes what is loaded, verified or recorded.
 """
 
 from __future__ import annotations
