@@ -32,6 +32,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -59,6 +60,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_POLL_INTERVAL_S = 0.2
 STATUS_TIMEOUT_S = 5.0
+#: Replicas polled (and sent catch-up loads) at once in a round: a hung one costs a round
+#: its status timeout once, not once per replica behind it.
+MAX_CONCURRENT_POLLS = 16
 #: Wait before resending a catch-up load that did not take (doubles up to the maximum).
 CATCH_UP_RETRY_S = 1.0
 CATCH_UP_RETRY_MAX_S = 30.0
@@ -134,7 +138,13 @@ class ElasticMembership:
         self._stop = threading.Event()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._client = httpx.Client(timeout=STATUS_TIMEOUT_S)
+        self._client = httpx.Client(
+            timeout=STATUS_TIMEOUT_S,
+            limits=httpx.Limits(max_connections=MAX_CONCURRENT_POLLS),
+        )
+        self._pool = ThreadPoolExecutor(
+            max_workers=MAX_CONCURRENT_POLLS, thread_name_prefix="membership-poll"
+        )
 
     # --- what the gateway asks ------------------------------------------------
 
@@ -197,6 +207,7 @@ class ElasticMembership:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30.0)
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
 
     def wait_until(self, *, num_admitted: int, timeout_s: float) -> DeploymentMembership:
@@ -236,12 +247,14 @@ class ElasticMembership:
     def reconcile(self) -> None:
         """One round: refresh endpoints and statuses, admit or withdraw, send catch-up loads."""
         endpoints = self.source.endpoints()
-        statuses = {e.replica_id: self._poll(e) for e in endpoints if e.url is not None}
+        reachable = [e for e in endpoints if e.url is not None]
+        polled = self._pool.map(self._poll, reachable)
+        statuses = {e.replica_id: status for e, status in zip(reachable, polled, strict=True)}
         with self._round_lock:
             self._refresh(endpoints, statuses)
             self._admit()
-            for tracked in self._tracked.values():
-                self._catch_up(tracked)
+            # Each call touches its own replica's entry only.
+            list(self._pool.map(self._catch_up, list(self._tracked.values())))
             self._publish()
 
     def _poll(self, endpoint: Endpoint) -> ReplicaStatus | str:
