@@ -18,18 +18,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Command modules, imported for their side effect of registering on `app`.
-# A module that is missing (not yet built) is skipped so the rest still works.
+# Command modules, imported for their side effect of registering on `app`; imported
+# only once `app` exists, since each imports it from here.
 _COMMAND_MODULES = ("serve", "snapshot", "deploy", "demo", "bench")
 
 
 def _register_commands() -> None:
     for module in _COMMAND_MODULES:
-        try:
-            importlib.import_module(f"weightsync.cli.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"weightsync.cli.{module}":
-                raise
+        importlib.import_module(f"weightsync.cli.{module}")
 
 
 @app.callback()

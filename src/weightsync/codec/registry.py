@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TypeVar
 
 from weightsync.codec.base import Codec
@@ -35,6 +34,3 @@ def get_codec(name: str) -> Codec:
 def list_codecs(*, include_read_only: bool = False) -> list[str]:
     """Names of the codecs weightsync writes (and reads); read-only formats on request."""
     return sorted(n for n, c in _CODECS.items() if include_read_only or not c.read_only)
-
-
-CodecFactory = Callable[[], Codec]
