@@ -8,7 +8,15 @@ import sys
 import pytest
 
 COMMANDS = {
-    "serve": ["--storage", "--snapshot", "--model-dir", "--replicas", "--transition", "--engine"],
+    "serve": [
+        "--storage",
+        "--snapshot",
+        "--model-dir",
+        "--replicas",
+        "--transition",
+        "--engine",
+        "--device",
+    ],
     "demo": [
         "--steps",
         "--model-size",

@@ -85,6 +85,10 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
     engine_threads: Annotated[
         int | None, typer.Option(min=1, help="torch engine: intra-op threads per replica.")
     ] = None,
+    device: Annotated[
+        str,
+        typer.Option(help="torch engine: serve on cpu | cuda | auto (CUDA when present)."),
+    ] = "cpu",
     vllm_arg: Annotated[
         list[str] | None,
         typer.Option(
@@ -173,6 +177,7 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
         template = _replica_config(
             storage=storage, snapshot=snapshot, model_dir=model_dir, snapshot_name=snapshot_name,
             api_key=api_key, transition=transition, engine=engine, engine_threads=engine_threads,
+            device=device,
             vllm_args=list(vllm_arg or []), state_dir=state_dir / replica_id,
             model_name=model_name, deployment_id=deployment_id, account_id=account_id,
             max_body_bytes=max_body_bytes, replica_id=replica_id,
@@ -307,6 +312,7 @@ def _replica_config(
     transition: str,
     engine: str,
     engine_threads: int | None,
+    device: str = "cpu",
     vllm_args: list[str],
     state_dir: Path,
     model_name: str,
@@ -336,6 +342,7 @@ def _replica_config(
         engine_options=_engine_options(
             engine, transition, model_name, engine_threads=engine_threads, vllm_args=vllm_args
         ),
+        device=device,  # type: ignore[arg-type]
         api_key=api_key,
         max_body_bytes=max_body_bytes,
         fetch=fetch,

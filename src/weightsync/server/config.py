@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from weightsync.errors import InvalidInputError
 from weightsync.identity import validate_identity
@@ -73,6 +73,11 @@ class ServedDeployment:
         )
 
 
+#: Where the torch engine serves: "auto" is CUDA when torch sees a device, else the CPU.
+EngineDevice = Literal["cpu", "cuda", "auto"]
+ENGINE_DEVICES: tuple[str, ...] = get_args(EngineDevice)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ReplicaConfig:
     """Everything one replica process needs besides its engine.
@@ -96,6 +101,8 @@ class ReplicaConfig:
     engine: str = "torch"
     #: Keyword options for the engine's constructor (e.g. {"num_threads": 1} for torch).
     engine_options: dict[str, Any] = field(default_factory=dict)
+    #: The torch engine's device (docs/gpu.md); the vLLM engines choose their own.
+    device: EngineDevice = "cpu"
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Retries of transient storage errors and the time limit of a load's fetch stage.
@@ -125,6 +132,15 @@ class ReplicaConfig:
             raise InvalidInputError(
                 f"unknown transition {self.transition!r}; choose one of {', '.join(TRANSITIONS)}"
             )
+        if self.device not in ENGINE_DEVICES:
+            raise InvalidInputError(
+                f"unknown device {self.device!r}; choose one of {', '.join(ENGINE_DEVICES)}"
+            )
+        if self.device != "cpu" and self.engine != "torch":
+            raise InvalidInputError(
+                f"device {self.device!r} is an option of the torch engine; the {self.engine!r} "
+                "engine places the model itself (leave the device at 'cpu')"
+            )
         if self.max_adapters < 1:
             raise InvalidInputError(f"max_adapters must be >= 1, got {self.max_adapters}")
         if self.max_body_bytes < 1024:
@@ -137,6 +153,13 @@ class ReplicaConfig:
         validate_identity(
             self.deployment_id or default_deployment_id(self.model_name), what="deployment id"
         )
+
+    @property
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The engine's constructor options: `engine_options`, plus the torch engine's device."""
+        if self.engine != "torch" or self.device == "cpu":
+            return dict(self.engine_options)
+        return {**self.engine_options, "device": self.device}
 
     @property
     def served(self) -> ServedDeployment:

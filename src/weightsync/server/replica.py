@@ -77,7 +77,7 @@ class Replica:
         """
         self.config = config
         self.engine = (
-            engine if engine is not None else get_engine(config.engine, **config.engine_options)
+            engine if engine is not None else get_engine(config.engine, **config.engine_kwargs)
         )
         self.metrics = metrics if metrics is not None else ReplicaMetrics(CollectorRegistry())
         self.storage: PrefetchingStorage | None = None

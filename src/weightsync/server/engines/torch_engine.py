@@ -49,6 +49,13 @@ from weightsync.server.engines.sampling import (
     token_logprobs,
 )
 from weightsync.server.engines.torch_adapters import LoraAdapters
+from weightsync.server.engines.torch_device import (
+    device_checksum,
+    host_image,
+    resolve_engine_device,
+    synchronize,
+    write_on_device,
+)
 from weightsync.snapshot.tied_weights import tied_duplicates
 
 logger = logging.getLogger(__name__)
@@ -83,6 +90,7 @@ class TorchEngine(Engine):
         prompt_cache_tokens: int = 65536,
         cache_block_tokens: int = 16,
         num_threads: int | None = None,
+        device: str = "cpu",
     ) -> None:
         """`prompt_cache_tokens`: bound of the prompt cache (0 disables it).
 
@@ -90,7 +98,12 @@ class TorchEngine(Engine):
         chunks of this size from position 0, so KV (and so outputs) are the same
         bits whether a prefix came from the cache or was computed.
         `num_threads`: torch intra-op threads (process-wide), None leaves torch's default.
+        `device`: "cpu", "cuda" or "auto" (CUDA when available); off the CPU the engine
+        keeps a host image of the weights for decoding (`torch_device.py`).
         """
+        self.device = resolve_engine_device(device)
+        # Off the CPU: the host image of the device weights, kept bit-equal to them.
+        self._host: dict[str, torch.Tensor] | None = None
         self._prefix_cache = PrefixCache(
             max_tokens=prompt_cache_tokens, block_tokens=cache_block_tokens
         )
@@ -125,12 +138,20 @@ class TorchEngine(Engine):
             with self._step_lock:
                 for name, target in current.weights.items():
                     target.copy_(tensors[name])
+                    if self._host is not None:
+                        self._host[name].copy_(tensors[name])
                 self.tokenizer = tokenizer
             logger.info("loaded base in place (%d tensors)", len(current.weights))
             return
         loaded = _build(config, tensors, tokenizer)
+        host = None
+        if self.device.type != "cpu":
+            loaded.model.to(self.device)  # in place: the module's parameters move
+            loaded.weights = _snapshot_weights(loaded.model)
+            host = host_image(loaded.weights)
         with self._step_lock:
             self._loaded = loaded
+            self._host = host
             self.tokenizer = tokenizer
             self._prefix_cache.reset("all")
         if current is not None and current.adapters.names():
@@ -146,8 +167,18 @@ class TorchEngine(Engine):
         )
 
     def named_weights(self) -> Mapping[str, torch.Tensor]:
-        """The live parameter tensors under snapshot names (tied duplicates once)."""
-        return dict(self._require_loaded().weights)
+        """The live parameter tensors under snapshot names (tied duplicates once); off the
+        CPU, their host image (bit-equal; what decoding reads)."""
+        loaded = self._require_loaded()
+        return dict(self._host if self._host is not None else loaded.weights)
+
+    def weights_checksums(self, checksum_format: str) -> dict[str, str]:
+        """Checksums of the tensors the model computes with (on the device, streamed)."""
+        loaded = self._require_loaded()
+        if self._host is None:
+            return super().weights_checksums(checksum_format)
+        with self._step_lock:
+            return {n: device_checksum(checksum_format, t) for n, t in loaded.weights.items()}
 
     def apply_patches(
         self, patches: Mapping[str, Patch], *, keep_undo: bool = True
@@ -168,6 +199,8 @@ class TorchEngine(Engine):
                     f"({len(loaded.weights)} weights, e.g. {next(iter(loaded.weights))!r})"
                 )
             _check_patch_fits(name, patch, target)
+        if self._host is not None:
+            return self._apply_on_device(loaded.weights, self._host, patches, keep_undo=keep_undo)
         undo: dict[str, Patch] = {}
         with self._step_lock:
             try:
@@ -186,6 +219,36 @@ class TorchEngine(Engine):
                     ) from e
                 raise InvalidInputError(f"patch for {name!r} could not be applied: {e}") from e
         return undo
+
+    def _apply_on_device(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        host: Mapping[str, torch.Tensor],
+        patches: Mapping[str, Patch],
+        *,
+        keep_undo: bool,
+    ) -> dict[str, Patch]:
+        """Each patch onto the host image (which checks its positions), then onto the
+        device tensor in place; all or none. Returns after the device finished."""
+        undo: dict[str, Patch] = {}
+        with self._step_lock:
+            try:
+                for name, patch in patches.items():
+                    back = patch.apply_(host[name])
+                    try:
+                        write_on_device(patch, weights[name])
+                    except BaseException:
+                        back.apply_(host[name])
+                        raise
+                    undo[name] = back
+            except (ValueError, IndexError, UnsupportedDtypeError, RuntimeError) as e:
+                for done, undo_patch in undo.items():
+                    undo_patch.apply_(host[done])
+                    write_on_device(undo_patch, weights[done])
+                synchronize(self.device)
+                raise InvalidInputError(f"patch for {name!r} could not be applied: {e}") from e
+            synchronize(self.device)  # the pause covers the device's writes
+        return undo if keep_undo else {}
 
     def reset_prompt_cache(self, scope: CacheScope = "all") -> int:
         """Drop cached prompt KV; never waits for a running generation."""
@@ -273,9 +336,11 @@ class TorchEngine(Engine):
                         )
                     assert loaded is not None  # set by the prefill step
                     loaded.adapters.activate(request.adapter)
-                    step_input = torch.tensor([[result.token_ids[-1]]], dtype=torch.long)
+                    step_input = torch.tensor(
+                        [[result.token_ids[-1]]], dtype=torch.long, device=self.device
+                    )
                     out = loaded.model(input_ids=step_input, past_key_values=cache, use_cache=True)
-                    logits = out.logits[0, -1].float()
+                    logits = out.logits[0, -1].float().cpu()  # sampling runs on the host
                 token = pick_token(
                     logits,
                     temperature=request.temperature,
@@ -342,12 +407,14 @@ class TorchEngine(Engine):
                     cache.update(keys, values, index)
         logits: torch.Tensor | None = None
         for start in range(num_cached, len(prompt), block):
-            chunk = torch.tensor([prompt[start : start + block]], dtype=torch.long)
+            chunk = torch.tensor(
+                [prompt[start : start + block]], dtype=torch.long, device=self.device
+            )
             keep = 0 if request.prompt_logprobs else 1  # 0: logits of every position
             out = loaded.model(
                 input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=keep
             )
-            logits = out.logits[0, -1].float()
+            logits = out.logits[0, -1].float().cpu()
             if result.prompt_logprobs is not None:
                 # Position i's logits predict token i + 1 of the prompt.
                 for offset in range(out.logits.shape[1]):
@@ -355,7 +422,7 @@ class TorchEngine(Engine):
                     if target >= len(prompt):
                         break
                     chosen, top = token_logprobs(
-                        out.logits[0, offset].float(), prompt[target], top_k=top_k
+                        out.logits[0, offset].float().cpu(), prompt[target], top_k=top_k
                     )
                     result.prompt_logprobs.append(chosen)
                     if result.prompt_top_logprobs is not None and top is not None:
