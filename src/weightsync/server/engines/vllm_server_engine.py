@@ -35,7 +35,6 @@ import os
 import secrets
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -65,6 +64,7 @@ from weightsync.server.engines.base import (
 )
 from weightsync.server.engines.vllm_layout import layer_closure, layer_groups
 from weightsync.server.engines.vllm_middleware import CONTROL_PATH, PARENT_ENV, TOKEN_ENV
+from weightsync.server.processes import ManagedProcess, log_tail
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +72,17 @@ PushMode = Literal["changed", "full"]
 Transition = Literal["async", "sync"]
 WORKER_EXTENSION = "weightsync.server.engines.vllm_worker.WeightsyncWorkerExtension"
 MIDDLEWARE = "weightsync.server.engines.vllm_middleware.SnapshotIdentityMiddleware"
+#: Seconds vLLM's server gets to shut down gracefully before SIGKILL.
+STOP_TIMEOUT_S = 30.0
+#: Characters of vLLM's log quoted in an error.
+LOG_TAIL_CHARS = 1500
 #: The checksum the read-back compares with (fast, exact over the bits).
 _READ_BACK_CHECKSUM = "xxh3_64"
 
 
 @dataclass(eq=False)
 class _Server:
-    process: subprocess.Popen[bytes]
+    process: ManagedProcess
     url: str
     token: str
     work_dir: Path
@@ -225,10 +229,10 @@ class VllmServerEngine(Engine):
             PARENT_ENV: str(os.getpid()),
         }
         log_path = work_dir / "vllm.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+        # Its own process group: stopping it stops vLLM's engine core and workers too.
+        process = ManagedProcess.start(
+            "vLLM's server", argv, env=env, log_file=log_path, own_group=True
+        )
         url = f"http://{_url_host(self.bind_host)}:{port}"
         server = _Server(
             process=process, url=url, token=token, work_dir=work_dir, log_path=log_path,
@@ -260,22 +264,16 @@ class VllmServerEngine(Engine):
         return server
 
     def _wait_ready(self, server: _Server) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                raise DeploymentError(
-                    f"vLLM's server exited with code {server.process.returncode} while "
-                    f"starting; its log ends: {_tail(server.log_path)}"
-                )
+        def healthy() -> bool | None:
             try:
                 if self._http.get(f"{server.url}/health", timeout=2.0).status_code == 200:
-                    return
+                    return True
             except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise DeploymentError(
-            f"vLLM's server at {server.url} was not ready after {self.startup_timeout_s:.0f}s; "
-            f"raise startup_timeout_s; its log ends: {_tail(server.log_path)}"
+                pass  # not answering yet: polled until the deadline
+            return None
+
+        server.process.wait_ready(
+            healthy, timeout_s=self.startup_timeout_s, advice="raise startup_timeout_s", poll_s=0.5
         )
 
     def _post(self, server: _Server, path: str, **kwargs: Any) -> httpx.Response:
@@ -284,7 +282,7 @@ class VllmServerEngine(Engine):
         except httpx.HTTPError as e:
             raise DeploymentError(
                 f"vLLM's server at {server.url} did not answer POST {path}: {e}; "
-                f"its log ends: {_tail(server.log_path)}"
+                f"its log ends: {log_tail(server.log_path, LOG_TAIL_CHARS)}"
             ) from e
         if response.status_code != 200:
             raise DeploymentError(
@@ -632,24 +630,9 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _tail(path: Path, chars: int = 1500) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return "(no log)"
-
-
 def _stop(server: _Server) -> None:
     """Stop vLLM's server (its whole process group: API server, engine core, workers)."""
     try:
-        if server.process.poll() is None:
-            os.killpg(server.process.pid, 15)
-            try:
-                server.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.process.pid, 9)
-                server.process.wait(timeout=10)
-    except ProcessLookupError:
-        pass
+        server.process.stop(timeout_s=STOP_TIMEOUT_S)
     finally:
         shutil.rmtree(server.work_dir, ignore_errors=True)
