@@ -25,44 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
-from safetensors.torch import save_file
 
 from weightsync import WeightSyncer
+from weightsync.bench.vllm_reload import reload_full_directory
 from weightsync.deployment import DeploymentConfig, DeploymentManager
 from weightsync.toymodel import build_model, build_tokenizer, save_model_dir
 from weightsync.trainer import TrainingClient
-
-
-def vllm_reload(url: str, weights: dict[str, torch.Tensor], config_dir: Path, out: Path) -> dict:
-    """vLLM's own path for these weights: a full checkpoint dir, then reload_weights from it."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text((config_dir / "config.json").read_text())
-    t0 = time.perf_counter()
-    save_file({n: t.contiguous() for n, t in weights.items()}, str(out / "model.safetensors"))
-    saved = time.perf_counter()
-    with httpx.Client(timeout=600, trust_env=False) as http:
-        http.post(
-            f"{url}/pause", params={"mode": "keep", "clear_cache": "false"}
-        ).raise_for_status()
-        t1 = time.perf_counter()
-        answer = http.post(
-            f"{url}/collective_rpc",
-            json={"method": "reload_weights", "kwargs": {"weights_path": str(out)}},
-        )
-        answer.raise_for_status()
-        http.post(
-            f"{url}/reset_prefix_cache", params={"reset_running_requests": "true"}
-        ).raise_for_status()
-        http.post(f"{url}/resume").raise_for_status()
-        t2 = time.perf_counter()
-    return {
-        "bytes": (out / "model.safetensors").stat().st_size,
-        "save_s": saved - t0,
-        "pause_s": t2 - t1,
-        "time_to_serve_s": t2 - t0,
-    }
 
 
 def swap_phases(log: Path, identity: str) -> dict[str, float]:
@@ -148,7 +117,7 @@ def main() -> None:
                     root / "registry" / "vllm-bench" / "serve.log", identity
                 ),
             }
-            row["vllm_reload_weights"] = vllm_reload(
+            row["vllm_reload_weights"] = reload_full_directory(
                 replica["inference_url"], client.exported_weights(), base_dir,
                 root / f"full-{step}",
             )  # fmt: skip

@@ -35,6 +35,10 @@ class BenchConfig:
     `e2e_lr` is the learning rate of the end-to-end and interval updates (`None`
     = the smallest of `lrs`: the sparsest updates, nearest to the ~1% changed
     the end-to-end target names).
+    `engine` is the deployments' engine: `torch`, or `vllm` (`weightsync serve
+    --engine vllm`, run from the vLLM venv), which adds the row "vllm
+    reload_weights" — vLLM's own reload of a full directory on the same steps —
+    and a column comparing every method with it.
     """
 
     size: str = "0.6b"
@@ -75,6 +79,11 @@ class BenchConfig:
             raise InvalidInputError(f"e2e_syncs must be >= 1, got {self.e2e_syncs}")
         if self.e2e_lr is not None and self.e2e_lr <= 0:
             raise InvalidInputError(f"e2e_lr must be positive, got {self.e2e_lr}")
+        if self.engine not in ("torch", "vllm"):
+            raise InvalidInputError(
+                f"unknown benchmark engine {self.engine!r}; choose torch (the embedded engine) "
+                "or vllm (vLLM's own server; adds vLLM's reload_weights as a baseline row)"
+            )
         for what, names in (("codecs", self.codecs), ("e2e_codecs", self.e2e_codecs)):
             if names is not None and not names:
                 raise InvalidInputError(f"{what}, when given, must name at least one codec")

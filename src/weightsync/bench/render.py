@@ -97,6 +97,8 @@ def report_tables(report: BenchReport, *, markdown: bool) -> list[Table]:
 
     if report.end_to_end:
         full = next((e for e in report.end_to_end if e.checkpoint_type == "base"), None)
+        # With --engine vllm: vLLM's own reload of a full directory (bench/vllm_reload.py).
+        vllm = next((e for e in report.end_to_end if e.checkpoint_type == "full-dir"), None)
         e2e = _table(
             "End to end: save_and_hotload into a local deployment (median per sync, first "
             "base excluded)",
@@ -110,6 +112,7 @@ def report_tables(report: BenchReport, *, markdown: bool) -> list[Table]:
             "warmup s",
             "total s",
             "vs full reload",
+            *(["vs vLLM reload_weights"] if vllm else []),
             "pause ms",
             "pause/total",
             "trainer peak",
@@ -119,6 +122,9 @@ def report_tables(report: BenchReport, *, markdown: bool) -> list[Table]:
             e2e.add_column(col, justify="left" if col == "method" else "right")
         for e in report.end_to_end:
             speedup = f"{full.total_s / e.total_s:.1f}× faster" if full and e.total_s else "-"
+            against_vllm = (
+                [f"{vllm.total_s / e.total_s:.1f}× faster" if e.total_s else "-"] if vllm else []
+            )
             e2e.add_row(
                 e.method,
                 human_bytes(e.payload_bytes),
@@ -127,6 +133,7 @@ def report_tables(report: BenchReport, *, markdown: bool) -> list[Table]:
                 f"{e.warmup_s:.2f}",
                 f"{e.total_s:.2f}",
                 speedup,
+                *against_vllm,
                 f"{e.pause_s * 1000:.1f}",
                 f"{e.pause_fraction:.1%}",
                 human_bytes(e.trainer_peak_rss_bytes),

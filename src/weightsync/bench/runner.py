@@ -276,6 +276,21 @@ def _run_end_to_end(
                     progress=say,
                 )
             )
+        if config.engine == "vllm":
+            # The column's baseline: vLLM's own reload of a full directory, same steps.
+            from weightsync.bench.vllm_reload import run_vllm_reload
+
+            report.end_to_end.append(
+                run_vllm_reload(
+                    trajectory=trajectory,
+                    model=model,
+                    seed_model_dir=seed_dir,
+                    work_dir=work_dir,
+                    num_syncs=config.e2e_syncs,
+                    hotload_timeout_s=config.hotload_timeout_s,
+                    progress=say,
+                )
+            )
     finally:
         del model
         shutil.rmtree(seed_dir, ignore_errors=True)

@@ -68,7 +68,13 @@ def bench(  # noqa: PLR0917  (Typer maps parameters to options)
     end_to_end: Annotated[
         bool, typer.Option("--e2e/--no-e2e", help="sync into a local deployment per method")
     ] = True,
-    engine: Annotated[str, typer.Option(help="deployment engine: torch or vllm")] = "torch",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="deployment engine: torch, or vllm (from the vLLM venv; adds vLLM's own "
+            "reload_weights of a full directory as a baseline row)"
+        ),
+    ] = "torch",
     seed: Annotated[int, typer.Option(help="seed of the model and the updates")] = 0,
     batch: Annotated[int, typer.Option(help="sequences per optimizer step")] = 4,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 16,
