@@ -4,7 +4,9 @@ One cluster, one S3 bucket and one deployment serve the whole module, in order:
 base + deltas to replicas on both nodes; a replica killed mid-chain restarts
 and catches up before it takes traffic; a replica added after five deltas
 serves the head; scaling down while a delta hot-loads leaves the rest at it; a
-node removed leaves the other serving. Everything binds 127.0.0.1 (Ray's node
+node removed leaves the other serving; a replica added on a new node serves
+the deployment's LoRA adapter before it takes traffic, and scaling it away (the
+gateway's scale route) drains it. Everything binds 127.0.0.1 (Ray's node
 address included).
 """
 
@@ -472,14 +474,27 @@ def test_a_replica_added_later_serves_the_adapters_and_scaling_down_drains_it(
     entry = next(r for r in status(url) if r["replica_id"] == late)
     assert [a["identity"] for a in entry["loaded_adapters"]] == [adapter]
     assert adapter_answer(entry["url"], adapter) == expected  # bit for bit
+    # The gateway's scale route: the API key as on every control route, a count >= 0.
+    scale_url = f"{url}/hot_load/v1/deployment/scale"
+    refused = httpx.post(scale_url, json={"replicas": len(before)}, timeout=30.0)
+    assert refused.status_code == 401, refused.text
+    refused = httpx.post(scale_url, json={"replicas": -1}, headers=HEADERS, timeout=30.0)
+    assert refused.status_code == 400, refused.text
+    assert len(ray_deployment.replicas) == len(before) + 1
     # One long completion per replica (round robin), the late one included; then scale it
     # away: the newest admitted replica goes, drained.
     completions = [LongCompletion(url, headers=HEADERS).start() for _ in range(len(before) + 1)]
     metrics = httpx.get(f"{entry['url']}/metrics", headers=HEADERS, timeout=30.0).text
     assert "weightsync_inference_running 1.0" in metrics, "no completion runs on the late one"
     scale_started = time.monotonic()
-    cancelled = ray_deployment.scale(len(before))
-    assert cancelled == {late: 0}
+    answer = httpx.post(
+        scale_url, json={"replicas": len(before)}, headers={"X-Api-Key": API_KEY}, timeout=120.0
+    )
+    assert answer.status_code == 200, answer.text
+    scaled = answer.json()
+    assert scaled["replicas"] == len(before)
+    assert scaled["cancelled"] == {late: 0}  # its drain let the completion finish
+    assert set(scaled["membership"]["admitted"]) == before
     for completion in completions:
         completion.join()
         assert completion.error is None, completion.error

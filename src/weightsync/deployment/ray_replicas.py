@@ -18,10 +18,12 @@ when a deployment starts.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ from weightsync.server.gateway import create_gateway_app
 from weightsync.server.head_record import HeadRecordFile
 from weightsync.snapshot import SnapshotStore
 from weightsync.storage import open_storage
+from weightsync.wire import SCALE_PATH, ScaleAnswer, ScaleRequest
 
 if TYPE_CHECKING:
     from weightsync.server.replica import Replica
@@ -353,12 +356,21 @@ class RayDeployment:
             max_adapters=template.max_adapters,
         )
         self._store: SnapshotStore | None = None
+        self._scale_lock = threading.Lock()
         self.app: FastAPI = create_gateway_app(
             [],
             api_key=api_key,
             max_body_bytes=max_body_bytes,
             served=served,
             membership=self.membership,
+        )
+        self.app.add_api_route(SCALE_PATH, self._scale_route, methods=["POST"])
+
+    async def _scale_route(self, body: ScaleRequest) -> ScaleAnswer:
+        """`POST /hot_load/v1/deployment/scale {"replicas": N}` (the gateway's API key)."""
+        cancelled = await asyncio.to_thread(self.scale, body.replicas)
+        return ScaleAnswer(
+            replicas=len(self.replicas), cancelled=cancelled, membership=self.membership.view()
         )
 
     def _is_adapter(self, identity: str) -> bool:
@@ -385,6 +397,10 @@ class RayDeployment:
         was missing, or did not answer)."""
         if num_replicas < 0:
             raise InvalidInputError(f"replicas must be >= 0, got {num_replicas}")
+        with self._scale_lock:  # one resize at a time (Python callers and the scale route)
+            return self._scale(num_replicas)
+
+    def _scale(self, num_replicas: int) -> dict[str, int | None]:
         while len(self.replicas) < num_replicas:
             self.replicas.add(self.membership.record.head)
         view = self.membership.view()

@@ -139,6 +139,27 @@ class HotLoadAnswers(WireModel):
     membership: DeploymentMembership | None = None
 
 
+# --- POST /hot_load/v1/deployment/scale ---------------------------------------------
+
+
+class ScaleRequest(BaseModel):
+    """Run `replicas` replicas: new ones join at the head; removed ones are drained first."""
+
+    model_config = ConfigDict(extra="allow")
+
+    replicas: int = Field(ge=0, le=10_000)
+
+
+class ScaleAnswer(WireModel):
+    """The scale took: `replicas` now run (the added ones catching up until `membership`
+    lists them admitted); `cancelled`, per removed replica, the requests its drain cut
+    (None: it was missing or did not answer)."""
+
+    replicas: int
+    cancelled: dict[str, int | None]
+    membership: DeploymentMembership
+
+
 # --- GET /hot_load/v1/models/hot_load ----------------------------------------------
 
 

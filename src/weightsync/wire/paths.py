@@ -13,6 +13,8 @@ HINT_PATH = "/hot_load/v1/models/hot_load/hint"
 LEDGER_PATH = "/hot_load/v1/ledger"
 LEDGER_RESET_PATH = "/hot_load/v1/ledger/reset"
 WEIGHTS_PATH = "/hot_load/v1/weights"
+#: An elastic (Ray) deployment's replica count (POST; the gateway of a fixed pool has none).
+SCALE_PATH = "/hot_load/v1/deployment/scale"
 
 # --- operations -------------------------------------------------------------
 
