@@ -1,4 +1,5 @@
-"""The rules every engine shares (engines/base.py): same model or not, and the model dtype."""
+"""The rules every engine shares (engines/base.py: same model or not, the model dtype, EOS ids)
+and what both vLLM engines share (engines/vllm_layout.py, importable without vLLM)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch
 from engine_helpers import reference_model, snapshot_tensors
 
 from weightsync.errors import InvalidInputError
-from weightsync.server.engines.base import model_dtype, same_model
+from weightsync.server.engines.base import eos_token_ids, model_dtype, same_model
 from weightsync.server.engines.torch_engine import TorchEngine
+from weightsync.server.engines.vllm_layout import checkpoint_layout_names, host_copy
 
 
 def _base(model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -65,3 +67,39 @@ def test_the_torch_engine_refuses_a_base_without_floating_point_weights(model: A
     config, _ = _base(model)
     with pytest.raises(InvalidInputError, match="no floating-point tensors"):
         TorchEngine().load_base(config, {"steps": torch.zeros(3, dtype=torch.int64)})
+
+
+def test_eos_token_ids_read_an_id_a_list_or_none() -> None:
+    assert eos_token_ids(None) == frozenset()
+    assert eos_token_ids(2) == {2}
+    assert eos_token_ids([2, 7]) == {2, 7}
+    assert eos_token_ids((4,)) == {4}
+
+
+def test_the_vllm_host_copy_shares_nothing_and_needs_architectures(model: Any) -> None:
+    config, tensors = _base(model)
+    config = {**config, "architectures": ["Qwen3ForCausalLM"]}
+    host = host_copy(config, tensors)
+    assert set(host) == set(tensors)
+    assert all(host[n].data_ptr() != t.data_ptr() and torch.equal(host[n], t)
+               for n, t in tensors.items())  # fmt: skip
+    with pytest.raises(InvalidInputError, match="no 'architectures'"):
+        host_copy({**config, "architectures": None}, tensors)
+    with pytest.raises(InvalidInputError, match="at least one tensor"):
+        host_copy(config, {})
+
+
+def test_only_tensors_vllm_keeps_as_checkpointed_are_read_back() -> None:
+    host = {
+        "norm": torch.zeros(4, dtype=torch.bfloat16),
+        "q": torch.zeros(4, 4, dtype=torch.bfloat16),  # fused into qkv by vLLM
+        "packed": torch.zeros(4, 4, dtype=torch.bfloat16),  # re-packed: another shape
+        "cast": torch.zeros(4, dtype=torch.bfloat16),  # held in another dtype
+    }
+    parameters = {
+        "norm": ([4], "torch.bfloat16"),
+        "qkv": ([12, 4], "torch.bfloat16"),
+        "packed": ([16], "torch.bfloat16"),
+        "cast": ([4], "torch.float32"),
+    }
+    assert checkpoint_layout_names(host, parameters) == {"norm"}

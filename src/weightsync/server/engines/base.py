@@ -121,6 +121,15 @@ def same_model(
     )
 
 
+def eos_token_ids(value: Any) -> frozenset[int]:
+    """The EOS token ids an HF config's `eos_token_id` names (an id, a list of ids, or None)."""
+    if value is None:
+        return frozenset()
+    if isinstance(value, list | tuple):
+        return frozenset(int(i) for i in value)
+    return frozenset({int(value)})
+
+
 def model_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
     """The floating dtype most of a base's elements are stored in (what the model computes in).
 
@@ -153,8 +162,8 @@ class Engine(ABC):
 
     What every engine shares lives here, once: the request checks
     (`check_generate_request`), the same-model rule that picks in-place or rebuild
-    for a base (`same_model`), the dtype a model computes in (`model_dtype`) and the
-    weights' checksums (`weights_checksums`).
+    for a base (`same_model`), the dtype a model computes in (`model_dtype`), the EOS
+    ids of a config (`eos_token_ids`) and the weights' checksums (`weights_checksums`).
     """
 
     name: ClassVar[str]

@@ -38,6 +38,7 @@ from weightsync.server.engines.base import (
     StepGuard,
     TokenCallback,
     check_generate_request,
+    eos_token_ids,
     model_dtype,
     same_model,
 )
@@ -479,12 +480,7 @@ def _build(config: dict[str, Any], tensors: Mapping[str, torch.Tensor], tokenize
     model.requires_grad_(False)
     weights = _snapshot_weights(model)
     _load_strict(model, weights, tensors)
-    eos: set[int] = set()
-    config_eos = hf_config.eos_token_id
-    if isinstance(config_eos, int):
-        eos.add(config_eos)
-    elif isinstance(config_eos, list | tuple):
-        eos.update(int(i) for i in config_eos)
+    eos = set(eos_token_ids(hf_config.eos_token_id))
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
     probe = DynamicCache(config=hf_config)

@@ -49,10 +49,16 @@ from weightsync.server.engines.base import (
     StepGuard,
     TokenCallback,
     check_generate_request,
+    eos_token_ids,
     model_dtype,
     same_model,
 )
-from weightsync.server.engines.vllm_layout import layer_closure, layer_groups
+from weightsync.server.engines.vllm_layout import (
+    checkpoint_layout_names,
+    host_copy,
+    layer_closure,
+    layer_groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,14 +173,7 @@ class VllmEngine(Engine):
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        if not tensors:
-            raise InvalidInputError("a base needs at least one tensor")
-        if not config.get("architectures"):
-            raise InvalidInputError(
-                "the model config has no 'architectures'; vLLM picks the model class from it "
-                "(e.g. ['Qwen3ForCausalLM']) — save the model with save_pretrained"
-            )
-        host = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+        host = host_copy(config, tensors)
         dtype = model_dtype(host)
         if self.work_root is not None:
             self.work_root.mkdir(parents=True, exist_ok=True)
@@ -215,16 +214,7 @@ class VllmEngine(Engine):
         weights_file.unlink()
         info = engine.collective_rpc("weightsync_model_info")[0]
         groups = layer_groups(list(host), info["packed_modules_mapping"])
-        params: dict[str, tuple[tuple[int, ...], str]] = info["parameters"]
-        readable = frozenset(
-            name
-            for name, t in host.items()
-            if name in params
-            and tuple(params[name][0]) == tuple(t.shape)
-            and params[name][1] == str(t.dtype)
-        )
-        eos = config.get("eos_token_id")
-        eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        readable = checkpoint_layout_names(host, info["parameters"])
         logger.info(
             "vLLM serves %s (%d tensors, %s; %d readable in checkpoint layout)",
             info["model_class"],
@@ -240,7 +230,7 @@ class VllmEngine(Engine):
             readable=readable,
             vocab_size=int(config.get("vocab_size") or 0),
             max_model_len=max_model_len,
-            eos_token_ids=frozenset(int(i) for i in eos_ids),
+            eos_token_ids=eos_token_ids(config.get("eos_token_id")),
             work_dir=work_dir,
             in_process=type(engine.engine_core).__name__ == "InprocClient",
         )

@@ -1,10 +1,50 @@
 """What both vLLM engines (`vllm`, vLLM's own server; `vllm-inprocess`) need to know of vLLM's
-weight layout: which checkpoint tensors load into one fused layer, so a push carries whole
-layers. (The same-model rule and the model dtype are every engine's: `engines/base.py`.)"""
+weights: the host copy a base starts from, which checkpoint tensors load into one fused layer
+(so a push carries whole layers), and which ones vLLM keeps in checkpoint layout (so they can
+be read back bit for bit). The same-model rule and the model dtype are every engine's
+(`engines/base.py`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from weightsync.errors import InvalidInputError
+
+
+def host_copy(
+    config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The engine's own CPU copy of a base vLLM can start (contiguous, sharing nothing).
+
+    Refuses a base without tensors, or whose config has no `architectures` (vLLM picks
+    the model class from it).
+    """
+    if not tensors:
+        raise InvalidInputError("a base needs at least one tensor")
+    if not config.get("architectures"):
+        raise InvalidInputError(
+            "the model config has no 'architectures'; vLLM picks the model class from it "
+            "(e.g. ['Qwen3ForCausalLM']) — save the model with save_pretrained"
+        )
+    return {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+
+
+def checkpoint_layout_names(
+    host: Mapping[str, torch.Tensor], parameters: Mapping[str, tuple[Sequence[int], str]]
+) -> frozenset[str]:
+    """Host tensors vLLM keeps as they are in the checkpoint (a parameter of the same name,
+    shape and dtype in `parameters`, the worker's `weightsync_model_info`): the ones whose
+    bits can be read back and compared."""
+    return frozenset(
+        name
+        for name, t in host.items()
+        if name in parameters
+        and tuple(parameters[name][0]) == tuple(t.shape)
+        and parameters[name][1] == str(t.dtype)
+    )
 
 
 def layer_groups(

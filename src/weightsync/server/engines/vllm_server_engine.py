@@ -59,10 +59,16 @@ from weightsync.server.engines.base import (
     StepGuard,
     TokenCallback,
     check_generate_request,
+    eos_token_ids,
     model_dtype,
     same_model,
 )
-from weightsync.server.engines.vllm_layout import layer_closure, layer_groups
+from weightsync.server.engines.vllm_layout import (
+    checkpoint_layout_names,
+    host_copy,
+    layer_closure,
+    layer_groups,
+)
 from weightsync.server.engines.vllm_middleware import CONTROL_PATH, PARENT_ENV, TOKEN_ENV
 from weightsync.server.processes import ManagedProcess, log_tail
 
@@ -176,14 +182,7 @@ class VllmServerEngine(Engine):
         tensors: Mapping[str, torch.Tensor],
         tokenizer_dir: Path | None,
     ) -> _Server:
-        if not tensors:
-            raise InvalidInputError("a base needs at least one tensor")
-        if not config.get("architectures"):
-            raise InvalidInputError(
-                "the model config has no 'architectures'; vLLM picks the model class from it "
-                "(e.g. ['Qwen3ForCausalLM']) — save the model with save_pretrained"
-            )
-        host = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+        host = host_copy(config, tensors)
         if self.work_root is not None:
             self.work_root.mkdir(parents=True, exist_ok=True)
         work_dir = Path(tempfile.mkdtemp(prefix="weightsync-vllm-", dir=self.work_root))
@@ -249,14 +248,7 @@ class VllmServerEngine(Engine):
             _stop(server)
             raise
         server.groups = layer_groups(list(host), info["packed_modules_mapping"])
-        params: dict[str, Any] = info["parameters"]
-        server.readable = frozenset(
-            name
-            for name, t in host.items()
-            if name in params
-            and tuple(params[name][0]) == tuple(t.shape)
-            and params[name][1] == str(t.dtype)
-        )
+        server.readable = checkpoint_layout_names(host, info["parameters"])
         logger.info(
             "vLLM's server serves %s at %s (%d tensors, %d readable in checkpoint layout)",
             info["model_class"], url, len(host), len(server.readable),
@@ -531,8 +523,7 @@ class VllmServerEngine(Engine):
         max_tokens = min(request.max_tokens, server.max_model_len - len(request.prompt_token_ids))
         if max_tokens <= 0:
             return result
-        eos = server.config.get("eos_token_id")
-        eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        eos_ids = eos_token_ids(server.config.get("eos_token_id"))
         body: dict[str, Any] = {
             "model": server.served_model,
             "prompt": list(request.prompt_token_ids),
@@ -542,7 +533,7 @@ class VllmServerEngine(Engine):
             "top_k": request.top_k if request.top_k > 0 else -1,
             "seed": request.seed,
             "logprobs": request.logprobs,
-            "stop_token_ids": sorted({*request.stop_token_ids, *(int(i) for i in eos_ids)}),
+            "stop_token_ids": sorted({*request.stop_token_ids, *eos_ids}),
             "ignore_eos": True,
             "skip_special_tokens": False,
             "return_token_ids": True,
