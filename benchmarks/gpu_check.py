@@ -33,7 +33,10 @@ import torch
 
 # What weightsync needs beyond the device machine's packages (torch, triton,
 # transformers, safetensors, numba, xxhash, fsspec, httpx); carried as wheels (docs/gpu.md).
-_NEEDED = ("numpy", "zstandard", "blake3", "crc32c", "pydantic", "prometheus_client", "starlette")
+_NEEDED = (
+    "zstandard", "blake3", "crc32c", "pydantic", "pydantic_core", "annotated_types",
+    "typing_inspection", "prometheus_client", "starlette",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
