@@ -249,23 +249,29 @@ def adapter_answer(url: str, model: str) -> tuple[list[int], list[float]]:
     return list(choice["token_ids"]), list(choice["logprobs"]["token_logprobs"])
 
 
-def test_a_late_replica_loads_the_deployments_adapters_before_it_is_admitted(
-    tmp_path: Path, chain: tuple[TrainingClient, list[str]], replicas: Any
-) -> None:
-    client, (base, d1, _) = chain
-    start, _ = replicas
+def save_adapter(client: TrainingClient, tmp_path: Path) -> str:
+    """A LoRA adapter of the tiny model, saved to `client`'s storage, that changes outputs."""
     lora_client = TrainingClient(
         build_model("tiny", seed=0),
         storage=client.storage.url,
         lora_rank=4,
         tokenizer_dir=build_tokenizer(tmp_path / "lora-tok"),
     )
-    with torch.no_grad():  # PEFT starts lora_B at zero: make the adapter change outputs
+    with torch.no_grad():  # PEFT starts lora_B at zero
         for name, p in lora_client.model.named_parameters():
             if "lora_B" in name:
                 p.add_(torch.randn_like(p) * 0.5)
     adapter = lora_client.save_weights_for_sampler_ext("adapter").snapshot_name
     assert client.store.read_manifest(adapter).kind == "lora"
+    return adapter
+
+
+def test_a_late_replica_loads_the_deployments_adapters_before_it_is_admitted(
+    tmp_path: Path, chain: tuple[TrainingClient, list[str]], replicas: Any
+) -> None:
+    client, (base, d1, _) = chain
+    start, _ = replicas
+    adapter = save_adapter(client, tmp_path)
     source = Source()
     source.replicas["replica-0"] = (start("replica-0"), "a")
     head_file = HeadRecordFile(tmp_path / "gateway" / "head.json")
@@ -321,5 +327,51 @@ def test_a_late_replica_loads_the_deployments_adapters_before_it_is_admitted(
             assert {tuple(map(tuple, adapter_answer(url, adapter))) for _ in range(4)} == {
                 tuple(map(tuple, expected))
             }
+    finally:
+        membership.stop()
+
+
+def test_an_adapter_that_failed_to_load_everywhere_does_not_keep_a_late_replica_out(
+    tmp_path: Path, chain: tuple[TrainingClient, list[str]], replicas: Any
+) -> None:
+    client, (base, _, _) = chain
+    start, _ = replicas
+    adapter = save_adapter(client, tmp_path)
+    # Its manifest reads (the hot-load is accepted), its weights are gone (the load fails).
+    (tmp_path / "store" / adapter / "adapter_model.safetensors").unlink()
+    source = Source()
+    source.replicas["replica-0"] = (start("replica-0"), "a")
+    head_file = HeadRecordFile(tmp_path / "gateway" / "head.json")
+    membership = ElasticMembership(
+        source,
+        head_file,
+        start_identity=base,
+        transition="async",
+        poll_interval_s=0.05,
+        is_adapter=lambda identity: client.store.read_manifest(identity).kind == "lora",
+    )
+    membership.start()
+    try:
+        membership.wait_until(num_admitted=1, timeout_s=60)
+        app = create_gateway_app([], api_key=None, max_body_bytes=1 << 20, membership=membership)
+        with ServerThread(app) as url:
+            answer = httpx.post(f"{url}{HOT_LOAD}", json={"identity": adapter}, timeout=30.0)
+            assert answer.status_code == 200, answer.text
+            wait_for(
+                lambda: status(url)["replica-0"]["loading_state"]["stage"] == "error",
+                "replica-0's adapter load failed",
+            )
+            assert status(url)["replica-0"]["loading_state"]["target_snapshot_identity"] == adapter
+            wait_for(
+                lambda: head_file.load(start_identity="unused").adapters == (),
+                "the failed adapter forgotten by the head record",
+            )
+            source.replicas["replica-1"] = (start("replica-1"), "a")
+            wait_for(
+                lambda: status(url).get("replica-1", {}).get("membership") == "admitted",
+                "replica-1 admitted",
+            )
+            late = status(url)["replica-1"]
+            assert late["loaded_adapters"] == [] and late["current_snapshot_identity"] == base
     finally:
         membership.stop()

@@ -92,6 +92,10 @@ def test_next_load_is_the_chain_then_each_missing_adapter() -> None:
     assert record.next_load("d1", ["lora-b", "lora-a", "other"]) is None
     assert record.missing_adapters(["lora-b"]) == ["lora-a"]
     assert record.adapters[0].request == {"identity": "lora-a"}
+    # An adapter no admitted replica serves any more is forgotten; the chain stays.
+    kept = record.adapters_kept({"lora-b", "not-recorded"})
+    assert kept.adapter_identities == ["lora-b"] and kept.links == record.links
+    assert record.adapters_kept({"lora-a", "lora-b"}) is record
 
 
 def test_adapters_survive_a_restart_and_a_version_1_record_still_loads(tmp_path: Path) -> None:

@@ -130,6 +130,8 @@ class ElasticMembership:
         self.transition = transition
         self.poll_interval_s = poll_interval_s
         self._record = head_file.load(start_identity=start_identity)
+        #: Bumped whenever the record changes (statuses polled before it may not show it).
+        self._generation = 0
         self._headers = {AUTHORIZATION_HEADER: f"Bearer {api_key}"} if api_key else {}
         self._tracked: dict[str, _Tracked] = {}
         # Held by a hot-load's fan-out and by each admission pass (never across a status poll).
@@ -182,10 +184,14 @@ class ElasticMembership:
             record = self._record.accepted(request, body)
             what = f"deployment head is now {record.head}"
         if record is not self._record:
-            self.head_file.save(record)
-            self._record = record
+            self._save(record)
             logger.info("%s", what)
         self._publish()
+
+    def _save(self, record: HeadRecord) -> None:
+        self.head_file.save(record)
+        self._record = record
+        self._generation += 1
 
     def lost(self, replica_ids: set[str]) -> None:
         """Replicas a hot-load could not reach: withdrawn until the reconciler sees them again."""
@@ -246,13 +252,18 @@ class ElasticMembership:
 
     def reconcile(self) -> None:
         """One round: refresh endpoints and statuses, admit or withdraw, send catch-up loads."""
+        generation = self._generation
         endpoints = self.source.endpoints()
         reachable = [e for e in endpoints if e.url is not None]
         polled = self._pool.map(self._poll, reachable)
         statuses = {e.replica_id: status for e, status in zip(reachable, polled, strict=True)}
         with self._round_lock:
             self._refresh(endpoints, statuses)
-            self._admit()
+            if generation == self._generation:
+                # Else a hot-load was recorded after these statuses were read: the admitted
+                # replicas may not show it yet, so nobody is admitted on them.
+                self._forget_unserved_adapters()
+                self._admit()
             # Each call touches its own replica's entry only.
             list(self._pool.map(self._catch_up, list(self._tracked.values())))
             self._publish()
@@ -285,6 +296,29 @@ class ElasticMembership:
                 tracked.status, tracked.problem, tracked.admitted = None, polled, False
             else:
                 tracked.status, tracked.problem = polled, None
+
+    def _forget_unserved_adapters(self) -> None:
+        """Drop the recorded adapters that no admitted replica holds or is loading: their load
+        failed everywhere, or every replica unloaded them. A joining replica is not held
+        back by an adapter the deployment does not serve."""
+        admitted = [t.status for t in self._tracked.values() if t.admitted and t.status]
+        if not admitted or not self._record.adapters:
+            return
+        served: set[str] = set()
+        for status in admitted:
+            served.update(status.adapter_identities())
+            loading = status.loading_state
+            if loading.stage in LOADING_STAGES and loading.target_snapshot_identity is not None:
+                served.add(loading.target_snapshot_identity)
+        record = self._record.adapters_kept(served)
+        if record is not self._record:
+            gone = sorted(set(self._record.adapter_identities) - served)
+            logger.warning(
+                "adapters %s are served by no admitted replica (their load failed, or each "
+                "unloaded them); replicas that join will not load them",
+                ", ".join(gone),
+            )
+            self._save(record)
 
     def _lag(self, identity: str | None) -> int | None:
         """Versions behind the head (0 = at it), or None when `identity` is not in the chain."""

@@ -109,6 +109,11 @@ class HeadRecord:
         kept.append(RecordedLoad(identity=request.identity, request=body))
         return HeadRecord(links=self.links, adapters=tuple(kept[-max_adapters:]))
 
+    def adapters_kept(self, served: set[str]) -> HeadRecord:
+        """The record without the adapters not in `served` (self when it keeps them all)."""
+        kept = tuple(a for a in self.adapters if a.identity in served)
+        return self if kept == self.adapters else HeadRecord(links=self.links, adapters=kept)
+
     def accepted(self, request: HotLoadRequest, body: dict[str, Any]) -> HeadRecord:
         """The record after every admitted replica accepted `request` (sent as `body`).
 
