@@ -11,6 +11,12 @@ from __future__ import annotations
 class WeightSyncError(Exception):
     """Root of every error weightsync raises on purpose."""
 
+    def add_context(self, *, before: str = "", after: str = "") -> None:
+        """Put what a caller knows (which deployment, what to do) around the message, in
+        place: the error keeps its type, attributes, cause and traceback as it propagates,
+        instead of being rebuilt from its class."""
+        self.args = (f"{before}{self}{after}",)
+
 
 # --- bad input -------------------------------------------------------------
 

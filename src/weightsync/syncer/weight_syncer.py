@@ -13,7 +13,8 @@ Beyond the reference, opt-in: `recover_with_base` (a refused delta is replaced
 by a fresh base inside the same call) and `check_deployment_before_save`
 (ask the deployment before every save; a delta whose parent it does not serve
 is saved as a base instead). The deployment manager may be weightsync's or the
-SDK's own: only the SDK's method names and keywords are used on it.
+SDK's own (`syncer/managers.py` links either); the policy client is weightsync's
+`TrainingClient`, whose chain head and manifests the syncer reads.
 
 Under a sharded trainer (a `TrainingClient` under `torch.distributed`) every rank
 constructs the same syncer and makes the same calls; only rank 0 is given
@@ -26,12 +27,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import KW_ONLY, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from weightsync.errors import (
-    DeploymentError,
     HotloadFailedError,
     HotloadRefusedError,
     HotloadTimeoutError,
@@ -43,44 +41,20 @@ from weightsync.sdk_defaults import (
     CheckpointType,
     normalize_checkpoint_type,
 )
+from weightsync.syncer.managers import MANAGER_ERRORS, HotloadManager, ManagerLink, link_manager
 from weightsync.syncer.timing import Stopwatch, SyncTiming
 
 if TYPE_CHECKING:
     from weightsync.deployment.sampler import DeploymentSampler
-    from weightsync.trainer import TrainingClient
+    from weightsync.trainer import SaveSamplerResult, TrainingClient
     from weightsync.trainer.distributed import ShardedSaver
 
 logger = logging.getLogger(__name__)
 
 #: Failures of `save_only` that return None (the trainer keeps training).
 _SAVE_FAILURES = (WeightSyncError, OSError, RuntimeError, ValueError)
-#: What asking a deployment manager can raise: ours raises WeightSyncError, the SDK's
-#: httpx errors (HTTP status, connection) and RuntimeError; a malformed answer ValueError.
-_MANAGER_ERRORS = (WeightSyncError, httpx.HTTPError, OSError, RuntimeError, ValueError)
 #: The longest one warmup request may take (the managers' own per-request limit).
 _WARMUP_REQUEST_S = 60.0
-
-
-class HotloadManager(Protocol):
-    """What `WeightSyncer` calls on a deployment manager: the Fireworks SDK's names.
-
-    Both `weightsync.DeploymentManager` and `fireworks.training.sdk.DeploymentManager` fit.
-    """
-
-    def hotload_and_wait(  # noqa: PLR0917  (the SDK's positional order)
-        self,
-        deployment_id: str,
-        base_model: str,
-        snapshot_identity: str,
-        incremental_snapshot_metadata: dict[str, Any] | None = ...,
-        reset_prompt_cache: bool = ...,
-        timeout_seconds: int = ...,
-        path: str | None = ...,
-    ) -> bool: ...
-
-    def hotload_check_status(self, deployment_id: str, base_model: str) -> dict[str, Any]: ...
-
-    def warmup(self, model: str, max_retries: int = ..., retry_interval_s: float = ...) -> bool: ...
 
 
 @dataclass
@@ -146,18 +120,26 @@ class WeightSyncer:
                 f"full_snapshot_interval must be >= 1 or None, got {self.full_snapshot_interval}"
             )
         from weightsync.codec import get_codec
+        from weightsync.trainer import TrainingClient
 
+        if not isinstance(self.policy_client, TrainingClient):
+            raise InvalidInputError(
+                f"WeightSyncer(policy_client=...) needs a weightsync TrainingClient, got "
+                f"{type(self.policy_client).__name__}: the syncer reads the client's chain "
+                "head and snapshot manifests. Wrap the model: "
+                "TrainingClient(model, storage=...)"
+            )
         canonical = get_codec(self.compression_format).name  # unknown names list the known ones
-        client_format = getattr(self.policy_client, "compression_format", None)
-        if client_format is not None and client_format != canonical:
+        client_format = self.policy_client.compression_format
+        if client_format != canonical:
             raise InvalidInputError(
                 f"WeightSyncer(compression_format={self.compression_format!r}) but its training "
                 f"client writes deltas with {client_format!r}: the hot-load metadata would name "
                 "another codec than the snapshots. Give both the same compression_format, e.g. "
                 f"TrainingClient(..., compression_format={self.compression_format!r})"
             )
-        client_rank = getattr(self.policy_client, "lora_rank", None)
-        if isinstance(client_rank, int) and client_rank != self.lora_rank:
+        client_rank = self.policy_client.lora_rank
+        if client_rank != self.lora_rank:
             logger.warning(
                 "WeightSyncer: lora_rank=%d but the training client has lora_rank=%d",
                 self.lora_rank,
@@ -194,9 +176,8 @@ class WeightSyncer:
         return self._has_base
 
     @property
-    def session_id(self) -> str | None:
-        value = getattr(self.policy_client, "session_id", None)
-        return str(value) if value is not None else None
+    def session_id(self) -> str:
+        return self.policy_client.session_id
 
     def reset_delta_chain(self) -> None:
         """Make the next save a full base (e.g. after the deployment's storage changed)."""
@@ -208,9 +189,7 @@ class WeightSyncer:
         )
         self._force_base_next = True
         self.base_identity = None
-        client_reset = getattr(self.policy_client, "reset_delta_chain", None)
-        if callable(client_reset):
-            client_reset()  # the client frees the previous snapshot's bits too
+        self.policy_client.reset_delta_chain()  # the client frees the previous bits too
 
     # --- public API ----------------------------------------------------------------
 
@@ -251,10 +230,12 @@ class WeightSyncer:
             self._load(identity, watch, timing)
         except (HotloadRefusedError, HotloadFailedError) as e:
             if not self._can_recover(identity, timing):
-                raise self._explain(e, identity) from e
+                self._add_context(e, identity)
+                raise
             return self._recover(name, e, watch, timing)
         except WeightSyncError as e:
-            raise self._explain(e, identity) from e
+            self._add_context(e, identity)
+            raise
         return identity
 
     def save_only(self, name: str, checkpoint_type: str | None = None) -> str | None:
@@ -291,7 +272,8 @@ class WeightSyncer:
             self._ensure_deployment_checked()
             self._load(snapshot_name, watch, timing, expected_type=checkpoint_type)
         except WeightSyncError as e:
-            logger.error("hotload(%r) failed: %s", snapshot_name, self._explain(e, snapshot_name))
+            self._add_context(e, snapshot_name)
+            logger.error("hotload(%r) failed: %s", snapshot_name, e)
             return False
         finally:
             timing.record_phases(watch)
@@ -311,7 +293,7 @@ class WeightSyncer:
             replicas = parse_status(
                 self.deploy_mgr.hotload_check_status(self.deployment_id, self.base_model)
             ).replicas
-        except _MANAGER_ERRORS as e:
+        except MANAGER_ERRORS as e:
             logger.warning("could not check deployment %s: %s", self.deployment_id, e)
             return None
         identities = {r.current_snapshot_identity for r in replicas}
@@ -357,7 +339,7 @@ class WeightSyncer:
                 last = "no replicas yet (the deployment may be scaling up)"
             except InvalidInputError:
                 raise
-            except _MANAGER_ERRORS as e:  # not answering yet: keep polling
+            except MANAGER_ERRORS as e:  # not answering yet: keep polling
                 last = str(e)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -374,28 +356,11 @@ class WeightSyncer:
         With `lora_rank > 0` it samples from the adapter loaded last; get a new one
         after each sync.
         """
-        from weightsync.deployment.manager import DeploymentManager
-        from weightsync.deployment.sampler import DeploymentSampler
-
-        mgr, deployment_id = self._require_sync()
-        if not isinstance(mgr, DeploymentManager):  # the SDK's manager: its address and model
-            return DeploymentSampler(
-                str(getattr(mgr, "inference_url", "")),
-                model=self._sdk_model(mgr, deployment_id),
-                api_key=getattr(mgr, "api_key", None),
-                tokenizer=tokenizer,
-            )
-        headers = {**mgr.additional_headers, **mgr.headers_for(deployment_id)}
+        link, deployment_id = self._require_sync()
         model = self.base_model or deployment_id
         if self.lora_rank > 0 and self.base_identity is not None:
             model = self.base_identity  # the deployment serves the adapter under its identity
-        return DeploymentSampler(
-            mgr.inference_url_for(deployment_id),
-            model=model,
-            api_key=mgr.api_key,
-            tokenizer=tokenizer,
-            additional_headers=headers,
-        )
+        return link.sampler(deployment_id, model=model, tokenizer=tokenizer)
 
     def get_sampling_client(
         self, tokenizer: Any = None, *, name: str | None = None
@@ -407,13 +372,13 @@ class WeightSyncer:
 
     # --- internals -----------------------------------------------------------------
 
-    def _require_sync(self) -> tuple[HotloadManager, str]:
+    def _require_sync(self) -> tuple[ManagerLink, str]:
         if self.deploy_mgr is None or self.deployment_id is None:
             raise InvalidInputError(
                 "weight sync is disabled: construct WeightSyncer with deploy_mgr= "
                 "and deployment_id="
             )
-        return self.deploy_mgr, self.deployment_id
+        return link_manager(self.deploy_mgr), self.deployment_id
 
     def _ensure_deployment_checked(self) -> None:
         """Once, before the first hot-load: wait for the hot-load manager, see what it serves.
@@ -429,7 +394,7 @@ class WeightSyncer:
         )
         self._deployment_checked = True
         current = self.check_deployment_state()
-        head = getattr(self.policy_client, "last_snapshot", None)
+        head = self.policy_client.last_snapshot
         if current is None or current != head:
             if current is not None:
                 logger.info(
@@ -487,10 +452,7 @@ class WeightSyncer:
         return kind
 
     def _sharded_saver(self) -> ShardedSaver | None:
-        from weightsync.trainer.distributed import ShardedSaver
-
-        saver = getattr(self.policy_client, "sharded_saver", None)
-        return saver if isinstance(saver, ShardedSaver) else None
+        return self.policy_client.sharded_saver
 
     def _rank0_type(self, kind: CheckpointType, name: str) -> CheckpointType:
         """Under a sharded trainer, rank 0's type for this save (see the module docstring)."""
@@ -513,20 +475,17 @@ class WeightSyncer:
 
     def _chain_head(self) -> str | None:
         """The snapshot a delta saved now would apply onto."""
-        if hasattr(self.policy_client, "last_snapshot"):
-            head = self.policy_client.last_snapshot
-            return None if head is None else str(head)
-        return self._last_saved
+        return self.policy_client.last_snapshot
 
     def _serves_parent(self, serving: str | None) -> bool:
         """Whether a delta saved now would apply onto what the deployment serves."""
         head = self._chain_head()
         return serving is not None and head is not None and serving == head
 
-    def _save(self, name: str, kind: CheckpointType, timing: SyncTiming) -> Any:
+    def _save(self, name: str, kind: CheckpointType, timing: SyncTiming) -> SaveSamplerResult:
         result = self.policy_client.save_weights_for_sampler_ext(name, checkpoint_type=kind)
-        saved_type = str(getattr(result, "checkpoint_type", kind))
-        self._last_saved = str(result.snapshot_name)
+        saved_type = result.checkpoint_type
+        self._last_saved = result.snapshot_name
         self.base_saved = True
         if saved_type == "delta":
             self._saves_since_base += 1
@@ -537,8 +496,8 @@ class WeightSyncer:
         timing.update(
             snapshot_name=self._last_saved,
             checkpoint_type=saved_type,
-            payload_bytes=int(getattr(result, "payload_bytes", 0) or 0),
-            full_bytes=int(getattr(result, "full_bytes", 0) or 0),
+            payload_bytes=result.payload_bytes,
+            full_bytes=result.full_bytes,
         )
         logger.info(
             "saved %s snapshot %s (%d bytes)", saved_type, self._last_saved, timing.payload_bytes
@@ -575,7 +534,7 @@ class WeightSyncer:
         *,
         expected_type: str | None = None,
     ) -> None:
-        mgr, deployment_id = self._require_sync()
+        link, deployment_id = self._require_sync()
         metadata = self._incremental_metadata(identity, expected_type)
         if metadata is not None and metadata["previous_snapshot_identity"] != self.base_identity:
             logger.warning(
@@ -588,7 +547,15 @@ class WeightSyncer:
             )
         try:
             with watch.phase("hotload"):
-                self._hotload_and_wait(mgr, deployment_id, identity, metadata)
+                pause_s = link.hotload_and_wait(
+                    deployment_id,
+                    identity,
+                    metadata,
+                    base_model=self.base_model,
+                    reset_prompt_cache=self.reset_prompt_cache,
+                    timeout_s=self.hotload_timeout,
+                    poll_interval_s=self.hotload_poll_interval_s,
+                )
         except WeightSyncError:
             self.base_identity = None  # unknown until asked again
             # The client's chain head is this snapshot, which the deployment does not hold:
@@ -596,12 +563,18 @@ class WeightSyncer:
             self._force_base_next = True
             raise
         self.base_identity = identity
-        result = getattr(mgr, "last_hotload_result", None)
-        timing["pause_s"] = getattr(result, "pause_s", None)
+        timing["pause_s"] = pause_s
         logger.info("deployment %s serves %s (verified)", deployment_id, identity)
         if self.warmup_after_hotload and self.warmup_max_retries > 0:
             with watch.phase("warmup"):
-                timing["warmed_up"] = self._warmup(mgr, deployment_id, identity)
+                timing["warmed_up"] = link.warmup(
+                    deployment_id,
+                    # A LoRA adapter is addressed by its identity; warm up that, not the base.
+                    model=identity if self.lora_rank > 0 else self.base_model or deployment_id,
+                    max_retries=self.warmup_max_retries,
+                    retry_interval_s=self.warmup_retry_interval_s,
+                    prompt=self.warmup_prompt,
+                )
             if not timing.warmed_up:
                 logger.warning(
                     "warmup after loading %s did not answer HTTP 200 in %d tries; the snapshot "
@@ -609,84 +582,6 @@ class WeightSyncer:
                     identity,
                     self.warmup_max_retries,
                 )
-
-    def _hotload_and_wait(
-        self,
-        mgr: HotloadManager,
-        deployment_id: str,
-        identity: str,
-        metadata: dict[str, Any] | None,
-    ) -> None:
-        """One `hotload_and_wait` in the SDK's keywords; raises what a False answer meant."""
-        from weightsync.deployment.manager import DeploymentManager
-
-        kwargs: dict[str, Any] = dict(
-            deployment_id=deployment_id,
-            base_model=self.base_model,
-            snapshot_identity=identity,
-            incremental_snapshot_metadata=metadata,
-            reset_prompt_cache=self.reset_prompt_cache,
-            timeout_seconds=self.hotload_timeout,
-            path=None,
-        )
-        if isinstance(mgr, DeploymentManager):
-            if not mgr.hotload_and_wait(**kwargs, poll_interval=self.hotload_poll_interval_s):
-                raise mgr.last_hotload_error or HotloadFailedError(
-                    f"deployment {deployment_id!r} did not load {identity!r}"
-                )
-            return
-        try:
-            ok = mgr.hotload_and_wait(**kwargs)
-        except httpx.HTTPStatusError as e:  # the SDK's manager raises these on a refusal
-            code = e.response.status_code
-            reason = f"HTTP {code}: {e.response.text[:2000]}"
-            if 400 <= code < 500 and code not in (401, 403):
-                raise HotloadRefusedError(
-                    f"deployment {deployment_id!r} refused snapshot {identity!r} ({reason})"
-                ) from e
-            raise DeploymentError(
-                f"hot-load of {identity!r} on deployment {deployment_id!r} failed ({reason})"
-            ) from e
-        except httpx.HTTPError as e:
-            raise DeploymentError(
-                f"hot-load of {identity!r} on deployment {deployment_id!r} failed: "
-                f"{type(e).__name__}: {e}"
-            ) from e
-        if not ok:
-            detail = getattr(mgr, "last_hotload_error_message", None) or "no detail reported"
-            if "did not complete within" in str(detail):
-                raise HotloadTimeoutError(str(detail))
-            raise HotloadFailedError(str(detail))
-
-    def _warmup(self, mgr: HotloadManager, deployment_id: str, identity: str) -> bool:
-        from weightsync.deployment.manager import DeploymentManager
-
-        if isinstance(mgr, DeploymentManager):
-            # A LoRA adapter is addressed by its identity; warm up that, not the base.
-            model = identity if self.lora_rank > 0 else self.base_model or deployment_id
-            return mgr.warmup(
-                model,
-                max_retries=self.warmup_max_retries,
-                retry_interval_s=self.warmup_retry_interval_s,
-                deployment_id=deployment_id,
-                prompt=self.warmup_prompt,
-            )
-        try:  # the SDK's manager, as the SDK's syncer calls it
-            return bool(
-                mgr.warmup(
-                    self._sdk_model(mgr, deployment_id),
-                    max_retries=self.warmup_max_retries,
-                    retry_interval_s=self.warmup_retry_interval_s,
-                )
-            )
-        except _MANAGER_ERRORS as e:  # warmup is never fatal (the SDK's rule too)
-            logger.warning("warmup of deployment %s failed: %s", deployment_id, e)
-            return False
-
-    @staticmethod
-    def _sdk_model(mgr: Any, deployment_id: str) -> str:
-        """The model name the SDK sends to a deployment: `accounts/{account}/deployments/{id}`."""
-        return f"accounts/{mgr.account_id}/deployments/{deployment_id}"
 
     def _can_recover(self, identity: str, timing: SyncTiming) -> bool:
         return (
@@ -712,12 +607,14 @@ class WeightSyncer:
         try:
             self._load(identity, watch, timing)
         except WeightSyncError as e:
-            raise self._explain(e, identity, note=f"recovery after: {error}") from e
+            self._add_context(e, identity, note=f"recovery after: {error}")
+            raise
         timing["recovered"] = True
         return identity
 
-    def _explain(self, error: WeightSyncError, identity: str, *, note: str = "") -> WeightSyncError:
-        """The same kind of error, with the identity, what the deployment reports, what to do."""
+    def _add_context(self, error: WeightSyncError, identity: str, *, note: str = "") -> None:
+        """Add to `error`'s message, in place, the identity, what the deployment reports and
+        what to do; the error itself (its type, attributes, cause) propagates unchanged."""
         from weightsync.deployment.manager import describe_status
 
         reported = "unavailable"
@@ -726,7 +623,7 @@ class WeightSyncer:
                 reported = describe_status(
                     self.deploy_mgr.hotload_check_status(self.deployment_id, self.base_model)
                 )
-            except _MANAGER_ERRORS as e:  # the report says it is unknown
+            except MANAGER_ERRORS as e:  # the report says it is unknown
                 reported = f"unavailable ({e})"
         if isinstance(error, HotloadRefusedError):
             todo = (
@@ -734,29 +631,21 @@ class WeightSyncer:
                 "base (or call reset_delta_chain()); recover_with_base=True does that inside "
                 "the same call"
             )
-            cls: type[WeightSyncError] = HotloadRefusedError
         elif isinstance(error, HotloadFailedError):
             todo = (
                 "the deployment keeps serving its previous snapshot; verify the snapshot "
                 "(`weightsync snapshot verify`), check storage, then reset_delta_chain() "
                 "and save again"
             )
-            cls = HotloadFailedError
         elif isinstance(error, TimeoutError):
             todo = (
                 f"raise hotload_timeout (now {self.hotload_timeout}s) or check the deployment's log"
             )
-            cls = HotloadTimeoutError
         else:
             todo = "check that the deployment is running and reachable, then retry"
-            cls = DeploymentError if isinstance(error, DeploymentError) else type(error)
-        message = (
-            f"deployment {self.deployment_id!r} did not load {identity!r}: {error}. "
-            f"Deployment reports: {reported}. What to do: {todo}."
-        )
+        after = f". Deployment reports: {reported}. What to do: {todo}."
         if note:
-            message += f" ({note})"
-        try:
-            return cls(message)
-        except TypeError:
-            return DeploymentError(message)
+            after += f" ({note})"
+        error.add_context(
+            before=f"deployment {self.deployment_id!r} did not load {identity!r}: ", after=after
+        )
