@@ -465,7 +465,12 @@ def test_a_replica_added_later_serves_the_adapters_and_scaling_down_drains_it(
         ray_deployment.scale(len(before) + 1)
         wait_all_at(url, head, len(before) + 1, timeout_s=180)
         (late,) = {r["replica_id"] for r in status(url)} - before
-        time.sleep(1.0)  # the late replica takes its share of the traffic
+        # Round robin over the admitted replicas: the late one answers one in each cycle.
+        target = len(answered) + 2 * (len(before) + 1)
+        deadline = time.monotonic() + 60
+        while len(answered) < target and not failed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(answered) >= target or failed, "the traffic stalled"
     finally:
         stop.set()
         sender.join(60)
