@@ -147,11 +147,16 @@ def test_async_samples_share_one_connection_per_event_loop(relay: Relay) -> None
     assert relay.accepted == 1
     assert relay.wait_open(0) == 0  # `async with` closed it inside its loop
 
+    # Without aclose(), the end of asyncio.run's loop closes that loop's pool.
+    for _ in range(2):
+        asyncio.run(sampler.sample_with_tokens(prompt_token_ids=PROMPT, max_tokens=1))
+    assert relay.accepted == 3 and relay.wait_open(0) == 0
+
     # sample_batch runs its own loop: its requests share that loop's pool, closed at the end.
     prompts = [[{"role": "user", "content": f"hi {i}"}] for i in range(4)]
     batches = sampler.sample_batch(prompts, max_tokens=1)
     assert len(batches) == 4 and all(len(b) == 1 for b in batches)
-    assert 1 < relay.accepted <= 1 + len(prompts)
+    assert 3 < relay.accepted <= 3 + len(prompts)
     assert relay.wait_open(0) == 0
     sampler.close()
 

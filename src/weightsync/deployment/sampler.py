@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import weakref
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -90,7 +91,8 @@ class DeploymentSampler:
     Lifetime of its connections: `sample` uses one pooled client, opened on first use
     and kept until `close()`. The async methods use one pooled client per event loop,
     kept while that loop lives: `await aclose()` (or `async with sampler`) closes it
-    inside the loop; `sample_batch` closes the one of the loop it runs. `with sampler`
+    inside the loop, and the loop's own end does otherwise (`asyncio.run` finalizes it);
+    `sample_batch` closes the one of the loop it runs. `with sampler`
     closes the synchronous pool on exit. `transport=` / `async_transport=` replace the
     network (httpx's seam: a recording or fault-injecting transport in tests).
     """
@@ -128,9 +130,10 @@ class DeploymentSampler:
         self._async_transport = async_transport
         self._lock = threading.Lock()
         self._http: DeploymentHTTP | None = None
-        # One async pool per event loop (an entry goes when its loop is collected).
+        # One async pool per event loop (an entry goes when its loop is collected), each
+        # held open by an async generator the loop finalizes (see `_pool_lifetime`).
         self._async_http: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, AsyncDeploymentHTTP
+            asyncio.AbstractEventLoop, tuple[AsyncDeploymentHTTP, _PoolLifetime]
         ] = weakref.WeakKeyDictionary()
 
     # --- connections ----------------------------------------------------------
@@ -147,11 +150,12 @@ class DeploymentSampler:
                 )
             return self._http
 
-    def _async_client(self) -> AsyncDeploymentHTTP:
+    async def _async_client(self) -> AsyncDeploymentHTTP:
         loop = asyncio.get_running_loop()
         with self._lock:
-            client = self._async_http.get(loop)
-            if client is None:
+            entry = self._async_http.get(loop)
+            opened = entry is None
+            if entry is None:
                 client = AsyncDeploymentHTTP(
                     headers=self._headers,
                     verify_ssl=self._verify_ssl,
@@ -159,8 +163,10 @@ class DeploymentSampler:
                     retry=self._retry,
                     transport=self._async_transport,
                 )
-                self._async_http[loop] = client
-            return client
+                entry = self._async_http[loop] = (client, _pool_lifetime(client))
+        if opened:
+            await anext(entry[1])  # started: the loop now finalizes it (never suspends)
+        return entry[0]
 
     def close(self) -> None:
         """Close the synchronous pool (a later `sample` opens a new one)."""
@@ -176,9 +182,9 @@ class DeploymentSampler:
 
     async def _close_loop_pool(self) -> None:
         with self._lock:
-            client = self._async_http.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+            entry = self._async_http.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            await entry[1].aclose()  # its `finally` closes the pool
 
     def __enter__(self) -> Self:
         return self
@@ -288,7 +294,8 @@ class DeploymentSampler:
         path, body, prompt_ids = request
         if _too_long(prompt_ids, max_seq_len):
             return []
-        response = await self._async_client().post_json(self.inference_url + path, body)
+        client = await self._async_client()
+        response = await client.post_json(self.inference_url + path, body)
         return self._parse(
             response, prompt_ids, chat=path == CHAT_COMPLETIONS_PATH, logprobs=logprobs
         )
@@ -421,6 +428,22 @@ class DeploymentSampler:
                 )
             )
         return results
+
+
+_PoolLifetime = AsyncGenerator[AsyncDeploymentHTTP, None]
+
+
+async def _pool_lifetime(client: AsyncDeploymentHTTP) -> _PoolLifetime:
+    """Hold one event loop's pool open until closed, or until the loop itself ends.
+
+    Started inside the loop, the generator is finalized by it (PEP 525): `asyncio.run`
+    closes it at the loop's end (`shutdown_asyncgens`), so a caller that never awaited
+    `aclose()` still has its connections closed inside the loop they belong to.
+    """
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 def _too_long(prompt_ids: list[int] | None, max_seq_len: int | None) -> bool:
