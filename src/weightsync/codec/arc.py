@@ -28,7 +28,7 @@ import zstandard
 
 from weightsync.codec.base import Codec, Patch
 from weightsync.codec.bits import bits
-from weightsync.codec.framing import check_pair, decompress_zlib_capped, decompress_zstd_capped
+from weightsync.codec.framing import check_pair, decompress_zlib_into, decompress_zstd_into
 from weightsync.codec.registry import register_codec
 from weightsync.errors import SnapshotCorruptError
 
@@ -73,22 +73,24 @@ class _ArcXor(Codec):
             f"{self.name} payload (a {tuple(old.shape)} {old.dtype} tensor of "
             f"{old_bits.nbytes} bytes)"
         )
+        # The XOR stream lands in the patch's own array (one tensor of memory).
+        new_bits = np.empty_like(old_bits)
         try:
-            raw = self._decompress(payload, old_bits.nbytes, what)
+            self._decompress_into(payload, new_bits, what)
         except SnapshotCorruptError as e:
             raise SnapshotCorruptError(
                 f"{e} — if the payload is not {self.compressor}, check the snapshot's "
                 "compression_format"
             ) from e
-        return Patch(None, np.bitwise_xor(old_bits, np.frombuffer(raw, dtype=old_bits.dtype)))
+        return Patch(None, np.bitwise_xor(new_bits, old_bits, out=new_bits))
 
     @abstractmethod
     def _compress(self, data: memoryview) -> bytes:
         """The frame of `data`, byte-exact with fireworks-delta-compression."""
 
     @abstractmethod
-    def _decompress(self, payload: bytes | memoryview, size_bytes: int, what: str) -> bytes:
-        """Exactly `size_bytes` bytes, never more produced; else `SnapshotCorruptError`."""
+    def _decompress_into(self, payload: bytes | memoryview, out: np.ndarray, what: str) -> None:
+        """Fill `out` exactly, never producing more; else `SnapshotCorruptError`."""
 
 
 @register_codec
@@ -100,8 +102,8 @@ class ArcV1Codec(_ArcXor):
     def _compress(self, data: memoryview) -> bytes:
         return zlib.compress(data, ZLIB_LEVEL)
 
-    def _decompress(self, payload: bytes | memoryview, size_bytes: int, what: str) -> bytes:
-        return decompress_zlib_capped(payload, size_bytes, what=what, exact=True)
+    def _decompress_into(self, payload: bytes | memoryview, out: np.ndarray, what: str) -> None:
+        decompress_zlib_into(payload, out, what=what)
 
 
 @register_codec
@@ -113,8 +115,8 @@ class ArcV2Codec(_ArcXor):
     def _compress(self, data: memoryview) -> bytes:
         return zstd_compress(data)
 
-    def _decompress(self, payload: bytes | memoryview, size_bytes: int, what: str) -> bytes:
-        return decompress_zstd_capped(payload, size_bytes, what=what, exact=True)
+    def _decompress_into(self, payload: bytes | memoryview, out: np.ndarray, what: str) -> None:
+        decompress_zstd_into(payload, out, what=what)
 
 
 def zstd_compress(data: bytes | memoryview, level: int = ZSTD_LEVEL) -> bytes:

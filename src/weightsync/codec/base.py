@@ -4,6 +4,11 @@ A codec never sees files, HTTP or models: it gets two same-shaped tensors of one
 supported dtype and returns an opaque payload; decoding yields a `Patch` (the
 changed positions and their new bits) that can be applied in place onto the old
 buffer, so a replica holds at most one extra copy of the *changed* data.
+
+A patch takes whichever form holds fewer bytes: sparse (int64 positions + new bits,
+`(8 + itemsize)` bytes a change) or dense (the tensor's new bits, no positions).
+`Codec.decode_compact` returns that form; a codec that can write the dense form
+directly overrides it, so a delta touching most elements never builds positions.
 """
 
 from __future__ import annotations
@@ -49,6 +54,45 @@ class Patch:
         replaced = swap_in(view, self.positions, self.values)
         return Patch(self.positions, replaced)
 
+    def write_(self, target: torch.Tensor) -> None:
+        """`apply_` without an undo: a dense patch is copied in, nothing else allocated.
+
+        A sparse patch's positions outside `target` still raise `IndexError` with
+        `target` unchanged (the replaced bits of one tensor are held transiently).
+        """
+        view = bits(target)
+        if self.positions is None:
+            if self.values.size != view.size:
+                raise ValueError(
+                    f"a dense patch of {self.values.size} values cannot fill {view.size} elements"
+                )
+            view[:] = self.values
+            return
+        swap_in(view, self.positions, self.values)
+
+
+def sparse_bytes(num_changed: int, itemsize: int) -> int:
+    """Bytes a sparse patch of `num_changed` elements holds: int64 positions + new bits."""
+    return num_changed * (8 + itemsize)
+
+
+def compact(patch: Patch, old: torch.Tensor) -> Patch:
+    """`patch` (against `old`) in whichever form holds fewer bytes.
+
+    A sparse patch larger than the tensor's new bits becomes dense: `old`'s bits with
+    the changes written in. Positions out of range keep it sparse, for the
+    verification to refuse.
+    """
+    positions = patch.positions
+    numel = old.numel()
+    if positions is None or patch.nbytes <= numel * patch.values.dtype.itemsize:
+        return patch
+    if positions.size and (int(positions.min()) < 0 or int(positions.max()) >= numel):
+        return patch
+    dense = bits(old.detach().contiguous()).reshape(-1).copy()
+    dense[positions] = patch.values
+    return Patch(None, dense)
+
 
 class Codec(ABC):
     """A lossless encoding of the new bits of a tensor given its old bits."""
@@ -75,6 +119,14 @@ class Codec(ABC):
 
         `old` is only read. Raises `SnapshotCorruptError` on a malformed payload.
         """
+
+    def decode_compact(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:
+        """`decode_patch`, in whichever form holds fewer bytes (see `compact`).
+
+        Codecs that know the change count before decoding override this to write a
+        dense patch straight into a copy of `old`'s bits (no positions built).
+        """
+        return compact(self.decode_patch(payload, old), old)
 
     def decode(
         self, payload: bytes | memoryview, old: torch.Tensor, *, inplace: bool = False

@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+import numpy as np
 import torch
 import xxhash
 import zstandard
@@ -132,14 +133,7 @@ def decompress_zstd_capped(
     if max_output_bytes < 0:
         raise InvalidInputError(f"max_output_bytes must be >= 0, got {max_output_bytes}")
     view = memoryview(data).cast("B")
-    try:
-        declared = zstandard.frame_content_size(view) if len(view) >= 4 else -1
-    except zstandard.ZstdError as e:
-        raise SnapshotCorruptError(
-            f"{what} is not a zstd stream ({e}); re-fetch or re-save the snapshot"
-        ) from e
-    if declared > max_output_bytes:  # refused without decoding a byte
-        raise _bomb(what, max_output_bytes)
+    _check_declared_size(view, max_output_bytes, what)
     try:
         with zstandard.ZstdDecompressor().stream_reader(view, read_across_frames=True) as reader:
             out = reader.read(max_output_bytes + 1)
@@ -157,6 +151,93 @@ def decompress_zstd_capped(
     if exact and len(out) != max_output_bytes:
         raise _short(what, len(out), max_output_bytes)
     return out
+
+
+def decompress_zstd_into(
+    data: bytes | bytearray | memoryview, out: np.ndarray, *, what: str
+) -> None:
+    """Decompress zstd `data` into `out`, which it must fill exactly (no other buffer).
+
+    `decompress_zstd_capped(..., exact=True)` with the caller's array as the output:
+    a dense codec decodes a tensor's stream without a second tensor-sized bytes
+    object. More output than `out` holds is refused after at most one byte more.
+    """
+    target = _byte_target(out)
+    view = memoryview(data).cast("B")
+    _check_declared_size(view, len(target), what)
+    filled = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(view, read_across_frames=True) as reader:
+            while filled < len(target):
+                n = reader.readinto(target[filled:])
+                if not n:
+                    break
+                filled += n
+            extra = reader.read(1)
+    except zstandard.ZstdError as e:
+        raise SnapshotCorruptError(
+            f"{what} is not a valid zstd stream ({e}); re-fetch or re-save the snapshot"
+        ) from e
+    if extra:
+        raise _bomb(what, len(target))
+    if filled != len(target):
+        raise _short(what, filled, len(target))
+
+
+def decompress_zlib_into(
+    data: bytes | bytearray | memoryview, out: np.ndarray, *, what: str, wbits: int = zlib.MAX_WBITS
+) -> None:
+    """`decompress_zstd_into` for one zlib stream (inflated piece by piece into `out`)."""
+    target = _byte_target(out)
+    inflater = zlib.decompressobj(wbits)
+    filled = 0
+    pending: bytes | bytearray | memoryview = data
+    try:
+        while not inflater.eof:
+            room = len(target) - filled
+            piece = inflater.decompress(pending, min(_INFLATE_PIECE_BYTES, room + 1))
+            if len(piece) > room:
+                raise _bomb(what, len(target))
+            target[filled : filled + len(piece)] = piece
+            filled += len(piece)
+            pending = inflater.unconsumed_tail
+            if not piece and not pending:
+                break  # the input ended before the stream did
+    except zlib.error as e:
+        raise SnapshotCorruptError(
+            f"{what} is not a valid zlib stream ({e}); re-fetch or re-save the snapshot"
+        ) from e
+    if not inflater.eof:
+        raise _short(what, filled, len(target))
+    if inflater.unused_data:
+        raise SnapshotCorruptError(
+            f"{what} has {len(inflater.unused_data)} bytes after its zlib stream; re-fetch or "
+            "re-save the snapshot"
+        )
+    if filled != len(target):
+        raise _short(what, filled, len(target))
+
+
+#: Output inflated per step by `decompress_zlib_into` (bounds its scratch bytes).
+_INFLATE_PIECE_BYTES = 1 << 20
+
+
+def _byte_target(out: np.ndarray) -> memoryview:
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise InvalidInputError("the output array must be C-contiguous and writeable")
+    return out.reshape(-1).view(np.uint8).data
+
+
+def _check_declared_size(view: memoryview, max_output_bytes: int, what: str) -> None:
+    """Refuse, without decoding a byte, a first frame that declares more than the cap."""
+    try:
+        declared = zstandard.frame_content_size(view) if len(view) >= 4 else -1
+    except zstandard.ZstdError as e:
+        raise SnapshotCorruptError(
+            f"{what} is not a zstd stream ({e}); re-fetch or re-save the snapshot"
+        ) from e
+    if declared > max_output_bytes:
+        raise _bomb(what, max_output_bytes)
 
 
 def decompress_zlib_capped(

@@ -38,7 +38,7 @@ import torch
 import zstandard
 
 from weightsync.codec import wsdelta_kernels as kernels
-from weightsync.codec.base import Codec, Patch
+from weightsync.codec.base import Codec, Patch, sparse_bytes
 from weightsync.codec.bits import bits, uint_dtype
 from weightsync.codec.framing import (
     check_pair,
@@ -188,13 +188,23 @@ class WsDelta1Codec(Codec):
         return seal(parts)
 
     def decode_patch(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:
+        return self._decode(payload, old, dense_when_smaller=False)
+
+    def decode_compact(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:
+        """The chunk table gives the change count before anything is decoded: when
+        positions + values would outweigh the tensor, every chunk decodes straight into
+        a copy of the old bits (one tensor of memory, no positions at all)."""
+        return self._decode(payload, old, dense_when_smaller=True)
+
+    def _decode(
+        self, payload: bytes | memoryview, old: torch.Tensor, *, dense_when_smaller: bool
+    ) -> Patch:
         body = open_payload(payload, MAGIC, old, NAME)
         old_bits = bits(old.contiguous())
         n = old_bits.size
         rows, offset = _read_table(body, n)
         total = sum(r[2] for r in rows)
-        positions = np.empty(total, dtype=np.int64)
-        values = np.empty(total, dtype=uint_dtype(old))
+        dense = dense_when_smaller and sparse_bytes(total, old_bits.itemsize) > old_bits.nbytes
         jobs = []
         out_offset = 0
         for index, row in enumerate(rows):
@@ -207,6 +217,13 @@ class WsDelta1Codec(Codec):
             out_offset += row[2]
         if offset != len(body):
             raise corrupt(NAME, f"{len(body) - offset} trailing bytes after the last chunk")
+        if dense:
+            into = old_bits.copy()
+            _map(lambda start, row, streams, _: _decode_chunk_into(into, start, row, streams),
+                 jobs)  # fmt: skip
+            return Patch(None, into)
+        positions = np.empty(total, dtype=np.int64)
+        values = np.empty(total, dtype=uint_dtype(old))
 
         def run(start: int, row: tuple[int, ...], streams: list[memoryview], at: int) -> None:
             _decode_chunk(
@@ -250,30 +267,42 @@ def _read_table(body: memoryview, n: int) -> tuple[list[tuple[int, ...]], int]:
     return rows, offset
 
 
-def _decode_chunk(
-    old: np.ndarray,
-    *,
-    start: int,
-    stop: int,
-    row: tuple[int, ...],
-    streams: list[memoryview],
-    positions: np.ndarray,
-    values: np.ndarray,
-    at: int,
+def _decode_chunk_into(
+    dense: np.ndarray, start: int, row: tuple[int, ...], streams: list[memoryview]
 ) -> None:
+    """Decode one chunk over its old bits in `dense` (a copy of the old tensor's bits)."""
+    stop = min(start + CHUNK_ELEMENTS, dense.size)
     mode, k, m = row[0], row[1], row[2]
     count = stop - start
     if mode == MODE_UNCHANGED:
-        if m != 0 or any(len(s) for s in streams):
-            raise corrupt(NAME, f"unchanged chunk at element {start} carries data")
+        _check_unchanged(start, m, streams)
         return
     if mode == MODE_DENSE:
-        if m != count or len(streams[0]) != count * old.dtype.itemsize:
-            raise corrupt(NAME, f"dense chunk at element {start} has the wrong size")
-        positions[at : at + m] = np.arange(start, stop, dtype=np.int64)
-        values[at : at + m] = np.frombuffer(streams[0], dtype=old.dtype)
+        _check_dense(start, m, count, dense.dtype.itemsize, streams)
+        dense[start:stop] = np.frombuffer(streams[0], dtype=dense.dtype)
         return
-    # The chunk's row bounds both streams: a frame claiming more is refused unread.
+    sym, low, big = _sparse_streams(start, count, m, k, streams)
+    width = dense.dtype.itemsize * 8
+    status = kernels.decode_sparse_in_place(sym, low, big, dense, start, count, m, k, width)
+    if status != kernels.OK:
+        raise corrupt(NAME, f"chunk at element {start}: stream error {status}")
+
+
+def _check_unchanged(start: int, m: int, streams: list[memoryview]) -> None:
+    if m != 0 or any(len(s) for s in streams):
+        raise corrupt(NAME, f"unchanged chunk at element {start} carries data")
+
+
+def _check_dense(start: int, m: int, count: int, itemsize: int, streams: list[memoryview]) -> None:
+    if m != count or len(streams[0]) != count * itemsize:
+        raise corrupt(NAME, f"dense chunk at element {start} has the wrong size")
+
+
+def _sparse_streams(
+    start: int, count: int, m: int, k: int, streams: list[memoryview]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A sparse chunk's symbol, low-bit and magnitude streams, decompressed within the
+    bounds its row sets: a frame claiming more is refused unread."""
     where = f"{NAME} chunk at element {start}"
     sym = np.frombuffer(
         decompress_zstd_capped(
@@ -291,7 +320,31 @@ def _decode_chunk(
         if len(streams[2])
         else np.empty(0, dtype=np.uint8)
     )
-    low = np.frombuffer(streams[1], dtype=np.uint8)
+    return sym, np.frombuffer(streams[1], dtype=np.uint8), big
+
+
+def _decode_chunk(
+    old: np.ndarray,
+    *,
+    start: int,
+    stop: int,
+    row: tuple[int, ...],
+    streams: list[memoryview],
+    positions: np.ndarray,
+    values: np.ndarray,
+    at: int,
+) -> None:
+    mode, k, m = row[0], row[1], row[2]
+    count = stop - start
+    if mode == MODE_UNCHANGED:
+        _check_unchanged(start, m, streams)
+        return
+    if mode == MODE_DENSE:
+        _check_dense(start, m, count, old.dtype.itemsize, streams)
+        positions[at : at + m] = np.arange(start, stop, dtype=np.int64)
+        values[at : at + m] = np.frombuffer(streams[0], dtype=old.dtype)
+        return
+    sym, low, big = _sparse_streams(start, count, m, k, streams)
     width = old.dtype.itemsize * 8
     status = kernels.decode_sparse(
         sym, low, big, old, start, count, m, k, width, positions, values, at

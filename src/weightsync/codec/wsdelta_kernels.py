@@ -171,6 +171,49 @@ def decode_sparse(  # noqa: PLR0917
     out_offset: int,
 ) -> int:
     """Inverse of `emit_sparse`; writes absolute positions and new bits. Returns a status."""
+    return _decode_changes(
+        sym, low, big, old, start, count, m, k, width, pos_out, val_out, out_offset, False
+    )
+
+
+@_kernel
+def decode_sparse_in_place(  # noqa: PLR0917
+    sym: np.ndarray,
+    low: np.ndarray,
+    big: np.ndarray,
+    dense: np.ndarray,
+    start: int,
+    count: int,
+    m: int,
+    k: int,
+    width: int,
+) -> int:
+    """`decode_sparse` into `dense`, a copy of the old bits: each changed element's old
+    bits are read, then its new bits written over them (positions strictly increase, so
+    none is read after it is written). No positions are built. Returns a status; on an
+    error `dense` is partly written (the caller discards it)."""
+    return _decode_changes(
+        sym, low, big, dense, start, count, m, k, width,
+        np.empty(0, dtype=np.int64), dense[:0], 0, True,
+    )  # fmt: skip
+
+
+@_kernel
+def _decode_changes(  # noqa: PLR0917
+    sym: np.ndarray,
+    low: np.ndarray,
+    big: np.ndarray,
+    old: np.ndarray,
+    start: int,
+    count: int,
+    m: int,
+    k: int,
+    width: int,
+    pos_out: np.ndarray,
+    val_out: np.ndarray,
+    out_offset: int,
+    in_place: bool,
+) -> int:
     sign = np.int64(1) << (width - 1)
     mask = (np.int64(1) << width) - 1
     low_mask = np.uint64((np.int64(1) << k) - 1)
@@ -234,8 +277,11 @@ def decode_sparse(  # noqa: PLR0917
         if s & 1:
             d = -d
         ko = _key(np.int64(old[start + p]), sign, mask)
-        pos_out[out_offset + j] = start + p
-        val_out[out_offset + j] = _unkey((ko + d) & mask, sign, mask)
+        if in_place:
+            old[start + p] = _unkey((ko + d) & mask, sign, mask)
+        else:
+            pos_out[out_offset + j] = start + p
+            val_out[out_offset + j] = _unkey((ko + d) & mask, sign, mask)
     if si != nsym or bi != nbig or li != nlow:
         return ERR_TRAILING
     return OK

@@ -14,7 +14,7 @@ from weightsync.codec.base import Codec, Patch
 from weightsync.codec.bits import bits
 from weightsync.codec.framing import (
     check_pair,
-    decompress_zstd_capped,
+    decompress_zstd_into,
     open_payload,
     pack_header,
     seal,
@@ -40,5 +40,8 @@ class XorZstdCodec(Codec):
     def decode_patch(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:
         body = open_payload(payload, MAGIC, old, NAME)
         old_bits = bits(old.contiguous())
-        raw = decompress_zstd_capped(body, old_bits.nbytes, what=f"{NAME} XOR stream", exact=True)
-        return Patch(None, np.bitwise_xor(old_bits, np.frombuffer(raw, dtype=old_bits.dtype)))
+        # The XOR stream lands in the patch's own array and is turned into the new bits
+        # there: one tensor of memory, not a stream plus a result.
+        new_bits = np.empty_like(old_bits)
+        decompress_zstd_into(body, new_bits, what=f"{NAME} XOR stream")
+        return Patch(None, np.bitwise_xor(new_bits, old_bits, out=new_bits))

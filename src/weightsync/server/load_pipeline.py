@@ -464,7 +464,8 @@ class LoadPipeline:
                 n: Patch(None, bits(t.contiguous()).copy()) for n, t in fetched.tensors().items()
             }
         else:
-            patches = fetched.patches(live, dense_when_smaller=True)
+            # Each shard's bytes are dropped once its tensors are decoded.
+            patches = fetched.patches(live, dense_when_smaller=True, release=True)
         t2 = time.perf_counter()
         report.decode_s = t2 - t1
         if manifest.kind == "delta":

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_torch
 
 from weightsync.codec import Patch, get_codec
+from weightsync.codec.base import compact
 from weightsync.codec.bits import bits, dtype_name
 from weightsync.errors import (
     ChainError,
@@ -35,6 +36,7 @@ from weightsync.errors import (
     UnknownChecksumError,
     UnknownCodecError,
     UnsupportedDtypeError,
+    UnsupportedOperationError,
 )
 from weightsync.identity import validate_identity
 from weightsync.snapshot import fireworks_layout
@@ -70,6 +72,7 @@ class FetchedSnapshot:
     manifest: Manifest
     files: dict[str, bytes]
     _payloads: dict[str, memoryview] | None = field(default=None, repr=False)
+    _released: bool = field(default=False, repr=False)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Base / LoRA: the tensors, each checked against its manifest checksum."""
@@ -109,6 +112,11 @@ class FetchedSnapshot:
         m = self.manifest
         if m.kind != "delta" or m.compression_format is None:
             raise ChainError(f"snapshot {m.identity!r} is a {m.kind}, not a delta")
+        if self._released:
+            raise UnsupportedOperationError(
+                f"snapshot {m.identity!r}: its payloads were released as its patches were "
+                "decoded (patches(release=True)); fetch it again to decode it again"
+            )
         if self._payloads is None:
             payloads: dict[str, memoryview] = {}
             pieced = {n for n, e in m.tensors.items() if e.pieces}
@@ -133,20 +141,35 @@ class FetchedSnapshot:
         return self._payloads
 
     def patches(
-        self, current: Mapping[str, torch.Tensor], *, dense_when_smaller: bool = False
+        self,
+        current: Mapping[str, torch.Tensor],
+        *,
+        dense_when_smaller: bool = False,
+        release: bool = False,
     ) -> dict[str, Patch]:
-        """Delta: one patch per tensor against `current` (read only).
+        """Delta: one patch per tensor against `current` (read only), keyed in name order.
 
         A tensor missing from `current`, or of another shape or dtype, is a `ChainError`.
-        `dense_when_smaller`: a patch whose positions + values take more bytes than the
-        whole tensor's new bits becomes a dense patch, one tensor at a time (a delta that
-        changes most elements then holds about one copy of the model, not five).
+        `dense_when_smaller`: each patch takes whichever form holds fewer bytes — a
+        patch whose positions + values would outweigh the tensor's new bits is held as
+        those bits, decoded straight into them where the codec can (`Codec.decode_compact`;
+        a delta that changes most elements then holds about one copy of the model, not
+        five). `release`: the fetched bytes are dropped as they are used — each weight
+        file as soon as every tensor it holds is decoded — so the payload and the
+        patches are never both held whole; afterwards this snapshot holds no payload.
         """
         m = self.manifest
         codec = get_codec(m.compression_format or "")
         payloads = self.payloads()
+        # Tensors in the order their last file is reached, so files are freed early.
+        order = {f: i for i, f in enumerate(_weight_files(m))}
+        last_file = {n: max(order[f] for f in e.payload_files) for n, e in m.tensors.items()}
+        users = dict.fromkeys(order, 0)
+        for entry in m.tensors.values():
+            for file in set(entry.payload_files):
+                users[file] += 1
         patches: dict[str, Patch] = {}
-        for name in sorted(m.tensors):
+        for name in sorted(m.tensors, key=lambda n: (last_file[n], n)):
             entry = m.tensors[name]
             old = current.get(name)
             if old is None:
@@ -162,15 +185,37 @@ class FetchedSnapshot:
                 )
             if entry.pieces:
                 patch = _pieced_patch(m, name, old, payloads)
+                if dense_when_smaller:
+                    patch = compact(patch, old)
             else:
+                decode = codec.decode_compact if dense_when_smaller else codec.decode_patch
                 try:
-                    patch = codec.decode_patch(payloads[name], old)
+                    patch = decode(payloads[name], old)
                 except SnapshotCorruptError as e:
                     raise SnapshotCorruptError(
                         f"snapshot {m.identity!r}, tensor {name!r} ({entry.file}): {e}"
                     ) from e
-            patches[name] = _densified(patch, old) if dense_when_smaller else patch
-        return patches
+            patches[name] = patch
+            del patch
+            if release:
+                self._release(name, users)
+        if release:
+            self._released = True
+        return {name: patches[name] for name in sorted(patches)}
+
+    def _release(self, name: str, users: dict[str, int]) -> None:
+        """Drop `name`'s payload views, and each of its files no tensor still needs."""
+        entry = self.manifest.tensors[name]
+        assert self._payloads is not None  # set by payloads()
+        if entry.pieces:
+            for piece in entry.pieces:
+                self._payloads.pop(_piece_key(piece.file, name), None)
+        else:
+            self._payloads.pop(name, None)
+        for file in set(entry.payload_files):
+            users[file] -= 1
+            if users[file] == 0:
+                self.files.pop(file, None)
 
     def verify_patched(self, name: str, current: Mapping[str, torch.Tensor], patch: Patch) -> None:
         """Apply `patch` to a scratch copy of `current[name]` and check the manifest checksum."""
@@ -381,20 +426,6 @@ class SnapshotStore:
             return report
         report.tensors_checked = len(weights)
         return report
-
-
-def _densified(patch: Patch, old: torch.Tensor) -> Patch:
-    """`patch` as a dense patch when that holds fewer bytes; positions out of range keep it
-    sparse (the verification refuses it then)."""
-    positions = patch.positions
-    numel = old.numel()
-    if positions is None or patch.nbytes <= numel * patch.values.dtype.itemsize:
-        return patch
-    if positions.size and (int(positions.min()) < 0 or int(positions.max()) >= numel):
-        return patch
-    dense = bits(old.detach().contiguous()).reshape(-1).copy()
-    dense[positions] = patch.values
-    return Patch(None, dense)
 
 
 def _weight_files(m: Manifest) -> list[str]:

@@ -186,8 +186,8 @@ class TorchEngine(Engine):
     ) -> dict[str, Patch]:
         """Patch the live tensors in place; return the undo patches (see `Engine`).
 
-        With `keep_undo` all or none is applied; without, each tensor's undo is dropped
-        as soon as it is written (at most one tensor's undo is held). Does not wait for
+        With `keep_undo` all or none is applied; without, no undo is built (a dense patch
+        is copied in; a sparse one holds its replaced bits for one tensor). Does not wait for
         running generations: it takes only the step lock, which a generation holds just
         inside one forward step.
         """
@@ -206,10 +206,10 @@ class TorchEngine(Engine):
         with self._step_lock:
             try:
                 for name, patch in patches.items():
-                    back = patch.apply_(loaded.weights[name])
                     if keep_undo:
-                        undo[name] = back
-                    del back
+                        undo[name] = patch.apply_(loaded.weights[name])
+                    else:  # no undo built: a dense patch is a plain copy
+                        patch.write_(loaded.weights[name])
             except (ValueError, IndexError, UnsupportedDtypeError) as e:
                 for done, undo_patch in undo.items():
                     undo_patch.apply_(loaded.weights[done])
