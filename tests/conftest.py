@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 
+# Fixtures shared by several folders (each folder's own fixture of a name takes precedence).
+pytest_plugins = ["_support.training_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint_url() -> Iterator[str]:

@@ -22,6 +22,7 @@ from fireworks_delta_compression.backends import arc3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _support.bits import same_bits
 from weightsync.bench.codecs import measure_codec
 from weightsync.bench.methods import bench_methods
 from weightsync.codec import get_codec, list_codecs
@@ -60,10 +61,6 @@ def _standard(t: torch.Tensor) -> torch.Tensor:
     return out.copy_(t)
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(int_view(a), int_view(b))
-
-
 def _raw(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
@@ -92,10 +89,10 @@ def test_arc_v1_v2_bytes_equal_theirs_and_decode_both_ways(
         checksum=checksum,
         compression_format=codec,
     )
-    assert _same_bits(decoded.reshape(new.shape), new)
+    assert same_bits(decoded.reshape(new.shape), new)
     # ours decodes theirs, without touching `old`
     before = int_view(old).clone()
-    assert _same_bits(get_codec(codec).decode(theirs.numpy().tobytes(), old), new)
+    assert same_bits(get_codec(codec).decode(theirs.numpy().tobytes(), old), new)
     assert torch.equal(int_view(old), before)
 
 
@@ -141,7 +138,7 @@ def test_arc_v3_of_theirs_decodes_bit_exactly(
     patch = get_codec("arc_v3").decode_patch(payload, old)
     assert patch.positions is not None  # sparse: only the changed elements
     assert patch.num_changed == int((int_view(old) != int_view(new)).sum())
-    assert _same_bits(get_codec("arc_v3").decode(payload, old), new)
+    assert same_bits(get_codec("arc_v3").decode(payload, old), new)
 
 
 @pytest.mark.timeout(120)
@@ -151,7 +148,7 @@ def test_arc_v3_from_their_backend_decodes_bit_exactly(dtype: torch.dtype) -> No
         old, new = _pair(seed, dtype, (64, 48), density)
         theirs, checksum = fdc.delta_compress(src=old, dst=new, compression_format="arc_v3")
         decoded = get_codec("arc_v3").decode(theirs.numpy().tobytes(), old)
-        assert _same_bits(decoded, new)
+        assert same_bits(decoded, new)
         assert fireworks_checksum(_raw(decoded)) == checksum
 
 
@@ -164,7 +161,7 @@ def test_arc_v3_fallback_payload_decodes() -> None:
     diff, checksum = arc2_backend.compress(src=old, dst=new)
     blob = arc3.save({"tensor": diff}, metadata={"tensor": checksum, "fallback_name": name})
     assert not blob.startswith(ENVELOPE_PREFIX)
-    assert _same_bits(get_codec("arc_v3").decode(blob, old), new)
+    assert same_bits(get_codec("arc_v3").decode(blob, old), new)
     bad = arc3.save({"tensor": diff}, metadata={"tensor": checksum, "fallback_name": "lz4"})
     with pytest.raises(SnapshotCorruptError, match="fallback codec 'lz4'"):
         get_codec("arc_v3").decode_patch(bad, old)

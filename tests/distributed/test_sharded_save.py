@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _support.bits import same_bits
 from weightsync.server.app import create_app
 from weightsync.server.config import ReplicaConfig
 from weightsync.server.replica import Replica
@@ -86,14 +87,6 @@ def full_weights(out: Path, k: int, manifest: Manifest) -> dict[str, torch.Tenso
     assert set(manifest.tensors) <= set(full)
     assert set(full) - set(manifest.tensors) <= {"lm_head.weight"}  # tied to the embedding
     return {n: full[n] for n in manifest.tensors}
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.shape == b.shape
-        and a.dtype == b.dtype
-        and torch.equal(a.contiguous().view(torch.int16), b.contiguous().view(torch.int16))
-    )
 
 
 def check_chain(tmp_path: Path, results: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:

@@ -3,6 +3,7 @@
 The deployments serve the untrained tiny model from a Hugging Face directory; the
 trainers are weightsync `TrainingClient`s on the same storage (the SDK's
 `policy_client`). Every SDK object is built with its defaults except the URLs.
+`tok_dir`, `tokenizer`, `storage_dir` and `base_model_dir` are `_support.training_fixtures`.
 """
 
 from __future__ import annotations
@@ -13,38 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from fireworks_helpers import API_KEY
 
+from _support.training_fixtures import new_client
 from weightsync.deployment import DeploymentConfig, DeploymentManager
-from weightsync.toymodel import build_model, build_tokenizer, save_model_dir
 from weightsync.trainer import TrainingClient
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tok_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tok_dir))
-
-
-@pytest.fixture(scope="session")
-def storage_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("snapshots")
-
-
-@pytest.fixture(scope="session")
-def base_model_dir(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
-    return save_model_dir(
-        build_model("tiny", seed=0),
-        tmp_path_factory.mktemp("base") / "tiny-base",
-        tokenizer_dir=tok_dir,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -100,13 +74,7 @@ def make_client(storage_dir: Path, tok_dir: Path) -> Callable[..., TrainingClien
     """A training client with its defaults (arc_v2 deltas) and an optimizer."""
 
     def make(*, seed: int = 0, lora_rank: int = 0, **options: Any) -> TrainingClient:
-        model = build_model("tiny", seed=seed)
-        model.train()
-        client = TrainingClient(
-            model, storage=str(storage_dir), lora_rank=lora_rank, tokenizer_dir=tok_dir, **options
-        )
-        params = [p for p in client.model.parameters() if p.requires_grad]
-        client.optimizer = torch.optim.AdamW(params, lr=5e-2 if lora_rank else 1e-2)
-        return client
+        lr = 5e-2 if lora_rank else 1e-2
+        return new_client(storage_dir, tok_dir, seed=seed, lora_rank=lora_rank, lr=lr, **options)
 
     return make

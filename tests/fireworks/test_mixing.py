@@ -13,9 +13,9 @@ from fireworks_helpers import (
     assert_serves_trainer_bits,
     sdk_manager,
     serving,
-    train_step,
 )
 
+from _support.training import train_step
 from weightsync import DeploymentManager, WeightSyncer
 from weightsync.errors import HotloadRefusedError
 

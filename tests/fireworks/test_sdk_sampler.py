@@ -11,13 +11,13 @@ import asyncio
 import pytest
 from fireworks.training.sdk import DeploymentSampler as SdkDeploymentSampler
 from fireworks.training.sdk import WeightSyncer as SdkWeightSyncer
-from fireworks_helpers import (
-    API_KEY,
+from fireworks_helpers import API_KEY, sdk_manager
+
+from _support.training import (
     PROMPT,
     reference_greedy,
     reference_logprobs,
     reference_model,
-    sdk_manager,
     train_step,
 )
 
@@ -59,7 +59,7 @@ def test_sample_with_tokens_returns_the_trainers_tokens_and_logprobs(
         tokens = completion.full_tokens[completion.prompt_len :]
         assert len(tokens) == completion.completion_len > 0
         assert tokens == reference_greedy(reference, list(prompt_ids), len(tokens))
-        expected = reference_logprobs(reference, list(prompt_ids), tokens)
+        expected = reference_logprobs(reference, list(prompt_ids), tokens).tolist()
         assert completion.inference_logprobs == pytest.approx(expected, abs=LOGPROB_ATOL)
     sampler.close()
     mgr.close()

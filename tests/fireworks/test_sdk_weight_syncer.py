@@ -17,8 +17,9 @@ from fireworks_helpers import (
     sdk_manager,
     served_checksums,
     serving,
-    train_step,
 )
+
+from _support.training import train_step
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,8 +10,9 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from server_helpers import Chain, running_replica, snapshot_tensors, toy_model
+from server_helpers import Chain, running_replica
 
+from _support.models import snapshot_tensors, toy_model
 from weightsync.server.config import ReplicaConfig
 from weightsync.server.replica import Replica
 from weightsync.toymodel import build_tokenizer

@@ -1,4 +1,7 @@
-"""Helpers for the server tests: toy snapshots written by the real writer, a reference model."""
+"""Helpers for the server tests: toy snapshots written by the real writer, a reference model.
+
+The toy model and its snapshot tensors are `_support.models`.
+"""
 
 from __future__ import annotations
 
@@ -15,23 +18,9 @@ from weightsync.server.config import ReplicaConfig, ServedDeployment
 from weightsync.server.replica import Replica
 from weightsync.server.runner import ServerThread
 from weightsync.snapshot import Manifest, SnapshotStore, write_base, write_delta
-from weightsync.toymodel import build_model
 
-# A wider init than the default so greedy outputs vary token to token.
-INIT_RANGE = 0.2
 SESSION = "0badcafe"
 PROMPT_IDS = [5, 17, 33, 8, 90, 41, 12, 77, 64, 3, 99, 21, 40, 41, 42, 43, 44, 45]
-
-
-def toy_model(seed: int = 0, **overrides: Any) -> Any:
-    return build_model(
-        "tiny", seed=seed, dtype=torch.bfloat16, initializer_range=INIT_RANGE, **overrides
-    )
-
-
-def snapshot_tensors(model: Any) -> dict[str, torch.Tensor]:
-    """What a base snapshot holds: bf16 state dict with the tied `lm_head.weight` left out."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
 def perturb(weights: dict[str, torch.Tensor], seed: int, fraction: float = 0.05) -> dict[str, Any]:
@@ -156,14 +145,6 @@ def greedy(client: Any, prompt: list[int], max_tokens: int = 8, **headers: str) 
     )
     assert r.status_code == 200, r.text
     return dict(r.json())
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.shape == b.shape
-        and a.dtype == b.dtype
-        and torch.equal(a.contiguous().view(torch.int16), b.contiguous().view(torch.int16))
-    )
 
 
 @contextmanager

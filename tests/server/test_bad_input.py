@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from server_helpers import Chain, hot_load, snapshot_tensors, toy_model
+from server_helpers import Chain, hot_load
 
+from _support.models import snapshot_tensors, toy_model
 from weightsync.snapshot import write_base
 
 BASE, D1 = "base-0badcafe", "step1-0badcafe"

@@ -13,8 +13,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from server_helpers import PROMPT_IDS, Chain, reference_greedy, same_bits, toy_model
+from server_helpers import PROMPT_IDS, Chain, reference_greedy
 
+from _support.bits import same_bits
+from _support.models import toy_model
 from weightsync.toymodel import save_model_dir
 
 BASE, D1, D2, D3 = (f"{n}-0badcafe" for n in ("base", "step1", "step2", "step3"))

@@ -11,10 +11,10 @@ from server_helpers import (
     greedy,
     hot_load,
     reference_greedy,
-    same_bits,
     wait_loaded,
 )
 
+from _support.bits import same_bits
 from weightsync.codec import list_codecs
 
 BASE, D1, D2, D3 = (f"{n}-0badcafe" for n in ("base", "step1", "step2", "step3"))

@@ -7,8 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from server_helpers import SESSION, Chain, hot_load, snapshot_tensors, toy_model, wait_loaded
+from server_helpers import SESSION, Chain, hot_load, wait_loaded
 
+from _support.models import snapshot_tensors, toy_model
 from weightsync.snapshot.writer import write_base
 
 BASE, D1 = f"base-{SESSION}", f"step1-{SESSION}"

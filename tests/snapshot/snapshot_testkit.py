@@ -1,4 +1,4 @@
-"""Helpers shared by snapshot tests: toy weights, deterministic perturbations, bit equality."""
+"""Helpers shared by snapshot tests: toy weights, deterministic perturbations."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from collections.abc import Mapping
 
 import torch
 
-from weightsync.codec.bits import bits
 from weightsync.toymodel import build_model
 
 
@@ -39,11 +38,3 @@ def perturb(
         new[mask] = (t.float() + noise)[mask].to(t.dtype)
         out[name] = new
     return out
-
-
-def assert_bits_equal(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert tuple(a[name].shape) == tuple(b[name].shape), name
-        assert (bits(a[name].contiguous()) == bits(b[name].contiguous())).all(), name

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
-from snapshot_testkit import assert_bits_equal
 
+from _support.bits import assert_bits_equal
 from weightsync.snapshot import SnapshotStore, write_base, write_delta
 
 pytestmark = pytest.mark.timeout(30)

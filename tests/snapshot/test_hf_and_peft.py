@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from snapshot_testkit import assert_bits_equal, perturb, toy_weights
+from snapshot_testkit import perturb, toy_weights
 
+from _support.bits import assert_bits_equal
 from weightsync.errors import InvalidInputError
 from weightsync.snapshot import (
     SnapshotStore,

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from snapshot_testkit import assert_bits_equal, perturb, toy_weights
+from snapshot_testkit import perturb, toy_weights
 
+from _support.bits import assert_bits_equal
 from weightsync.errors import SnapshotCorruptError
 from weightsync.snapshot import (
     MANIFEST_FILE,

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from snapshot_testkit import assert_bits_equal, perturb, toy_weights
+from snapshot_testkit import perturb, toy_weights
 
+from _support.bits import assert_bits_equal
 from weightsync.codec import list_codecs
 from weightsync.snapshot import (
     CONFIG_FILE,

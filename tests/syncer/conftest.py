@@ -1,4 +1,7 @@
-"""Fixtures for the syncer tests: tiny real models, real clients, real local deployments."""
+"""Fixtures for the syncer tests: tiny real models, real clients, real local deployments.
+
+`tok_dir`, `tokenizer`, `storage_dir` and `base_model_dir` are `_support.training_fixtures`.
+"""
 
 from __future__ import annotations
 
@@ -8,38 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
+from _support.training_fixtures import new_client
 from weightsync.deployment import DeploymentConfig, DeploymentManager
-from weightsync.toymodel import build_model, build_tokenizer, save_model_dir
 from weightsync.trainer import TrainingClient
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tok_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tok_dir))
-
-
-@pytest.fixture(scope="session")
-def storage_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("snapshots")
-
-
-@pytest.fixture(scope="session")
-def base_model_dir(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> Path:
-    """The untrained tiny model (seed 0) as a Hugging Face directory, in bf16."""
-    return save_model_dir(
-        build_model("tiny", seed=0),
-        tmp_path_factory.mktemp("base") / "tiny-base",
-        tokenizer_dir=tok_dir,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -79,14 +54,7 @@ def start_deployment(
 @pytest.fixture
 def make_client(storage_dir: Path, tok_dir: Path) -> Callable[..., TrainingClient]:
     def make(*, seed: int = 0, lora_rank: int = 0, lr: float = 1e-2) -> TrainingClient:
-        model = build_model("tiny", seed=seed)
-        model.train()
-        client = TrainingClient(
-            model, storage=str(storage_dir), lora_rank=lora_rank, tokenizer_dir=tok_dir
-        )
-        params = [p for p in client.model.parameters() if p.requires_grad]
-        client.optimizer = torch.optim.AdamW(params, lr=lr)
-        return client
+        return new_client(storage_dir, tok_dir, seed=seed, lora_rank=lora_rank, lr=lr)
 
     return make
 

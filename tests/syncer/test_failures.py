@@ -6,8 +6,9 @@ import logging
 import socket
 
 import pytest
-from syncer_helpers import PROMPT, reference_logprobs, reference_model, serving, train_step
+from syncer_helpers import serving
 
+from _support.training import PROMPT, reference_logprobs, reference_model, train_step
 from weightsync import WeightSyncer
 from weightsync.deployment import DeploymentManager, RetryPolicy
 from weightsync.errors import (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from syncer_helpers import PROMPT, reference_logprobs, reference_model, train_step
 
+from _support.training import PROMPT, reference_logprobs, reference_model, train_step
 from weightsync import WeightSyncer
 
 pytestmark = pytest.mark.timeout(240)

@@ -6,15 +6,15 @@ import asyncio
 
 import pytest
 import torch
-from syncer_helpers import (
+from syncer_helpers import serving
+
+from _support.training import (
     PROMPT,
     reference_greedy,
     reference_logprobs,
     reference_model,
-    serving,
     train_step,
 )
-
 from weightsync import DEFAULT_CHECKSUM, WeightSyncer
 from weightsync.codec import checksum_tensor
 

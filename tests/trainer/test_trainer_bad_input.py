@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from trainer_testkit import assert_bit_equal, train_step
+from trainer_testkit import train_step
 
+from _support.bits import assert_bits_equal
 from weightsync.errors import (
     ChainError,
     InvalidIdentityError,
@@ -71,7 +72,7 @@ def test_a_failure_mid_write_publishes_nothing_and_keeps_the_chain(
     retry = client.save_weights_for_sampler_ext("broken")
     assert retry.checkpoint_type == "delta"
     assert retry.parent == good.snapshot_name
-    assert_bit_equal(store.materialize(retry.snapshot_name), client.exported_weights())
+    assert_bits_equal(store.materialize(retry.snapshot_name), client.exported_weights())
 
 
 def test_a_failed_first_base_leaves_the_next_save_a_base(tmp_path: Path, model: Any) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from trainer_testkit import assert_bit_equal, int_bits, train_step
+from trainer_testkit import train_step
 
+from _support.bits import assert_bits_equal, int_bits
 from weightsync.errors import InvalidInputError, StorageError
 from weightsync.snapshot import SnapshotStore, write_base, write_delta
 from weightsync.storage import LocalStorage
@@ -140,7 +141,7 @@ def test_a_failed_delta_leaves_the_chain_and_the_next_delta_is_still_exact(
     result = client.save_weights_for_sampler_ext("d3")
     assert result.parent == f"d1-{client.session_id}"
     store = SnapshotStore(storage)
-    assert_bit_equal(store.materialize(result.snapshot_name), client.exported_weights())
+    assert_bits_equal(store.materialize(result.snapshot_name), client.exported_weights())
 
 
 def test_the_exporter_finds_exactly_the_changed_bits_across_chunks(tmp_path: Path) -> None:
@@ -161,7 +162,7 @@ def test_the_exporter_finds_exactly_the_changed_bits_across_chunks(tmp_path: Pat
                     flat[(step + i) % flat.numel() :: 5] += 1e-2
             export = exporter.export_delta(sources, previous, spare)
             expected = export_copy(sources, torch.bfloat16)
-            assert_bit_equal(export.tensors, expected)
+            assert_bits_equal(export.tensors, expected)
             assert export.changes is not None
             for name, changes in export.changes.items():
                 differs = torch.nonzero(

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
-from trainer_testkit import int_bits, train_step
+from trainer_testkit import train_step
 from transformers import AutoModelForCausalLM
 
+from _support.bits import int_bits
 from weightsync.errors import InvalidInputError
 from weightsync.snapshot import SnapshotStore
 from weightsync.toymodel import build_model

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-from trainer_testkit import int_bits, train_step
+from trainer_testkit import train_step
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from _support.bits import int_bits
 from weightsync.errors import InvalidInputError, SnapshotNotFoundError, UnsupportedOperationError
 from weightsync.trainer import TrainingClient
 

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from trainer_testkit import assert_bit_equal, int_bits, train_step
+from trainer_testkit import train_step
 
+from _support.bits import assert_bits_equal, int_bits
 from weightsync.snapshot import SnapshotStore
 from weightsync.trainer import SaveSamplerResult, TrainingClient
 
@@ -34,12 +35,12 @@ def test_base_then_deltas_reproduce_the_live_weights_bit_for_bit(
     store = SnapshotStore(tmp_path / "snaps")
     for result, weights in zip(results, expected, strict=True):
         assert result.snapshot_name == f"{result.path.rsplit('/', 1)[1]}"
-        assert_bit_equal(store.materialize(result.snapshot_name), weights)
+        assert_bits_equal(store.materialize(result.snapshot_name), weights)
         manifest = store.read_manifest(result.snapshot_name)
         assert manifest.parent == result.parent
         assert manifest.session_id == client.session_id
     # The chain head is what the live model holds now.
-    assert_bit_equal(store.materialize(results[-1].snapshot_name), client.exported_weights())
+    assert_bits_equal(store.materialize(results[-1].snapshot_name), client.exported_weights())
     # Training changed the weights, so the deltas were not empty.
     assert all(r.num_changed > 0 for r in results[1:])
 
@@ -107,7 +108,7 @@ def test_explicit_types_and_reset_start_a_new_chain(
         rebased.snapshot_name,
         after.snapshot_name,
     ]
-    assert_bit_equal(store.materialize(after.snapshot_name), client.exported_weights())
+    assert_bits_equal(store.materialize(after.snapshot_name), client.exported_weights())
 
 
 def test_reusing_a_name_warns_and_an_existing_snapshot_is_never_overwritten(
@@ -148,7 +149,7 @@ def test_other_export_dtypes_round_trip(
     result = client.save_weights_for_sampler_ext("delta")
 
     weights = SnapshotStore(tmp_path).materialize(result.snapshot_name)
-    assert_bit_equal(weights, client.exported_weights())
+    assert_bits_equal(weights, client.exported_weights())
     assert {t.dtype for t in weights.values()} == {client.export_dtype}
 
 
@@ -195,7 +196,7 @@ def test_s3_storage_paths_use_the_url_scheme(
 
     assert base.path == f"{s3_bucket_url}/{base.snapshot_name}"
     assert delta.path.startswith("s3://")
-    assert_bit_equal(client.store.materialize(delta.snapshot_name), client.exported_weights())
+    assert_bits_equal(client.store.materialize(delta.snapshot_name), client.exported_weights())
 
 
 def test_export_plan_ties_only_identical_views() -> None:

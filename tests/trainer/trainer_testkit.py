@@ -1,4 +1,4 @@
-"""Helpers for trainer tests: one training step, bit-exact comparisons."""
+"""Helpers for trainer tests: one training step (bit equality: `_support.bits`)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,3 @@ def train_step(model: Any, optimizer: torch.optim.Optimizer, *, seed: int) -> fl
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
-
-
-def int_bits(t: torch.Tensor) -> torch.Tensor:
-    """Integer view of a tensor's bits, for bit-exact comparisons."""
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert sorted(a) == sorted(b)
-    for name, tensor in a.items():
-        assert tensor.dtype == b[name].dtype, name
-        assert tensor.shape == b[name].shape, name
-        assert torch.equal(int_bits(tensor), int_bits(b[name])), f"{name} differs"

@@ -26,6 +26,7 @@ import torch
 from vllm_api_checks import as_result, check_vllm_api, stream_completion
 from vllm_helpers import MODEL_SIZE, check_against_reference, reference_model
 
+from _support.training import train_step
 from weightsync import WeightSyncer
 from weightsync.deployment import DeploymentConfig, DeploymentManager
 from weightsync.server.engines.base import GenerateResult
@@ -36,7 +37,6 @@ pytest.importorskip("vllm.engine.arg_utils", reason="the vllm extra is not insta
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(420)]
 
-TRAIN_TEXT = "the quick brown fox jumps over the lazy dog. " * 2
 PROMPTS = [[{"role": "user", "content": "hi there"}], [{"role": "user", "content": "fox?"}]]
 
 
@@ -78,13 +78,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Iterator[
     finally:
         mgr.delete("vllm-e2e")
         mgr.close()
-
-
-def train_step(client: TrainingClient, tokenizer: Any) -> None:
-    ids = torch.tensor([tokenizer(TRAIN_TEXT)["input_ids"]])
-    client.optimizer.zero_grad()
-    client.model(input_ids=ids, labels=ids).loss.backward()
-    client.optimizer.step()
 
 
 def vllm_client(mgr: DeploymentManager) -> openai.OpenAI:

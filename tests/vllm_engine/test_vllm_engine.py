@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from vllm_helpers import PROMPTS, check_against_reference, reference_model
 
+from _support.bits import same_bits
 from weightsync.codec import DEFAULT_CHECKSUM, DEFAULT_CODEC, Patch, checksum_tensor, get_codec
 from weightsync.errors import InvalidInputError, UnsupportedOperationError
 from weightsync.server.engines import get_engine
@@ -99,10 +100,6 @@ def patches_to(engine: VllmEngine, new: dict[str, torch.Tensor], names: list[str
     return {n: codec.decode_patch(codec.encode(live[n], new[n]), live[n]) for n in names}
 
 
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.view(torch.int16), b.view(torch.int16))
-
-
 def test_base_serves_like_the_reference(fresh: VllmEngine, base) -> None:
     _, tensors = base
     ref = reference_model(tensors)
@@ -115,7 +112,7 @@ def test_base_serves_like_the_reference(fresh: VllmEngine, base) -> None:
         assert result.top_logprobs is not None and all(len(t) == 2 for t in result.top_logprobs)
         assert calls, "the step guard was never entered"
     for name, t in fresh.named_weights().items():
-        assert bits_equal(t, tensors[name]), name
+        assert same_bits(t, tensors[name]), name
 
 
 def test_delta_is_bit_exact_served_and_undone(fresh: VllmEngine, base) -> None:
@@ -124,7 +121,7 @@ def test_delta_is_bit_exact_served_and_undone(fresh: VllmEngine, base) -> None:
     new = perturbed(tensors, names, seed=1)
     undo = fresh.apply_patches(patches_to(fresh, new, names))
     live = fresh.named_weights()
-    assert all(bits_equal(live[n], new[n]) for n in names)
+    assert all(same_bits(live[n], new[n]) for n in names)
     want = {n: checksum_tensor(DEFAULT_CHECKSUM, new[n]) for n in names}
     assert fresh.weights_checksums(DEFAULT_CHECKSUM) == want
     fresh.reset_prompt_cache("all")
@@ -135,7 +132,7 @@ def test_delta_is_bit_exact_served_and_undone(fresh: VllmEngine, base) -> None:
         )
     fresh.apply_patches(undo)
     fresh.reset_prompt_cache("all")
-    assert all(bits_equal(fresh.named_weights()[n], tensors[n]) for n in names)
+    assert all(same_bits(fresh.named_weights()[n], tensors[n]) for n in names)
     ref_old = reference_model(tensors)
     for prompt in PROMPTS:
         check_against_reference(

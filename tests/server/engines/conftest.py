@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import reference_model, snapshot_tensors
 
+from _support.models import snapshot_tensors, toy_model
 from weightsync.server.engines.torch_engine import TorchEngine
 from weightsync.toymodel import build_tokenizer
 
@@ -31,7 +31,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model() -> Any:
-    return reference_model()
+    return toy_model()
 
 
 @pytest.fixture

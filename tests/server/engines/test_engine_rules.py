@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import reference_model, snapshot_tensors
 
+from _support.models import snapshot_tensors, toy_model
 from weightsync.errors import InvalidInputError
 from weightsync.server.engines.base import eos_token_ids, model_dtype, same_model
 from weightsync.server.engines.torch_engine import TorchEngine
@@ -37,7 +37,7 @@ def test_tensor_names_shapes_and_dtypes_count(model: Any) -> None:
     assert not same_model(config, tensors, config, wider)
     fp32 = {**tensors, "model.norm.weight": tensors["model.norm.weight"].float()}
     assert not same_model(config, tensors, config, fp32)
-    other_bits = snapshot_tensors(reference_model(seed=5))
+    other_bits = snapshot_tensors(toy_model(seed=5))
     assert same_model(config, tensors, config, other_bits)
 
 

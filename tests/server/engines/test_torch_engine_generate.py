@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import PROMPT, RecordingGuard, snapshot_tensors
+from engine_helpers import PROMPT, RecordingGuard
 
+from _support.models import snapshot_tensors
 from weightsync.errors import InvalidInputError
 from weightsync.server.engines.base import GenerateRequest
 from weightsync.server.engines.torch_engine import TorchEngine

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import reference_model, snapshot_tensors
 
+from _support.models import snapshot_tensors, toy_model
 from weightsync.codec import checksum_tensor
 from weightsync.errors import DeploymentError, InvalidInputError
 from weightsync.server.engines.torch_engine import TorchEngine
@@ -97,7 +97,7 @@ def test_same_architecture_reloads_in_place(model: Any) -> None:
     engine = TorchEngine()
     engine.load_base(model.config.to_dict(), snapshot_tensors(model))
     pointers = {n: t.data_ptr() for n, t in engine.named_weights().items()}
-    other = snapshot_tensors(reference_model(seed=7))
+    other = snapshot_tensors(toy_model(seed=7))
     engine.load_base(model.config.to_dict(), other)
     live = engine.named_weights()
     assert {n: t.data_ptr() for n, t in live.items()} == pointers

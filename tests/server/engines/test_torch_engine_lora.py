@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import PROMPT, RecordingGuard, reference_model
+from engine_helpers import PROMPT, RecordingGuard
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+from _support.models import toy_model
 from weightsync.errors import InvalidInputError, UnsupportedOperationError
 from weightsync.server.engines.base import GenerateRequest, GenerateResult
 from weightsync.server.engines.torch_engine import TorchEngine
@@ -19,9 +20,7 @@ from weightsync.server.engines.torch_engine import TorchEngine
 
 def _export_adapter(out_dir: Path, *, seed: int, targets: list[str]) -> Path:
     """Train-free LoRA: random A and B on a fresh copy of the base, saved as PEFT saves it."""
-    peft_model = get_peft_model(
-        reference_model(), LoraConfig(r=4, lora_alpha=8, target_modules=targets)
-    )
+    peft_model = get_peft_model(toy_model(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -63,7 +62,7 @@ def test_adapter_matches_a_peft_reference_and_base_stays_base(
     engine.load_adapter("a", *_read_adapter(adapter_a))
     assert engine.loaded_adapters() == ["a"]
 
-    reference = PeftModel.from_pretrained(reference_model(), adapter_a)
+    reference = PeftModel.from_pretrained(toy_model(), adapter_a)
     expected = reference.generate(
         input_ids=torch.tensor([PROMPT]),
         max_new_tokens=8,

@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from engine_helpers import PROMPT, RecordingGuard, reference_model, snapshot_tensors
+from engine_helpers import PROMPT, RecordingGuard
 
+from _support.models import snapshot_tensors, toy_model
 from weightsync.codec import Patch, get_codec
 from weightsync.errors import InvalidInputError
 from weightsync.server.engines.base import GenerateRequest
@@ -54,7 +55,7 @@ def test_patched_engine_equals_a_model_with_the_new_weights(model: Any) -> None:
     for name in new:
         assert torch.equal(_bits(live[name]), _bits(new[name])), name
 
-    reference = reference_model()
+    reference = toy_model()
     reference.load_state_dict(new, strict=False)  # lm_head is tied to the embeddings
     expected = reference.generate(
         torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False, eos_token_id=None

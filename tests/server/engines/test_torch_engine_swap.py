@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import PROMPT, reference_model, snapshot_tensors
+from engine_helpers import PROMPT
 from transformers import DynamicCache
 
+from _support.models import snapshot_tensors, toy_model
 from weightsync.codec import get_codec
 from weightsync.errors import DeploymentError
 from weightsync.server.engines.base import GenerateRequest, GenerateResult
@@ -88,7 +89,7 @@ def test_patches_between_steps_continue_the_sequence_on_the_new_weights(model: A
     assert result.token_snapshots == ["old", "old", "new", "new", "new", "new"]
 
     # Reference: two steps on the old weights, then the same KV continues on the new ones.
-    reference = reference_model()
+    reference = toy_model()
     cache = DynamicCache(config=reference.config)
     tokens: list[int] = []
     with torch.inference_mode():
