@@ -7,7 +7,6 @@ import httpx
 import pytest
 from syncer_helpers import serving
 
-from _support.training import train_step
 from weightsync import WeightSyncer
 from weightsync.deployment import DeploymentManager
 from weightsync.errors import DeploymentHTTPError, InvalidInputError
@@ -28,7 +27,7 @@ class HotloadUnavailable(httpx.HTTPTransport):
 
 
 def test_an_http_error_keeps_its_type_status_and_gains_the_syncers_context(
-    make_client, deploy_mgr, shared_deployment, tokenizer
+    make_client, deploy_mgr, shared_deployment
 ):
     info = deploy_mgr.get(shared_deployment)
     assert info is not None and info.url
@@ -36,7 +35,6 @@ def test_an_http_error_keeps_its_type_status_and_gains_the_syncers_context(
     client = make_client()
     syncer = WeightSyncer(client, mgr, shared_deployment, "tiny", warmup_max_retries=0)
     before = serving(deploy_mgr, shared_deployment)
-    train_step(client, tokenizer)
     with pytest.raises(DeploymentHTTPError) as raised:
         syncer.save_and_hotload("http-00000")
     error = raised.value
