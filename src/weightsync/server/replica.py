@@ -21,6 +21,7 @@ from weightsync.codec import canonical_checksum_name, get_codec, patch_kernels
 from weightsync.errors import DeploymentError, InvalidInputError, SwapInProgressError
 from weightsync.identity import validate_identity
 from weightsync.server.admission import check_admissible
+from weightsync.server.allocator import return_large_buffers_to_the_os
 from weightsync.server.config import ReplicaConfig
 from weightsync.server.engines import get_engine
 from weightsync.server.engines.base import Engine, StepGuard
@@ -110,6 +111,8 @@ class Replica:
         start source. A ledger load that cannot be verified is refused, never replaced."""
         last, adapters = (None, []) if self.ledger.requires_base else self.ledger.recovery_plan()
         started = time.perf_counter()
+        # Freed tensor-sized buffers leave the RSS (server/allocator.py), from the base on.
+        return_large_buffers_to_the_os()
         # Compile the in-place patch kernels now, not inside the first delta's pause.
         patch_kernels.warm_up()
         tokenizer_root = Path(self.config.state_dir) / TOKENIZERS_DIR
