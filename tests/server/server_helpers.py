@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from _support.weights import perturb
 from weightsync.server.app import create_app
 from weightsync.server.config import ReplicaConfig, ServedDeployment
 from weightsync.server.replica import Replica
@@ -21,17 +22,6 @@ from weightsync.snapshot import Manifest, SnapshotStore, write_base, write_delta
 
 SESSION = "0badcafe"
 PROMPT_IDS = [5, 17, 33, 8, 90, 41, 12, 77, 64, 3, 99, 21, 40, 41, 42, 43, 44, 45]
-
-
-def perturb(weights: dict[str, torch.Tensor], seed: int, fraction: float = 0.05) -> dict[str, Any]:
-    """A training step's worth of change: a few elements of every tensor move a little."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in weights.items():
-        mask = torch.rand(t.shape, generator=gen) < fraction
-        noise = torch.randn(t.shape, generator=gen) * 0.05
-        out[name] = (t.float() + noise * mask).to(t.dtype).contiguous()
-    return out
 
 
 @dataclass
@@ -58,7 +48,8 @@ class Chain:
 
     def delta(self, name: str, parent: str, seed: int, **kwargs: Any) -> str:
         identity = f"{name}-{SESSION}"
-        new = perturb(self.weights[parent], seed)
+        # A training step's worth of change: a few elements of every tensor move a little.
+        new = perturb(self.weights[parent], seed=seed, fraction=0.05)
         self.manifests[identity] = write_delta(
             self.root,
             identity,

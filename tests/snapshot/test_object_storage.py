@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from snapshot_testkit import perturb, toy_weights
+from snapshot_testkit import toy_weights
 
 from _support.bits import assert_bits_equal
+from _support.weights import perturb
 from weightsync.errors import SnapshotCorruptError
 from weightsync.snapshot import (
     MANIFEST_FILE,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from snapshot_testkit import perturb, toy_weights
+from snapshot_testkit import toy_weights
 
+from _support.weights import perturb
 from weightsync.errors import (
     ChainError,
     InvalidInputError,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from vllm_helpers import PROMPTS, check_against_reference, reference_model
+from vllm_helpers import PROMPTS, check_against_reference, perturbed, reference_model
 
 from _support.bits import same_bits
 from weightsync.codec import DEFAULT_CHECKSUM, DEFAULT_CODEC, Patch, checksum_tensor, get_codec
@@ -79,19 +79,6 @@ def greedy(prompt: list[int], max_tokens: int = 10, logprobs: int | None = 0) ->
     return GenerateRequest(
         prompt_token_ids=prompt, max_tokens=max_tokens, temperature=0.0, logprobs=logprobs
     )
-
-
-def perturbed(
-    tensors: dict[str, torch.Tensor], names: list[str], *, seed: int, scale: float = 0.5
-) -> dict[str, torch.Tensor]:
-    """A copy with `names` moved by noise of `scale` x each tensor's own spread (bf16)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = dict(tensors)
-    for name in names:
-        t = tensors[name].float()
-        noise = torch.randn(t.shape, generator=gen) * (t.std() + 1e-3) * scale
-        out[name] = (t + noise).to(tensors[name].dtype)
-    return out
 
 
 def patches_to(engine: VllmEngine, new: dict[str, torch.Tensor], names: list[str]) -> dict:

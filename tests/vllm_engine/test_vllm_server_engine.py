@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from vllm_api_checks import as_result, stream_completion
-from vllm_helpers import PROMPTS, check_against_reference, reference_model
+from vllm_helpers import PROMPTS, check_against_reference, perturbed, reference_model
 
 from weightsync.codec import DEFAULT_CHECKSUM, DEFAULT_CODEC, checksum_tensor, get_codec
 from weightsync.server.engines import get_engine
@@ -62,16 +62,6 @@ def engine(base: tuple[dict, dict[str, torch.Tensor], Path]) -> Iterator[VllmSer
         yield eng
     finally:
         eng.close()
-
-
-def perturbed(tensors: dict[str, torch.Tensor], *, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        n: (t.float() + torch.randn(t.shape, generator=gen) * (t.float().std() + 1e-3) * 0.5).to(
-            t.dtype
-        )
-        for n, t in tensors.items()
-    }
 
 
 def swap_to(engine: VllmServerEngine, identity: str, new: dict[str, torch.Tensor]) -> None:

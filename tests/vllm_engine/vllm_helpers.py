@@ -35,6 +35,23 @@ def reference_model(weights: Mapping[str, torch.Tensor]) -> Any:
     return model.eval()
 
 
+def perturbed(
+    tensors: Mapping[str, torch.Tensor],
+    names: list[str] | None = None,
+    *,
+    seed: int,
+    scale: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """A copy with `names` (default: all) moved by noise of `scale` x each tensor's spread."""
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(tensors)
+    for name in list(tensors) if names is None else names:
+        t = tensors[name].float()
+        noise = torch.randn(t.shape, generator=gen) * (t.std() + 1e-3) * scale
+        out[name] = (t + noise).to(tensors[name].dtype)
+    return out
+
+
 def check_against_reference(
     model: Any, prompt: list[int], result: GenerateResult, *, tol: float = LOGPROB_TOL
 ) -> None:
