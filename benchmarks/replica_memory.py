@@ -179,6 +179,9 @@ def measure(
         "extra_over_start_bytes": max(first_peak, peak) - start_rss,
         "extra_over_start_over_model": (max(first_peak, peak) - start_rss) / facts["model_bytes"],
         "extra_over_start_over_patch": (max(first_peak, peak) - start_rss) / max(1, patch_bytes),
+        # The target of a dense delta: one copy of the changed values plus a chunk.
+        "extra_over_start_over_changed": (max(first_peak, peak) - start_rss)
+        / max(1, changed_bytes),
     }
 
 
@@ -214,7 +217,9 @@ def main() -> None:
     print(f"peak over the freshly started replica (both loads, decoder JIT included): "
           f"{report['extra_over_start_bytes'] / mib:.0f} MiB = "
           f"{report['extra_over_start_over_model']:.2f}x the model, "
-          f"{report['extra_over_start_over_patch']:.2f}x the changed data")  # fmt: skip
+          f"{report['extra_over_start_over_patch']:.2f}x the changed data, "
+          f"{report['extra_over_start_over_changed']:.2f}x the changed values "
+          f"({report['changed_bytes'] / mib:.1f} MiB)")  # fmt: skip
     print(f"first delta load of the process (decoder JIT warm-up included): extra "
           f"{report['first_load_extra_bytes'] / mib:.0f} MiB over "
           f"{report['start_rss_bytes'] / mib:.0f} MiB at start")  # fmt: skip
