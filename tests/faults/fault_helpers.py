@@ -24,6 +24,7 @@ import httpx
 import torch
 from faulty_storage import FaultyStorage
 
+from _support.models import model_holding
 from weightsync import WeightSyncer
 from weightsync.codec import checksum_tensor
 from weightsync.deployment import DeploymentManager
@@ -67,12 +68,7 @@ def checksums(weights: dict[str, torch.Tensor]) -> dict[str, str]:
 @torch.no_grad()
 def reference_greedy(config: dict[str, Any], weights: dict[str, torch.Tensor], n: int) -> list[int]:
     """Greedy tokens of a plain `transformers` model holding `weights` (the reference)."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    model = AutoModelForCausalLM.from_config(Qwen3Config(**config), dtype=torch.bfloat16)
-    model.load_state_dict(weights, strict=False)
-    model.tie_weights()
-    model.eval()
+    model = model_holding(config, weights)
     ids = list(PROMPT_IDS)
     for _ in range(n):
         ids.append(int(torch.argmax(model(input_ids=torch.tensor([ids])).logits[0, -1])))

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from _support.models import model_holding
 from _support.weights import perturb
 from weightsync.server.app import create_app
 from weightsync.server.config import ReplicaConfig, ServedDeployment
@@ -66,12 +67,7 @@ def reference_greedy(
     config: dict[str, Any], weights: dict[str, torch.Tensor], prompt: list[int], max_tokens: int
 ) -> tuple[list[int], list[float]]:
     """Greedy tokens and their logprobs from a plain `transformers` model holding `weights`."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    model = AutoModelForCausalLM.from_config(Qwen3Config(**config), dtype=torch.bfloat16)
-    model.load_state_dict(weights, strict=False)
-    model.tie_weights()
-    model.eval()
+    model = model_holding(config, weights)
     ids = list(prompt)
     tokens, logprobs = [], []
     eos = config.get("eos_token_id")
