@@ -1,4 +1,4 @@
-"""Fixtures of the end-to-end trainer tests (syncer, Fireworks SDK): a tokenizer, storage, a base.
+"""Fixtures of the end-to-end trainer tests (syncer, Fireworks SDK): tokenizer, storage, manager.
 
 Registered for every folder by `pytest_plugins` in `tests/conftest.py`; a folder's
 own fixture of the same name takes precedence.
@@ -6,12 +6,14 @@ own fixture of the same name takes precedence.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
+    from weightsync.deployment import DeploymentManager
     from weightsync.trainer import TrainingClient
 
 # weightsync.toymodel and the trainer import transformers: only when a fixture is used,
@@ -47,6 +49,18 @@ def base_model_dir(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path) -> P
         tmp_path_factory.mktemp("base") / "tiny-base",
         tokenizer_dir=tok_dir,
     )
+
+
+@pytest.fixture(scope="session")
+def deploy_mgr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeploymentManager]:
+    """weightsync's manager over a registry of this session; it deletes what it started."""
+    from weightsync.deployment import DeploymentManager
+
+    mgr = DeploymentManager(registry_dir=tmp_path_factory.mktemp("registry"))
+    yield mgr
+    for info in mgr.list_deployments():
+        mgr.delete(info.deployment_id)
+    mgr.close()
 
 
 def new_client(

@@ -3,13 +3,14 @@
 The deployments serve the untrained tiny model from a Hugging Face directory; the
 trainers are weightsync `TrainingClient`s on the same storage (the SDK's
 `policy_client`). Every SDK object is built with its defaults except the URLs.
-`tok_dir`, `tokenizer`, `storage_dir` and `base_model_dir` are `_support.training_fixtures`.
+`tok_dir`, `tokenizer`, `storage_dir`, `base_model_dir` and `deploy_mgr` are
+`_support.training_fixtures`.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +21,19 @@ from _support.training_fixtures import new_client
 from weightsync.deployment import DeploymentConfig, DeploymentManager
 from weightsync.trainer import TrainingClient
 
-
-@pytest.fixture(scope="session")
-def local_mgr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeploymentManager]:
-    """weightsync's manager, only to start and stop the `weightsync serve` processes."""
-    mgr = DeploymentManager(registry_dir=tmp_path_factory.mktemp("registry"))
-    yield mgr
-    for info in mgr.list_deployments():
-        mgr.delete(info.deployment_id)
-    mgr.close()
-
-
 _ids = itertools.count()
 
 
 @pytest.fixture(scope="session")
 def serve(
-    local_mgr: DeploymentManager, storage_dir: Path, base_model_dir: Path
+    deploy_mgr: DeploymentManager, storage_dir: Path, base_model_dir: Path
 ) -> Callable[..., tuple[str, str]]:
     """Start a `weightsync serve` with `replicas`; return (deployment id, URL)."""
 
     def start(replicas: int = 1) -> tuple[str, str]:
         deployment_id = f"fw-{next(_ids)}"
-        info = local_mgr.create_or_get(
+        # weightsync's manager, only to start and stop the `weightsync serve` processes.
+        info = deploy_mgr.create_or_get(
             DeploymentConfig(
                 deployment_id=deployment_id,
                 storage=str(storage_dir),

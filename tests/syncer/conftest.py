@@ -1,12 +1,13 @@
 """Fixtures for the syncer tests: tiny real models, real clients, real local deployments.
 
-`tok_dir`, `tokenizer`, `storage_dir` and `base_model_dir` are `_support.training_fixtures`.
+`tok_dir`, `tokenizer`, `storage_dir`, `base_model_dir` and `deploy_mgr` are
+`_support.training_fixtures`.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,6 @@ import pytest
 from _support.training_fixtures import new_client
 from weightsync.deployment import DeploymentConfig, DeploymentManager
 from weightsync.trainer import TrainingClient
-
-
-@pytest.fixture(scope="session")
-def deploy_mgr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeploymentManager]:
-    mgr = DeploymentManager(registry_dir=tmp_path_factory.mktemp("registry"))
-    yield mgr
-    for info in mgr.list_deployments():
-        mgr.delete(info.deployment_id)
-    mgr.close()
-
 
 _ids = itertools.count()
 
