@@ -263,5 +263,8 @@ def test_swap_during_concurrent_streams(setup: dict[str, Any], tokenizer: Any) -
             )
         spanned += bool(changes)
     print(f"streams spanning the swap: {spanned} of {len(results)}")
-    assert results[0].labels[0] == old_identity and results[-1].labels[-1] == new_identity
+    # The first stream began on the old weights. (The last to end may still carry only
+    # old labels: its tokens can all precede the pause while its final chunk arrives
+    # after the hot-load returned.)
+    assert results[0].labels[0] == old_identity
     assert spanned >= 1, "no stream was generating when the swap landed"
