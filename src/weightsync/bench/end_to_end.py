@@ -26,7 +26,7 @@ from weightsync.bench.memory import PeakRssSampler
 from weightsync.bench.methods import Method
 from weightsync.bench.report import EndToEndRow, SyncRow
 from weightsync.bench.trajectory import Trajectory
-from weightsync.codec.bits import bits
+from weightsync.codec.bits import same_bits
 from weightsync.errors import DeploymentError, SnapshotCorruptError
 from weightsync.syncer.timing import SyncTiming
 
@@ -55,13 +55,7 @@ def bits_equal(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor
     """True when both hold the same names with identical bits (not just equal values)."""
     if expected.keys() != actual.keys():
         return False
-    for name, tensor in expected.items():
-        other = actual[name]
-        if other.dtype != tensor.dtype or tuple(other.shape) != tuple(tensor.shape):
-            return False
-        if not (bits(tensor.contiguous()) == bits(other.contiguous())).all():
-            return False
-    return True
+    return all(same_bits(tensor, actual[name]) for name, tensor in expected.items())
 
 
 def write_seed_model(

@@ -55,6 +55,14 @@ def bits(t: torch.Tensor) -> np.ndarray:
     return flat.view(_INT_VIEW[size]).numpy().view(_UINT_NP[size])
 
 
+def int_view_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch integer dtype of `dtype`'s width: `t.view(...)` of it shows the bits.
+
+    On any device (the numpy view `bits` needs a CPU tensor).
+    """
+    return _INT_VIEW[torch.empty((), dtype=dtype).element_size()]
+
+
 def uint_dtype(t: torch.Tensor) -> np.dtype:
     return np.dtype(_UINT_NP[t.element_size()])
 

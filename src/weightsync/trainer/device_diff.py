@@ -40,6 +40,7 @@ from typing import Literal, cast, get_args
 
 import torch
 
+from weightsync.codec.bits import int_view_dtype
 from weightsync.errors import InvalidInputError
 from weightsync.trainer.export import ExportBuffers
 
@@ -52,8 +53,6 @@ PREVIOUS_BITS_DEVICES: tuple[str, ...] = get_args(PreviousBitsDevice)
 DEFAULT_CHUNK_ELEMENTS = 1 << 25
 #: "auto" keeps the reference on a device only with this much headroom over its size.
 AUTO_FREE_FACTOR = 2
-
-_INT_VIEW: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
 def resolve_previous_bits_device(value: str) -> PreviousBitsDevice:
@@ -178,7 +177,7 @@ class ChangeExporter:
                         self._reference[name] if self._reference is not None else previous[name]
                     )
                     found = self._diff(src, reference, update=self._where == "device")
-                    target = out[name].view(-1).view(_int_view(self.dtype))
+                    target = out[name].view(-1).view(int_view_dtype(self.dtype))
                     target[found.positions] = found.values
                     changes[name] = found
         except BaseException:
@@ -244,7 +243,7 @@ class ChangeExporter:
                 if positions is None:
                     buffer.copy_(old)
                 elif positions.numel():
-                    view = _int_view(self.dtype)
+                    view = int_view_dtype(self.dtype)
                     target = buffer.view(-1).view(view)
                     target[positions] = old.view(-1).view(view)[positions]
                 out[name] = buffer
@@ -258,7 +257,7 @@ class ChangeExporter:
         new bits chunk by chunk. Positions cross as int32 when they fit (6 bytes per
         bf16 change instead of 10).
         """
-        view = _int_view(self.dtype)
+        view = int_view_dtype(self.dtype)
         flat = src.detach().reshape(-1)
         ref_flat = reference.view(-1)
         n = flat.numel()
@@ -280,10 +279,6 @@ class ChangeExporter:
         if not positions:
             return Changes(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=view))
         return Changes(torch.cat(positions).to(torch.int64), torch.cat(values))
-
-
-def _int_view(dtype: torch.dtype) -> torch.dtype:
-    return _INT_VIEW[torch.empty((), dtype=dtype).element_size()]
 
 
 def _same_specs(sources: Mapping[str, torch.Tensor], previous: Mapping[str, torch.Tensor]) -> bool:
