@@ -1,7 +1,9 @@
-"""The tiny model the server and engine tests serve, and what a base snapshot of it holds."""
+"""The tiny model the server and engine tests serve, what a base snapshot of it holds, and the
+snapshot tests' toy weights."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -36,3 +38,20 @@ def model_holding(config: dict[str, Any], weights: dict[str, torch.Tensor]) -> A
     model.load_state_dict(weights, strict=False)
     model.tie_weights()
     return model.eval()
+
+
+def toy_weights(dtype: torch.dtype = torch.bfloat16, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The tiny Qwen3 model's state dict in `dtype`, tied lm_head removed (as callers do)."""
+    return {name: t.to(dtype, copy=True) for name, t in _toy_fp32(seed).items()}
+
+
+@functools.cache
+def _toy_fp32(seed: int) -> dict[str, torch.Tensor]:
+    from weightsync.toymodel import build_model
+
+    model = build_model("tiny", seed=seed)
+    return {
+        name: t.detach().clone().contiguous()
+        for name, t in model.state_dict().items()
+        if name != "lm_head.weight"
+    }

@@ -1,7 +1,8 @@
-"""A trainer's side of the end-to-end tests: one training step, and what should be served.
+"""A trainer's side of the tests: one training step, and what should be served.
 
 Shared by the syncer and Fireworks SDK tests (and the vLLM deployment test): the
-reference is the trainer's bf16 export in a fresh model, as a replica holds it.
+reference is the trainer's bf16 export in a fresh model, as a replica holds it. The
+trainer tests step a bare model with `model_step`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ def train_step(client: TrainingClient, tokenizer: Any) -> float:
     loss = client.model(input_ids=ids, labels=ids).loss
     loss.backward()
     client.optimizer.step()
+    return float(loss.detach())
+
+
+def model_step(model: Any, optimizer: torch.optim.Optimizer, *, seed: int) -> float:
+    """One optimizer step on a fixed random batch of `seed`; returns the loss before the step."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=generator)
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
 
 

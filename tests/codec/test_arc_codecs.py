@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from codec_bitgen import int_view, random_bits, ulp_moves
 from fireworks_delta_compression import compression as fdc
 from fireworks_delta_compression.backends import arc3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _support.bits import same_bits
+from _support.bit_patterns import random_bits, ulp_moves
+from _support.bits import int_bits, same_bits
 from weightsync.bench.codecs import measure_codec
 from weightsync.bench.methods import bench_methods
 from weightsync.codec import get_codec, list_codecs
@@ -91,9 +91,9 @@ def test_arc_v1_v2_bytes_equal_theirs_and_decode_both_ways(
     )
     assert same_bits(decoded.reshape(new.shape), new)
     # ours decodes theirs, without touching `old`
-    before = int_view(old).clone()
+    before = int_bits(old).clone()
     assert same_bits(get_codec(codec).decode(theirs.numpy().tobytes(), old), new)
-    assert torch.equal(int_view(old), before)
+    assert torch.equal(int_bits(old), before)
 
 
 @pytest.mark.timeout(120)
@@ -104,7 +104,7 @@ def test_arc_v2_frames_equal_theirs_beyond_one_zstd_job() -> None:
     ours = get_codec("arc_v2").encode(old, new)
     theirs, _ = fdc.delta_compress(src=old, dst=new, compression_format="arc_v2")
     assert ours == theirs.numpy().tobytes()
-    xor = (int_view(old) ^ int_view(new)).numpy().tobytes()
+    xor = (int_bits(old) ^ int_bits(new)).numpy().tobytes()
     assert ours != zstandard.ZstdCompressor(level=3).compress(xor)  # the difference is real
 
 
@@ -137,7 +137,7 @@ def test_arc_v3_of_theirs_decodes_bit_exactly(
     assert payload.startswith(ENVELOPE_PREFIX)
     patch = get_codec("arc_v3").decode_patch(payload, old)
     assert patch.positions is not None  # sparse: only the changed elements
-    assert patch.num_changed == int((int_view(old) != int_view(new)).sum())
+    assert patch.num_changed == int((int_bits(old) != int_bits(new)).sum())
     assert same_bits(get_codec("arc_v3").decode(payload, old), new)
 
 

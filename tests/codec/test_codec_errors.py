@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from codec_bitgen import int_view, random_bits, ulp_moves
 
+from _support.bit_patterns import random_bits, ulp_moves
+from _support.bits import int_bits
 from weightsync.codec import get_codec, list_codecs
 from weightsync.errors import (
     ChainError,
@@ -103,13 +104,13 @@ def test_encode_rejects_mismatched_or_unsupported_inputs(codec: str) -> None:
 
 def test_decode_does_not_modify_old_unless_in_place() -> None:
     old, new = _pair()
-    before = int_view(old).clone()
+    before = int_bits(old).clone()
     codec = get_codec("wsdelta1")
     payload = codec.encode(old, new)
     codec.decode(payload, old)
-    assert torch.equal(int_view(old), before)
+    assert torch.equal(int_bits(old), before)
     codec.decode(payload, old, inplace=True)
-    assert torch.equal(int_view(old), int_view(new))
+    assert torch.equal(int_bits(old), int_bits(new))
 
 
 def test_unknown_codec_lists_known_names() -> None:

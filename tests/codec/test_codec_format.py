@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from codec_bitgen import int_view
 
+from _support.bits import int_bits
 from weightsync.bench.codecs import synthetic_rl_update
 from weightsync.codec import DEFAULT_CODEC, get_codec
 from weightsync.codec.stats import change_stats
@@ -28,7 +28,7 @@ DENSE_GOLDEN = bytes.fromhex(
 
 def _sparse_pair() -> tuple[torch.Tensor, torch.Tensor]:
     old = torch.linspace(-2, 2, 256).to(torch.bfloat16).reshape(16, 16)
-    b = int_view(old).clone().view(-1)
+    b = int_bits(old).clone().view(-1)
     b[3] += 1
     b[100] -= 1
     b[101] += 2
@@ -40,7 +40,7 @@ def _sparse_pair() -> tuple[torch.Tensor, torch.Tensor]:
 def _dense_pair() -> tuple[torch.Tensor, torch.Tensor]:
     values = [0.5, -0.25, 1.0, 0.0, -0.0, 3.0, -2.0, 0.125, 7.0, -1.5]
     old = torch.tensor(values, dtype=torch.bfloat16).reshape(2, 5)
-    b = int_view(old).clone().view(-1)
+    b = int_bits(old).clone().view(-1)
     b[1] += 1
     b[4] = 0
     b[5] -= 1
@@ -63,7 +63,7 @@ def test_golden_bytes(make_pair, golden: bytes) -> None:  # type: ignore[no-unty
     old, new = make_pair()
     codec = get_codec("wsdelta1")
     assert codec.encode(old, new) == golden
-    assert torch.equal(int_view(codec.decode(golden, old)), int_view(new))
+    assert torch.equal(int_bits(codec.decode(golden, old)), int_bits(new))
 
 
 @pytest.mark.timeout(120)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from codec_bitgen import DTYPES, int_view, random_bits, ulp_moves
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _support.bit_patterns import DTYPES, random_bits, ulp_moves
+from _support.bits import int_bits
 from weightsync.codec import get_codec, list_codecs
 from weightsync.codec.base import Patch
 
@@ -24,12 +25,12 @@ HYPOTHESIS = settings(max_examples=20, deadline=None, suppress_health_check=[Hea
 
 def assert_round_trip(codec: str, old: torch.Tensor, new: torch.Tensor) -> bytes:
     impl = get_codec(codec)
-    old_bits_before = int_view(old).clone()
+    old_bits_before = int_bits(old).clone()
     payload = impl.encode(old, new)
     out = impl.decode(payload, old)
     assert out.shape == new.shape and out.dtype == new.dtype
-    assert torch.equal(int_view(out), int_view(new))
-    assert torch.equal(int_view(old), old_bits_before), "decode must not touch `old`"
+    assert torch.equal(int_bits(out), int_bits(new))
+    assert torch.equal(int_bits(old), old_bits_before), "decode must not touch `old`"
     return payload
 
 
@@ -82,7 +83,7 @@ def test_multi_chunk_tensor_round_trips_in_place(codec: str, dtype: torch.dtype)
     target = old.clone()
     out = impl.decode(payload, target, inplace=True)
     assert out.data_ptr() == target.data_ptr()
-    assert torch.equal(int_view(target), int_view(new))
+    assert torch.equal(int_bits(target), int_bits(new))
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -93,9 +94,9 @@ def test_patch_undo_restores_old_bits(codec: str) -> None:
     impl = get_codec(codec)
     target = old.clone()
     undo = impl.decode_patch(impl.encode(old, new), old).apply_(target)
-    assert torch.equal(int_view(target), int_view(new))
+    assert torch.equal(int_bits(target), int_bits(new))
     undo.apply_(target)
-    assert torch.equal(int_view(target), int_view(old))
+    assert torch.equal(int_bits(target), int_bits(old))
 
 
 # arc_v1 is excluded: zlib tops out near 1000:1, so 200 KB of zeros take 217 bytes.
@@ -116,6 +117,6 @@ def test_default_codec_patch_is_sparse_and_sorted() -> None:
     new = ulp_moves(rng, old, density=0.01)
     patch: Patch = get_codec("wsdelta1").decode_patch(get_codec("wsdelta1").encode(old, new), old)
     assert patch.positions is not None
-    changed = np.flatnonzero(int_view(old).numpy() != int_view(new).numpy())
+    changed = np.flatnonzero(int_bits(old).numpy() != int_bits(new).numpy())
     assert np.array_equal(patch.positions, changed)
     assert patch.positions.dtype == np.int64

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from codec_bitgen import tensor_from_bits
 
+from _support.bit_patterns import tensor_from_bits
 from weightsync.codec.stats import change_stats, key_steps, order_keys
 from weightsync.errors import InvalidInputError
 

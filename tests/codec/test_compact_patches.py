@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from codec_bitgen import DTYPES, int_view, random_bits, ulp_moves
 
+from _support.bit_patterns import DTYPES, random_bits, ulp_moves
+from _support.bits import int_bits
 from weightsync.codec import Patch, get_codec, list_codecs, wsdelta1
 from weightsync.codec.base import sparse_bytes
 from weightsync.codec.bits import bits
@@ -28,7 +29,7 @@ WRITABLE = [c for c in list_codecs() if not get_codec(c).read_only]
 
 
 def _changed(old: torch.Tensor, new: torch.Tensor) -> int:
-    return int((int_view(old) != int_view(new)).sum())
+    return int((int_bits(old) != int_bits(new)).sum())
 
 
 @pytest.mark.parametrize("codec", WRITABLE)
@@ -51,8 +52,8 @@ def test_decode_compact_is_bit_exact_in_the_smaller_form(codec: str, density: fl
     assert patch.nbytes <= max(dense_bytes, sparse_form.nbytes)
     target = old.clone()
     patch.apply_(target)
-    assert torch.equal(int_view(target), int_view(new))
-    assert torch.equal(int_view(old), int_view(before))  # `old` was only read
+    assert torch.equal(int_bits(target), int_bits(new))
+    assert torch.equal(int_bits(old), int_bits(before))  # `old` was only read
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -108,7 +109,7 @@ def test_wsdelta1_compact_decode_refuses_a_stream_that_does_not_match_its_table(
     for delta in (1, -1):
         with pytest.raises(SnapshotCorruptError, match="stream error"):
             codec.decode_compact(_with_chunk_count(payload, old, delta), old)
-    assert torch.equal(int_view(old), int_view(before))
+    assert torch.equal(int_bits(old), int_bits(before))
 
 
 def test_write_without_undo_copies_a_dense_patch_and_checks_it() -> None:
@@ -117,10 +118,10 @@ def test_write_without_undo_copies_a_dense_patch_and_checks_it() -> None:
     new = ulp_moves(rng, old, density=1.0)
     target = old.clone()
     Patch(None, bits(new).copy()).write_(target)
-    assert torch.equal(int_view(target), int_view(new))
+    assert torch.equal(int_bits(target), int_bits(new))
     with pytest.raises(ValueError, match="cannot fill"):
         Patch(None, bits(new)[:-1].copy()).write_(target)
-    assert torch.equal(int_view(target), int_view(new))
+    assert torch.equal(int_bits(target), int_bits(new))
 
 
 def test_write_without_undo_refuses_positions_outside_and_changes_nothing() -> None:

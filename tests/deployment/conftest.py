@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deployment_helpers import API_KEY, Snapshots
 
+from _support.deployments import API_KEY, Snapshots
 from weightsync.deployment import DeploymentConfig, DeploymentInfo, DeploymentManager
 from weightsync.toymodel import build_tokenizer
 

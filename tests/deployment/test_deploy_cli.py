@@ -6,10 +6,10 @@ import json
 import socket
 
 import pytest
-from deployment_helpers import API_KEY
 from typer.testing import CliRunner
 
 import weightsync.cli.deploy  # noqa: F401  (registers the `deploy` group)
+from _support.deployments import API_KEY
 from weightsync.cli import app
 
 pytestmark = pytest.mark.timeout(300)

@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
-from deployment_helpers import API_KEY
 
+from _support.deployments import API_KEY
 from weightsync.deployment import DeploymentManager, DeploymentSampler
 from weightsync.errors import DeploymentError
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import psutil
 import pytest
-from deployment_helpers import API_KEY
 
+from _support.deployments import API_KEY
 from weightsync.deployment import DeploymentConfig, DeploymentManager
 from weightsync.errors import DeploymentError, DeploymentHTTPError, HotloadRefusedError
 

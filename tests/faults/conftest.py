@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_helpers import Rig, rig
 
+from _support.fault_rig import Rig, rig
 from weightsync.toymodel import build_tokenizer
 
 # Tiny models on a shared 2-core machine: one intra-op thread is much faster.

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fault_helpers import START_IDENTITY, Rig, rig
+
+from _support.fault_rig import START_IDENTITY, Rig, rig
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -5,7 +5,8 @@ replica keeps serving verified weights."""
 from __future__ import annotations
 
 import pytest
-from fault_helpers import Rig, train_step
+
+from _support.fault_rig import Rig, train_step
 
 pytestmark = pytest.mark.timeout(120)
 

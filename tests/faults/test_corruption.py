@@ -4,9 +4,9 @@ keeps serving its verified weights, and the trainer's next sync restores it."""
 from __future__ import annotations
 
 import pytest
-from fault_helpers import START_IDENTITY, Rig, train_step
-from faulty_storage import Fault, in_snapshot
 
+from _support.fault_rig import START_IDENTITY, Rig, train_step
+from _support.faulty_storage import Fault, in_snapshot
 from weightsync.errors import HotloadFailedError
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,8 +13,6 @@ not depend on the machine's speed."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from _support.peak_rss import PRELUDE, run_child
 from weightsync.codec.bits import bits
 from weightsync.errors import UnsupportedOperationError
 from weightsync.snapshot import SnapshotStore, write_base, write_delta
@@ -94,26 +93,14 @@ def test_released_patches_drop_each_shard_once_its_tensors_are_decoded(tmp_path:
         fetched.patches(old)
 
 
-CHILD = """
-import ctypes, gc, json, sys
+CHILD = (
+    PRELUDE
+    + """
 import torch
 from weightsync.codec import get_codec, wsdelta1
 from weightsync.snapshot import SnapshotStore
 
 store_dir, mode = sys.argv[1], sys.argv[2]
-libc = ctypes.CDLL("libc.so.6")
-
-def kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-def fresh_peak():
-    # Hand freed memory back, then reset the high-water mark to the current RSS.
-    gc.collect()
-    libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return kib("VmRSS")
 
 store = SnapshotStore(store_dir)
 live = {n: t.clone() for n, t in store.fetch("b-1").tensors().items()}
@@ -142,15 +129,11 @@ for name, patch in patches.items():
 print(json.dumps({"grew_kib": grew, "model_kib": model_kib, "payload_kib": payload_kib,
                   "dense": all(p.positions is None for p in patches.values())}))
 """
+)
 
 
 def _peak(store: Path, mode: str) -> dict[str, int]:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(store), mode], check=False, capture_output=True,
-        text=True, timeout=240,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    return run_child(CHILD, store, mode)
 
 
 def test_a_tensor_changed_everywhere_decodes_without_positions(tmp_path: Path) -> None:

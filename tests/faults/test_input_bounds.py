@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import zstandard
-from fault_helpers import Rig, train_step
 
+from _support.fault_rig import Rig, train_step
 from weightsync.codec import checksum_bytes, wsdelta1, xor_zstd
 from weightsync.codec.framing import pack_header, seal
 from weightsync.deployment import DeploymentConfig, DeploymentManager

@@ -15,8 +15,8 @@ import threading
 import time
 
 import pytest
-from fault_helpers import Rig, train_step
 
+from _support.fault_rig import Rig, train_step
 from weightsync.deployment import DeploymentConfig, DeploymentManager
 from weightsync.server.stage_hooks import STALL_ENV
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import torch
-from fault_helpers import START_IDENTITY, Observation, Rig, describe, record, train_step
 
+from _support.fault_rig import START_IDENTITY, Observation, Rig, describe, record, train_step
 from weightsync.errors import DeploymentError, LedgerError, WeightSyncError
 from weightsync.server.config import ReplicaConfig
 from weightsync.server.ledger import LEDGER_FILE
@@ -54,7 +54,7 @@ def _metrics_ready(rig: Rig) -> float:
 
 
 def _live_checksums(rig: Rig) -> dict[str, str]:
-    from fault_helpers import CHECKSUM
+    from _support.fault_rig import CHECKSUM
 
     answer = rig.http.get("/hot_load/v1/weights", params={"checksum_format": CHECKSUM}).json()
     return dict(answer["replicas"][0]["checksums"])
@@ -62,29 +62,12 @@ def _live_checksums(rig: Rig) -> dict[str, str]:
 
 def _record_degraded(rig: Rig, case: str, expected: str, outcome: Any) -> dict[str, Any]:
     """Observe a degraded replica: serving verified weights the ledger does not name yet."""
-    from fault_helpers import checksums
+    from _support.fault_rig import checksums
 
     status = rig.wait_idle()
     served = status["current_snapshot_identity"]
     assert _live_checksums(rig) == checksums(rig.references[served]), "unverified weights"
-    entries = rig.ledger()
-    record(
-        Observation(
-            case=case,
-            expected=expected,
-            syncer=describe(outcome),
-            serving=served,
-            stage=status["loading_state"]["stage"],
-            error=status["loading_state"].get("error"),
-            serves_reference_of=served,
-            ledger_last=(
-                {k: entries[-1][k] for k in ("identity", "kind", "result", "error")}
-                if entries
-                else None
-            ),
-            ledger_ok=[e["identity"] for e in entries if e["result"] == "ok"],
-        )
-    )
+    record(Observation.of(case, expected, outcome, status, rig.ledger()))
     return status
 
 
@@ -169,7 +152,7 @@ def _broken_tokenizer_dir(rig: Rig) -> Path:
 
 def _restart(rig: Rig) -> Replica:
     """A second replica on the same state dir and storage (the restart), started."""
-    from fault_helpers import start_model_dir
+    from _support.fault_rig import start_model_dir
 
     config = ReplicaConfig(
         storage=str(rig.root / "store"),
@@ -232,8 +215,9 @@ def test_tampered_tokenizer_with_a_stale_checksum_is_refused(faults_rig: Rig) ->
         ("rms_norm_eps", 1e-3),
         ("rope_parameters", {"rope_theta": 12345.0, "rope_type": "default"}),
         ("eos_token_id", 3),
+        ("architectures", ["LlamaForCausalLM"]),
     ],
-    ids=["rms_norm_eps", "rope_theta", "eos_token_id"],
+    ids=["rms_norm_eps", "rope_theta", "eos_token_id", "architectures"],
 )
 def test_base_with_the_same_shapes_but_another_config_is_refused(
     faults_rig: Rig, key: str, value: Any
@@ -466,8 +450,8 @@ def test_a_faulty_engine_apply_is_caught_after_the_swap_and_the_old_weights_put_
     the engine the replica is given). No undo copy is held; the previous weights are read
     again from their recorded source, verified, and put back."""
     import numpy as np
-    from fault_helpers import start_model_dir
 
+    from _support.fault_rig import start_model_dir
     from weightsync.codec.bits import bits
     from weightsync.server.app import create_app
     from weightsync.server.engines.torch_engine import TorchEngine

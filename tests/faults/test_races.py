@@ -7,8 +7,9 @@ from __future__ import annotations
 import threading
 
 import pytest
-from fault_helpers import Rig, hold_at, train_step
-from faulty_storage import Fault, in_snapshot
+
+from _support.fault_rig import Rig, hold_at, train_step
+from _support.faulty_storage import Fault, in_snapshot
 
 pytestmark = pytest.mark.timeout(120)
 

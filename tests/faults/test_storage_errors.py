@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from fault_helpers import Rig, train_step
-from faulty_storage import Fault, in_snapshot
 
+from _support.fault_rig import Rig, train_step
+from _support.faulty_storage import Fault, in_snapshot
 from weightsync.errors import HotloadFailedError, InvalidInputError, StorageError
 from weightsync.server.fetch_policy import FetchPolicy, RetryingStorage
 from weightsync.storage import open_storage
@@ -89,7 +89,7 @@ def test_slow_storage_within_the_timeout_loads(faults_rig) -> None:
 
 
 def test_retrying_storage_does_not_retry_missing_files(tmp_path) -> None:
-    from faulty_storage import FaultyStorage
+    from _support.faulty_storage import FaultyStorage
 
     inner = FaultyStorage(open_storage(tmp_path))
     inner.write_bytes("a/b", b"x")

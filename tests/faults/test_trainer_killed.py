@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_helpers import START_IDENTITY, Rig
 
+from _support.fault_rig import START_IDENTITY, Rig
 from weightsync import WeightSyncer
 from weightsync.deployment import DeploymentManager
 from weightsync.snapshot import SnapshotStore

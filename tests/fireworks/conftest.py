@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fireworks_helpers import API_KEY
 
+from _support.fireworks_sdk import API_KEY
 from _support.training_fixtures import new_client
 from weightsync.deployment import DeploymentConfig, DeploymentManager
 from weightsync.trainer import TrainingClient

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import pytest
 from fireworks.training.sdk import WeightSyncer as SdkWeightSyncer
-from fireworks_helpers import (
+
+from _support.fireworks_sdk import (
     API_KEY,
     SDK_TIMING_KEYS,
     assert_serves_trainer_bits,
     sdk_manager,
     serving,
 )
-
 from _support.training import train_step
 from weightsync import DeploymentManager, WeightSyncer
 from weightsync.errors import HotloadRefusedError

@@ -11,8 +11,8 @@ import asyncio
 import pytest
 from fireworks.training.sdk import DeploymentSampler as SdkDeploymentSampler
 from fireworks.training.sdk import WeightSyncer as SdkWeightSyncer
-from fireworks_helpers import API_KEY, sdk_manager
 
+from _support.fireworks_sdk import API_KEY, sdk_manager
 from _support.training import (
     PROMPT,
     reference_greedy,

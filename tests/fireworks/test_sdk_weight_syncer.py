@@ -11,14 +11,14 @@ from __future__ import annotations
 import httpx
 import pytest
 from fireworks.training.sdk import WeightSyncer as SdkWeightSyncer
-from fireworks_helpers import (
+
+from _support.fireworks_sdk import (
     SDK_TIMING_KEYS,
     assert_serves_trainer_bits,
     sdk_manager,
     served_checksums,
     serving,
 )
-
 from _support.training import train_step
 
 pytestmark = pytest.mark.timeout(300)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from long_completion import LONG_MAX_TOKENS, LongCompletion
 
+from _support.long_completion import LONG_MAX_TOKENS, LongCompletion
 from weightsync.deployment.ray_replicas import drain_server, in_flight
 from weightsync.server.app import create_app
 from weightsync.server.config import ReplicaConfig

@@ -10,9 +10,10 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from server_helpers import Chain, running_replica
 
+from _support.chain import Chain
 from _support.models import snapshot_tensors, toy_model
+from _support.serving import running_replica
 from weightsync.server.config import ReplicaConfig
 from weightsync.server.replica import Replica
 from weightsync.toymodel import build_tokenizer

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from server_helpers import Chain, hot_load
 
+from _support.chain import Chain
 from _support.models import snapshot_tensors, toy_model
+from _support.serving import hot_load
 from weightsync.snapshot import write_base
 
 BASE, D1 = "base-0badcafe", "step1-0badcafe"

@@ -21,8 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 from fireworks.training.sdk.deployment import DeploymentConfig, DeploymentManager
-from server_helpers import Chain, running_gateway
 
+from _support.chain import Chain
+from _support.serving import running_gateway
 from weightsync.server.config import ServedDeployment
 from weightsync.wire import (
     ACCOUNTS_PATH,

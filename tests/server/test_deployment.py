@@ -13,10 +13,11 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from server_helpers import PROMPT_IDS, Chain, reference_greedy
 
 from _support.bits import same_bits
+from _support.chain import Chain
 from _support.models import toy_model
+from _support.serving import PROMPT_IDS, reference_greedy
 from weightsync.toymodel import save_model_dir
 
 BASE, D1, D2, D3 = (f"{n}-0badcafe" for n in ("base", "step1", "step2", "step3"))

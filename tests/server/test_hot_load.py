@@ -5,16 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from server_helpers import (
-    PROMPT_IDS,
-    Chain,
-    greedy,
-    hot_load,
-    reference_greedy,
-    wait_loaded,
-)
 
 from _support.bits import same_bits
+from _support.chain import Chain
+from _support.serving import PROMPT_IDS, greedy, hot_load, reference_greedy, wait_loaded
 from weightsync.codec import list_codecs
 
 BASE, D1, D2, D3 = (f"{n}-0badcafe" for n in ("base", "step1", "step2", "step3"))

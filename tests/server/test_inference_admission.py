@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from server_helpers import PROMPT_IDS, wait_loaded
 
+from _support.serving import PROMPT_IDS, wait_loaded
 from weightsync.server.inference_admission import InferenceLimits
 
 BASE, D1 = "base-0badcafe", "step1-0badcafe"

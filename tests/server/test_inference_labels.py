@@ -7,8 +7,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_helpers import PROMPT_IDS, Chain, greedy, hot_load, reference_greedy, wait_loaded
 
+from _support.chain import Chain
+from _support.serving import PROMPT_IDS, greedy, hot_load, reference_greedy, wait_loaded
 from weightsync.server.app import create_app
 from weightsync.server.config import ReplicaConfig
 from weightsync.server.replica import Replica

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import openai
 import pytest
-from server_helpers import PROMPT_IDS, Chain, reference_greedy
+
+from _support.chain import Chain
+from _support.serving import PROMPT_IDS, reference_greedy
 
 pytestmark = pytest.mark.timeout(60)
 BASE = "base-0badcafe"

@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from server_helpers import PROMPT_IDS, greedy, hot_load, reference_greedy, wait_loaded
 
+from _support.serving import PROMPT_IDS, greedy, hot_load, reference_greedy, wait_loaded
 from weightsync.server.gateway import create_gateway_app
 from weightsync.server.runner import ServerThread
 

@@ -7,8 +7,9 @@ import time
 from typing import Any
 
 import pytest
-from server_helpers import PROMPT_IDS, Chain, greedy, hot_load, reference_greedy, wait_loaded
 
+from _support.chain import Chain
+from _support.serving import PROMPT_IDS, greedy, hot_load, reference_greedy, wait_loaded
 from weightsync.storage import StorageWrapper, open_storage
 
 BASE, D1, D2, D3 = (f"{n}-0badcafe" for n in ("base", "step1", "step2", "step3"))

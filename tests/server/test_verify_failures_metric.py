@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from server_helpers import SESSION, Chain, hot_load, wait_loaded
 
+from _support.chain import SESSION, Chain
 from _support.models import snapshot_tensors, toy_model
+from _support.serving import hot_load, wait_loaded
 from weightsync.snapshot.writer import write_base
 
 BASE, D1 = f"base-{SESSION}", f"step1-{SESSION}"

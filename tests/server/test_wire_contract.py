@@ -18,8 +18,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
-from server_helpers import Chain, hot_load, running_gateway, wait_loaded
 
+from _support.chain import Chain
+from _support.serving import hot_load, running_gateway, wait_loaded
 from weightsync.server.config import ServedDeployment
 from weightsync.server.gateway import create_gateway_app
 from weightsync.server.runner import ServerThread

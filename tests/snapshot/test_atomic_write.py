@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from snapshot_testkit import toy_weights
 
 from _support.bits import assert_bits_equal
+from _support.models import toy_weights
 from _support.weights import perturb
 from weightsync.errors import SnapshotNotFoundError, StorageError
 from weightsync.snapshot import MANIFEST_FILE, SnapshotStore, write_base, write_delta

@@ -21,11 +21,11 @@ import torch
 from fireworks_delta_compression import compression as fdc
 from safetensors import safe_open
 from safetensors.torch import load_file
-from snapshot_testkit import toy_weights
 from typer.testing import CliRunner
 
 import weightsync.cli.snapshot  # noqa: F401  (registers the `snapshot` sub-app)
 from _support.bits import assert_bits_equal
+from _support.models import toy_weights
 from _support.weights import perturb
 from weightsync.cli import app
 from weightsync.errors import (

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from snapshot_testkit import toy_weights
 
+from _support.models import toy_weights
 from _support.weights import perturb
 from weightsync.errors import SnapshotCorruptError
 from weightsync.snapshot import MANIFEST_FILE, Manifest, SnapshotStore, write_base, write_delta

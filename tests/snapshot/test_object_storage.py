@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from snapshot_testkit import toy_weights
 
 from _support.bits import assert_bits_equal
+from _support.models import toy_weights
 from _support.weights import perturb
 from weightsync.errors import SnapshotCorruptError
 from weightsync.snapshot import (

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from snapshot_testkit import toy_weights
 
 from _support.bits import assert_bits_equal
+from _support.models import toy_weights
 from _support.weights import perturb
 from weightsync.codec import list_codecs
 from weightsync.snapshot import (

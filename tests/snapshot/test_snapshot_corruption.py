@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from snapshot_testkit import toy_weights
 
+from _support.models import toy_weights
 from _support.weights import perturb
 from weightsync.errors import (
     ChainError,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from syncer_helpers import serving
 
+from _support.deployments import serving
 from weightsync import WeightSyncer
 from weightsync.deployment import DeploymentManager
 from weightsync.errors import DeploymentHTTPError, InvalidInputError

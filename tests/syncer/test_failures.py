@@ -6,8 +6,8 @@ import logging
 import socket
 
 import pytest
-from syncer_helpers import serving
 
+from _support.deployments import serving
 from _support.training import PROMPT, reference_logprobs, reference_model, train_step
 from weightsync import WeightSyncer
 from weightsync.deployment import DeploymentManager, RetryPolicy

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 import torch
-from syncer_helpers import serving
 
+from _support.deployments import serving
 from _support.training import (
     PROMPT,
     reference_greedy,

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from trainer_testkit import train_step
 
 from _support.bits import assert_bits_equal
+from _support.training import model_step
 from weightsync.errors import (
     ChainError,
     InvalidIdentityError,
@@ -54,7 +54,7 @@ def test_a_failure_mid_write_publishes_nothing_and_keeps_the_chain(
     storage = FailingStorage(tmp_path)
     client = TrainingClient(model, storage=storage, optimizer=optimizer)
     good = client.save_weights_for_sampler_ext("good")
-    train_step(model, optimizer, seed=1)
+    model_step(model, optimizer, seed=1)
 
     storage.arm(fail_at)
     with pytest.raises(StorageError) as failure:

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from trainer_testkit import train_step
 
 from _support.bits import assert_bits_equal, int_bits
+from _support.training import model_step
 from weightsync.errors import InvalidInputError, StorageError
 from weightsync.snapshot import SnapshotStore, write_base, write_delta
 from weightsync.storage import LocalStorage
@@ -103,7 +103,7 @@ def test_every_file_is_byte_identical_to_the_full_copy_path(
     kinds = []
     for step in range(5):
         if step:
-            train_step(model, optimizer, seed=step)
+            model_step(model, optimizer, seed=step)
         # A base in the middle restarts the chain (and, on "device", the device copy).
         result = client.save_weights_for_sampler_ext(
             f"step-{step}", checkpoint_type="base" if step == 3 else None
@@ -129,14 +129,14 @@ def test_a_failed_delta_leaves_the_chain_and_the_next_delta_is_still_exact(
         model, storage=storage, optimizer=optimizer, previous_bits_device="device"
     )
     client.save_weights_for_sampler_ext("base")
-    train_step(model, optimizer, seed=1)
+    model_step(model, optimizer, seed=1)
     client.save_weights_for_sampler_ext("d1")
-    train_step(model, optimizer, seed=2)
+    model_step(model, optimizer, seed=2)
     storage.arm()
     with pytest.raises(StorageError, match="injected failure"):
         client.save_weights_for_sampler_ext("d2")
     assert client.last_snapshot == f"d1-{client.session_id}"
-    train_step(model, optimizer, seed=3)
+    model_step(model, optimizer, seed=3)
     # Onto d1, not onto the bits of the failed save (which the device copy had moved to).
     result = client.save_weights_for_sampler_ext("d3")
     assert result.parent == f"d1-{client.session_id}"

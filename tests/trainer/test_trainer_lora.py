@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
-from trainer_testkit import train_step
 from transformers import AutoModelForCausalLM
 
 from _support.bits import int_bits
+from _support.training import model_step
 from weightsync.errors import InvalidInputError
 from weightsync.snapshot import SnapshotStore
 from weightsync.toymodel import build_model
@@ -30,7 +30,7 @@ def _lora_client(tmp_path: Path, **kwargs: Any) -> tuple[TrainingClient, torch.o
     client.optimizer = optimizer
     # lora_B starts at zero; a few steps make the adapter do something.
     for step in range(3):
-        train_step(client.model, optimizer, seed=step)
+        model_step(client.model, optimizer, seed=step)
     return client, optimizer
 
 
@@ -43,7 +43,7 @@ def _logits(model: Any) -> torch.Tensor:
 def test_adapter_snapshots_load_in_peft_bit_for_bit(tmp_path: Path) -> None:
     client, optimizer = _lora_client(tmp_path)
     first = client.save_weights_for_sampler_ext("adapter-1")
-    train_step(client.model, optimizer, seed=9)
+    model_step(client.model, optimizer, seed=9)
     second = client.save_weights_for_sampler_ext("adapter-2", checkpoint_type="delta")
 
     assert (first.kind, second.kind) == ("lora", "lora")

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-from trainer_testkit import train_step
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from _support.bits import int_bits
+from _support.training import model_step
 from weightsync.errors import InvalidInputError, SnapshotNotFoundError, UnsupportedOperationError
 from weightsync.trainer import TrainingClient
 
@@ -51,7 +51,7 @@ def test_a_delta_is_refused_naming_its_base_unless_materialized(
 ) -> None:
     client = TrainingClient(model, storage=tmp_path / "snaps", optimizer=optimizer)
     base = client.save_weights_for_sampler_ext("base")
-    train_step(model, optimizer, seed=1)
+    model_step(model, optimizer, seed=1)
     delta = client.save_weights_for_sampler_ext("delta")
 
     with pytest.raises(InvalidInputError) as refused:

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_testkit import train_step
 
+from _support.training import model_step
 from weightsync.errors import InvalidInputError, UnsupportedOperationError
 from weightsync.trainer import TrainingClient
 
@@ -17,7 +17,7 @@ def test_deltas_default_to_the_sdks_arc_v2(tmp_path: Path, model: Any, optimizer
     client = TrainingClient(model, storage=tmp_path, optimizer=optimizer)
     assert client.compression_format == "arc_v2"
     client.save_weights_for_sampler_ext("b")
-    train_step(model, optimizer, seed=1)
+    model_step(model, optimizer, seed=1)
     delta = client.save_weights_for_sampler_ext("d")
     manifest = client.store.read_manifest(delta.snapshot_name)
     assert manifest.kind == "delta" and manifest.compression_format == "arc_v2"

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from trainer_testkit import train_step
 
 from _support.bits import assert_bits_equal, int_bits
+from _support.training import model_step
 from weightsync.snapshot import SnapshotStore
 from weightsync.trainer import SaveSamplerResult, TrainingClient
 
@@ -26,7 +26,7 @@ def test_base_then_deltas_reproduce_the_live_weights_bit_for_bit(
     expected: list[dict[str, torch.Tensor]] = []
     for step in range(4):
         if step:
-            train_step(model, optimizer, seed=step)
+            model_step(model, optimizer, seed=step)
         expected.append(client.exported_weights())
         results.append(client.save_weights_for_sampler_ext(f"step-{step}"))
 
@@ -84,11 +84,11 @@ def test_explicit_types_and_reset_start_a_new_chain(
 ) -> None:
     client = TrainingClient(model, storage=tmp_path, optimizer=optimizer)
     base = client.save_weights_for_sampler_ext("a", checkpoint_type="base")
-    train_step(model, optimizer, seed=1)
+    model_step(model, optimizer, seed=1)
     delta = client.save_weights_for_sampler_ext("b", checkpoint_type="delta")
-    train_step(model, optimizer, seed=2)
+    model_step(model, optimizer, seed=2)
     rebased = client.save_weights_for_sampler_ext("c", checkpoint_type="base")
-    train_step(model, optimizer, seed=3)
+    model_step(model, optimizer, seed=3)
     after = client.save_weights_for_sampler_ext("d")
     client.reset_delta_chain()
     fresh = client.save_weights_for_sampler_ext("e")
@@ -145,7 +145,7 @@ def test_other_export_dtypes_round_trip(
 ) -> None:
     client = TrainingClient(model, storage=tmp_path, export_dtype=export_dtype)
     client.save_weights_for_sampler_ext("base")
-    train_step(model, optimizer, seed=1)
+    model_step(model, optimizer, seed=1)
     result = client.save_weights_for_sampler_ext("delta")
 
     weights = SnapshotStore(tmp_path).materialize(result.snapshot_name)

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from trainer_testkit import train_step
 
+from _support.training import model_step
 from weightsync.errors import InvalidInputError, SnapshotNotFoundError, StorageError
 from weightsync.toymodel import build_model
 from weightsync.trainer import TrainingClient
@@ -22,7 +22,7 @@ def _trained(storage: Path, *, steps: int) -> tuple[TrainingClient, torch.optim.
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for step in range(steps):
-        train_step(model, optimizer, seed=step)
+        model_step(model, optimizer, seed=step)
     return TrainingClient(model, storage=storage, optimizer=optimizer), optimizer
 
 
@@ -36,13 +36,13 @@ def _fresh(storage: Path) -> tuple[TrainingClient, torch.optim.Optimizer]:
 def _resume_exactly(tmp_path: Path, *, by: str) -> None:
     client, optimizer = _trained(tmp_path, steps=3)
     location = client.save_state("resume")
-    expected = [train_step(client.model, optimizer, seed=s) for s in (100, 101, 102)]
+    expected = [model_step(client.model, optimizer, seed=s) for s in (100, 101, 102)]
     expected_weights = {k: v.clone() for k, v in client.model.state_dict().items()}
 
     resumed, resumed_optimizer = _fresh(tmp_path)
     assert resumed.session_id != client.session_id
     resumed.load_state_with_optimizer(location if by == "path" else "resume")
-    losses = [train_step(resumed.model, resumed_optimizer, seed=s) for s in (100, 101, 102)]
+    losses = [model_step(resumed.model, resumed_optimizer, seed=s) for s in (100, 101, 102)]
 
     assert losses == expected  # bit-identical floats, step after step
     for name, tensor in resumed.model.state_dict().items():
@@ -135,10 +135,10 @@ def test_a_lora_client_resumes_its_adapter_and_optimizer_exactly(tmp_path: Path)
 
     client, optimizer = lora_client()
     for step in range(2):
-        train_step(client.model, optimizer, seed=step)
+        model_step(client.model, optimizer, seed=step)
     location = client.save_state("adapter")
-    expected = [train_step(client.model, optimizer, seed=s) for s in (50, 51)]
+    expected = [model_step(client.model, optimizer, seed=s) for s in (50, 51)]
 
     resumed, resumed_optimizer = lora_client()
     resumed.load_state_with_optimizer(location)
-    assert [train_step(resumed.model, resumed_optimizer, seed=s) for s in (50, 51)] == expected
+    assert [model_step(resumed.model, resumed_optimizer, seed=s) for s in (50, 51)] == expected

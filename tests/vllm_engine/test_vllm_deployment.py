@@ -23,10 +23,10 @@ from typing import Any
 import openai
 import pytest
 import torch
-from vllm_api_checks import as_result, check_vllm_api, stream_completion
-from vllm_helpers import MODEL_SIZE, check_against_reference, reference_model
 
 from _support.training import train_step
+from _support.vllm_api import as_result, check_vllm_api, stream_completion
+from _support.vllm_reference import MODEL_SIZE, check_against_reference, reference_model
 from weightsync import WeightSyncer
 from weightsync.deployment import DeploymentConfig, DeploymentManager
 from weightsync.server.engines.base import GenerateResult

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from vllm_helpers import PROMPTS, check_against_reference, perturbed, reference_model
 
 from _support.bits import same_bits
+from _support.vllm_reference import PROMPTS, check_against_reference, perturbed, reference_model
 from weightsync.codec import DEFAULT_CHECKSUM, DEFAULT_CODEC, Patch, checksum_tensor, get_codec
 from weightsync.errors import InvalidInputError, UnsupportedOperationError
 from weightsync.server.engines import get_engine

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import PROMPT, RecordingGuard
 
+from _support.engine_steps import PROMPT, RecordingGuard
 from _support.models import snapshot_tensors
 from weightsync.errors import InvalidInputError
 from weightsync.server.engines.base import GenerateRequest, GenerateResult

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from engine_helpers import PROMPT, RecordingGuard
 
+from _support.engine_steps import PROMPT, RecordingGuard
 from _support.models import snapshot_tensors
 from weightsync.codec import Patch, checksum_tensor, get_codec, list_checksums
 from weightsync.errors import InvalidInputError

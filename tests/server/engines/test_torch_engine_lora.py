@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import PROMPT, RecordingGuard
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+from _support.engine_steps import PROMPT, RecordingGuard
 from _support.models import toy_model
 from weightsync.errors import InvalidInputError, UnsupportedOperationError
 from weightsync.server.engines.base import GenerateRequest, GenerateResult

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from engine_helpers import PROMPT, RecordingGuard
 
+from _support.engine_steps import PROMPT, RecordingGuard
 from _support.models import snapshot_tensors, toy_model
 from weightsync.codec import Patch, get_codec
 from weightsync.errors import InvalidInputError

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import PROMPT
 from transformers import DynamicCache
 
+from _support.engine_steps import PROMPT
 from _support.models import snapshot_tensors, toy_model
 from weightsync.codec import get_codec
 from weightsync.errors import DeploymentError

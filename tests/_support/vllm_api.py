@@ -1,7 +1,7 @@
 """Checks of what vLLM's own OpenAI server answers, through the `openai` client.
 
 Every check teacher-forces vLLM's tokens through a `transformers` reference that
-holds the snapshot's weights (`vllm_helpers.check_against_reference`), and checks
+holds the snapshot's weights (`_support.vllm_reference.check_against_reference`), and checks
 the snapshot label weightsync's middleware puts on the answer and its chunks.
 """
 
@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_helpers import check_against_reference
-
+from _support.vllm_reference import check_against_reference
 from weightsync.server.engines.base import GenerateResult
 
 

@@ -1,9 +1,11 @@
-"""Tensors built from raw bit patterns, for bit-exact codec tests."""
+"""Tensors built from raw bit patterns, for the bit-exact codec tests (see `_support.bits`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from _support.bits import int_bits
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2)
 _INT = {1: (np.uint8, torch.uint8), 2: (np.uint16, torch.int16), 4: (np.uint32, torch.int32)}
@@ -26,11 +28,6 @@ SPECIALS: dict[torch.dtype, tuple[int, ...]] = {
     torch.float8_e4m3fn: (0x00, 0x80, 0x7F, 0xFF, 0x01, 0x81, 0x07),
     torch.float8_e5m2: (0x00, 0x80, 0x7C, 0xFC, 0x7E, 0x7D, 0xFF, 0x01, 0x83),
 }
-
-
-def int_view(t: torch.Tensor) -> torch.Tensor:
-    """Same-width integer view: compare these for bit-exactness."""
-    return t.view(_INT[t.element_size()][1])
 
 
 def tensor_from_bits(
@@ -62,7 +59,7 @@ def ulp_moves(
     `big` of those by up to ±40 instead): the pattern of an RL optimizer step."""
     width = old.element_size()
     np_dtype = _INT[width][0]
-    bits = int_view(old).numpy().view(np_dtype).astype(np.int64).reshape(-1)
+    bits = int_bits(old).numpy().view(np_dtype).astype(np.int64).reshape(-1)
     n = bits.size
     moved = rng.random(n) < density
     step = np.where(rng.random(n) < 0.5, -1, 1)

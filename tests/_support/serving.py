@@ -1,66 +1,26 @@
-"""Helpers for the server tests: toy snapshots written by the real writer, a reference model.
+"""A replica or gateway of a snapshot chain on 127.0.0.1 (in threads), the HTTP calls the
+server tests make to it, and the greedy reference its answers are checked against.
 
-The toy model and its snapshot tensors are `_support.models`.
+The chain is `_support.chain`; the toy model and its snapshot tensors are `_support.models`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from _support.chain import Chain
 from _support.models import model_holding
-from _support.weights import perturb
 from weightsync.server.app import create_app
 from weightsync.server.config import ReplicaConfig, ServedDeployment
 from weightsync.server.replica import Replica
 from weightsync.server.runner import ServerThread
-from weightsync.snapshot import Manifest, SnapshotStore, write_base, write_delta
 
-SESSION = "0badcafe"
 PROMPT_IDS = [5, 17, 33, 8, 90, 41, 12, 77, 64, 3, 99, 21, 40, 41, 42, 43, 44, 45]
-
-
-@dataclass
-class Chain:
-    """A base and deltas in one storage root, remembering the weights each stands for."""
-
-    root: Path
-    config: dict[str, Any]
-    tokenizer_dir: Path | None
-    weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    manifests: dict[str, Manifest] = field(default_factory=dict)
-
-    @property
-    def store(self) -> SnapshotStore:
-        return SnapshotStore(self.root)
-
-    def base(self, name: str, tensors: dict[str, torch.Tensor]) -> str:
-        identity = f"{name}-{SESSION}"
-        self.manifests[identity] = write_base(
-            self.root, identity, tensors, config=self.config, tokenizer_dir=self.tokenizer_dir
-        )
-        self.weights[identity] = tensors
-        return identity
-
-    def delta(self, name: str, parent: str, seed: int, **kwargs: Any) -> str:
-        identity = f"{name}-{SESSION}"
-        # A training step's worth of change: a few elements of every tensor move a little.
-        new = perturb(self.weights[parent], seed=seed, fraction=0.05)
-        self.manifests[identity] = write_delta(
-            self.root,
-            identity,
-            parent=self.manifests[parent],
-            old=self.weights[parent],
-            new=new,
-            **kwargs,
-        )
-        self.weights[identity] = new
-        return identity
 
 
 def reference_greedy(

@@ -1,4 +1,5 @@
-"""Plain helpers of the deployment tests: snapshots written by a real training client."""
+"""Local deployments in the tests: snapshots written by a real training client for the
+deployment tests, and what a deployment serves, as its manager reports (syncer tests)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from weightsync.deployment import DeploymentManager
 from weightsync.toymodel import build_model
 from weightsync.trainer import TrainingClient
 
@@ -36,3 +38,9 @@ class Snapshots:
             "compression_format": manifest.compression_format,
             "checksum_format": manifest.checksum_format,
         }
+
+
+def serving(deploy_mgr: DeploymentManager, deployment_id: str) -> set[str | None]:
+    """The snapshot identities the replicas of `deployment_id` serve now (its hot-load status)."""
+    status = deploy_mgr.hotload_check_status(deployment_id)
+    return {r["current_snapshot_identity"] for r in status["replicas"]}

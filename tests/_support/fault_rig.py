@@ -22,9 +22,10 @@ from typing import Any
 
 import httpx
 import torch
-from faulty_storage import FaultyStorage
 
+from _support.faulty_storage import FaultyStorage
 from _support.models import model_holding
+from _support.training import reference_greedy
 from weightsync import WeightSyncer
 from weightsync.codec import checksum_tensor
 from weightsync.deployment import DeploymentManager
@@ -65,16 +66,6 @@ def checksums(weights: dict[str, torch.Tensor]) -> dict[str, str]:
     return {n: checksum_tensor(CHECKSUM, t) for n, t in weights.items()}
 
 
-@torch.no_grad()
-def reference_greedy(config: dict[str, Any], weights: dict[str, torch.Tensor], n: int) -> list[int]:
-    """Greedy tokens of a plain `transformers` model holding `weights` (the reference)."""
-    model = model_holding(config, weights)
-    ids = list(PROMPT_IDS)
-    for _ in range(n):
-        ids.append(int(torch.argmax(model(input_ids=torch.tensor([ids])).logits[0, -1])))
-    return ids[len(PROMPT_IDS) :]
-
-
 @dataclass
 class Observation:
     """The four things every case records."""
@@ -91,6 +82,35 @@ class Observation:
     test: str = field(
         default_factory=lambda: os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
     )
+
+    @classmethod
+    def of(
+        cls,
+        case: str,
+        expected: str,
+        outcome: Any,
+        status: dict[str, Any],
+        entries: list[dict[str, Any]],
+    ) -> Observation:
+        """What a case saw: the replica's status entry (checked to serve its identity's
+        reference) and its ledger entries, oldest first."""
+        served = status["current_snapshot_identity"]
+        state = status["loading_state"]
+        return cls(
+            case=case,
+            expected=expected,
+            syncer=describe(outcome),
+            serving=served,
+            stage=state["stage"],
+            error=state.get("error"),
+            serves_reference_of=served,
+            ledger_last=(
+                {k: entries[-1][k] for k in ("identity", "kind", "result", "error")}
+                if entries
+                else None
+            ),
+            ledger_ok=[e["identity"] for e in entries if e["result"] == "ok"],
+        )
 
 
 def record(observation: Observation) -> None:
@@ -228,9 +248,8 @@ class Rig:
 
     def _greedy_reference(self, identity: str) -> list[int]:
         if identity not in self._greedy_cache:
-            self._greedy_cache[identity] = reference_greedy(
-                self.configs[identity], self.references[identity], 4
-            )
+            model = model_holding(self.configs[identity], self.references[identity])
+            self._greedy_cache[identity] = reference_greedy(model, PROMPT_IDS, 4)
         return self._greedy_cache[identity]
 
     def observe(self, case: str, expected: str, outcome: Any, *, allowed: set[str]) -> Observation:
@@ -252,22 +271,7 @@ class Rig:
         assert completion["snapshot_identity"] == served
         assert completion["choices"][0]["token_ids"] == self._greedy_reference(served)
         entries = self.ledger()
-        state = status["loading_state"]
-        observation = Observation(
-            case=case,
-            expected=expected,
-            syncer=describe(outcome),
-            serving=served,
-            stage=state["stage"],
-            error=state.get("error"),
-            serves_reference_of=served,
-            ledger_last=(
-                {k: entries[-1][k] for k in ("identity", "kind", "result", "error")}
-                if entries
-                else None
-            ),
-            ledger_ok=[e["identity"] for e in entries if e["result"] == "ok"],
-        )
+        observation = Observation.of(case, expected, outcome, status, entries)
         # Zero lost snapshots: what the replica serves is the ledger's newest verified load.
         if entries:
             assert observation.ledger_ok and observation.ledger_ok[-1] == served, entries
