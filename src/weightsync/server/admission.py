@@ -4,10 +4,10 @@ A refused request changes nothing: the replica keeps serving what it had. A delt
 must apply onto exactly what the replica serves (its parent, by identity); after a
 ledger reset only a base is admitted; a base (or delta) must be the same model as
 the one served: every config key that changes outputs (`rms_norm_eps`,
-`rope_theta`, `eos_token_id`, ... — see `sources.config_mismatches`), tensor
-names, shapes, dtypes; a differing one is refused naming the keys (the replica
-never rebuilds its model on a hot-load). A LoRA adapter needs an engine that
-loads adapters.
+`rope_theta`, `eos_token_id`, `architectures`, ...), tensor names, shapes, dtypes —
+`engines.base.model_mismatches`, the rule every engine's in-place load uses too; a
+differing one is refused naming what differs (the replica never rebuilds its model
+on a hot-load). A LoRA adapter needs an engine that loads adapters.
 """
 
 from __future__ import annotations
@@ -16,15 +16,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from weightsync.codec import canonical_checksum_name, get_codec
-from weightsync.codec.bits import dtype_name
 from weightsync.errors import (
     ChainError,
     HotloadRefusedError,
     InvalidInputError,
     UnsupportedOperationError,
 )
-from weightsync.server.engines.base import Engine
-from weightsync.server.sources import config_mismatches
+from weightsync.server.engines.base import Engine, model_mismatches, tensor_specs
 from weightsync.snapshot import Manifest
 from weightsync.wire import IncrementalSnapshotMetadata
 
@@ -128,26 +126,11 @@ def _check_same_model(
     served_config: Mapping[str, Any],
     snapshot_config: Mapping[str, Any],
 ) -> None:
-    identity = manifest.identity
-    problems = config_mismatches(dict(served_config), dict(snapshot_config))
-    live = engine.named_weights()
-    missing = sorted(set(live) - set(manifest.tensors))
-    extra = sorted(set(manifest.tensors) - set(live))
-    if missing:
-        problems.append(f"tensors missing from the snapshot: {', '.join(missing[:5])}")
-    if extra:
-        problems.append(f"tensors the served model lacks: {', '.join(extra[:5])}")
-    for name, entry in manifest.tensors.items():
-        tensor = live.get(name)
-        if tensor is None:
-            continue
-        if tuple(entry.shape) != tuple(tensor.shape) or entry.dtype != dtype_name(tensor.dtype):
-            problems.append(
-                f"{name}: served {tuple(tensor.shape)} {dtype_name(tensor.dtype)} != "
-                f"snapshot {tuple(entry.shape)} {entry.dtype}"
-            )
+    incoming = {name: (tuple(e.shape), e.dtype) for name, e in manifest.tensors.items()}
+    served = tensor_specs(engine.named_weights())
+    problems = model_mismatches(served_config, served, snapshot_config, incoming)
     if problems:
         raise ChainError(
-            f"snapshot {identity!r} does not match the served model "
+            f"snapshot {manifest.identity!r} does not match the served model "
             f"({'; '.join(problems[:8])}); start a deployment of that model instead"
         )

@@ -110,48 +110,6 @@ def _tied_in_model(config: Mapping[str, Any], *, what: str) -> dict[str, str]:
     return tied_duplicates(model.state_dict(keep_vars=True).items(), what=what)
 
 
-#: Config keys that describe the file, not the model: they never change an output.
-NON_OUTPUT_CONFIG_KEYS = frozenset(
-    {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "use_cache"}
-)
-
-
-def config_mismatches(served: Mapping[str, Any], incoming: Mapping[str, Any]) -> list[str]:
-    """Keys on which two HF configs differ, as `key: served X != snapshot Y`.
-
-    Both are first normalized the way the model is built from them (the
-    `transformers` config class of their `model_type` fills defaults and folds
-    legacy keys, e.g. a top-level `rope_theta` into `rope_parameters`). Every key
-    counts (architecture, `rms_norm_eps`, `rope_parameters`, `eos_token_id`, ...)
-    except `NON_OUTPUT_CONFIG_KEYS`: a model with the same shapes but another
-    config computes other outputs.
-    """
-    mine, theirs = _normalized(served), _normalized(incoming)
-    if mine is None or theirs is None:  # no config class: compare what both set
-        mine, theirs = dict(served), dict(incoming)
-        keys = set(mine) & set(theirs)
-    else:
-        keys = set(mine) | set(theirs)
-    out = []
-    for key in sorted(keys - NON_OUTPUT_CONFIG_KEYS):
-        if mine.get(key) != theirs.get(key):
-            out.append(f"{key}: served {mine.get(key)!r} != snapshot {theirs.get(key)!r}")
-    return out
-
-
-def _normalized(config: Mapping[str, Any]) -> dict[str, Any] | None:
-    from transformers import AutoConfig
-
-    doc = dict(config)
-    model_type = doc.pop("model_type", None)
-    if not isinstance(model_type, str):
-        return None
-    try:
-        return dict(AutoConfig.for_model(model_type, **doc).to_dict())
-    except (ValueError, TypeError, KeyError):
-        return None
-
-
 def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     """One checksum of every tensor's name and bits: a restart knows a model dir is unchanged."""
     lines = "".join(

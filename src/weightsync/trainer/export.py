@@ -197,11 +197,20 @@ def num_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _model_class(model: Any) -> type:
+    """The model's own class: FSDP2's `fully_shard` swaps in a subclass made by torch
+    (`FSDPQwen3ForCausalLM`), which names no model a replica could build."""
+    return next(
+        (c for c in type(model).__mro__ if not c.__module__.startswith("torch.")), type(model)
+    )
+
+
 def hf_config(model: Any, export_dtype: torch.dtype) -> dict[str, Any]:
     """`config.json` for a snapshot of `model`.
 
     A transformers model gets its own config with `dtype` set to the export dtype
-    and `architectures` filled in (as `save_pretrained` does); any other module gets
+    and `architectures` filled in (as `save_pretrained` does, with the class the
+    model was built as, under any torch wrapper subclass); any other module gets
     a minimal config saying it is not a transformers model.
     """
     config = getattr(model, "config", None)
@@ -211,7 +220,7 @@ def hf_config(model: Any, export_dtype: torch.dtype) -> dict[str, Any]:
         data["dtype"] = config_dtype_name(export_dtype)
         data.pop("torch_dtype", None)
         if not data.get("architectures"):
-            data["architectures"] = [type(model).__name__]
+            data["architectures"] = [_model_class(model).__name__]
         return data
     return {
         PLAIN_MODULE_KEY: True,

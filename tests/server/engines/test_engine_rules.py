@@ -10,7 +10,13 @@ import torch
 
 from _support.models import snapshot_tensors, toy_model
 from weightsync.errors import InvalidInputError
-from weightsync.server.engines.base import eos_token_ids, model_dtype, same_model
+from weightsync.server.engines.base import (
+    eos_token_ids,
+    model_dtype,
+    model_mismatches,
+    same_model,
+    tensor_specs,
+)
 from weightsync.server.engines.torch_engine import TorchEngine
 from weightsync.server.engines.vllm_layout import checkpoint_layout_names, host_copy
 
@@ -27,6 +33,25 @@ def test_only_file_keys_are_ignored_architectures_count(model: Any) -> None:
     renamed = {**config, "architectures": ["LlamaForCausalLM"]}
     assert not same_model(config, tensors, renamed, tensors)
     assert not same_model(config, tensors, {**config, "rms_norm_eps": 1e-3}, tensors)
+
+
+def test_the_rule_names_what_differs_as_admission_reports_it(model: Any) -> None:
+    config, tensors = _base(model)
+    specs = tensor_specs(tensors)
+    # The dtype keys and use_cache describe the file: each tensor's dtype is compared itself.
+    assert same_model(config, tensors, {**config, "dtype": "float32", "use_cache": False}, tensors)
+    renamed = {**config, "architectures": ["LlamaForCausalLM"]}
+    assert model_mismatches(config, specs, renamed, specs) == [
+        "architectures: served ['Qwen3ForCausalLM'] != snapshot ['LlamaForCausalLM']"
+    ]
+    # No class named: the one AutoModelForCausalLM builds for the model type (a model
+    # built from a config, never saved, against the directory save_pretrained wrote).
+    saved = {**config, "architectures": ["Qwen3ForCausalLM"]}
+    assert model_mismatches(saved, specs, {**config, "architectures": None}, specs) == []
+    wider = {**specs, "model.norm.weight": ((33,), "BF16")}
+    assert model_mismatches(config, specs, config, wider) == [
+        "model.norm.weight: served (32,) BF16 != snapshot (33,) BF16"
+    ]
 
 
 def test_tensor_names_shapes_and_dtypes_count(model: Any) -> None:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from weightsync.codec import Patch, checksum_tensor
+from weightsync.codec.bits import dtype_name
 from weightsync.errors import InvalidInputError, UnsupportedOperationError
 
 CacheScope = Literal["all", "shared"]
@@ -94,9 +95,49 @@ def check_generate_request(
         raise InvalidInputError(f"logprobs must be >= 0 or None, got {request.logprobs}")
 
 
-#: Config keys that differ between saves of the same model and change nothing an engine
-#: builds from the config. `architectures` is not one of them: it names the model class.
-CONFIG_KEYS_IGNORED = frozenset({"transformers_version", "_name_or_path"})
+#: Config keys that describe the file, not the model: they change nothing an engine builds or
+#: computes (the dtype is each tensor's own, compared tensor by tensor). `architectures` is not
+#: one of them: it names the model class.
+CONFIG_KEYS_IGNORED = frozenset(
+    {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"}
+)
+
+#: A tensor as the same-model rule sees it: its shape and dtype name (`codec.bits.dtype_name`).
+TensorSpec = tuple[tuple[int, ...], str]
+
+
+def tensor_specs(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    """Each tensor's shape and dtype name (what `model_mismatches` compares)."""
+    return {name: (tuple(t.shape), dtype_name(t.dtype)) for name, t in tensors.items()}
+
+
+def model_mismatches(
+    served_config: Mapping[str, Any],
+    served: Mapping[str, TensorSpec],
+    config: Mapping[str, Any],
+    incoming: Mapping[str, TensorSpec],
+) -> list[str]:
+    """How a snapshot's model (`config`, `incoming`) differs from the served one; [] if none.
+
+    The one same-model rule: the same config but for `CONFIG_KEYS_IGNORED` (`config_mismatches`),
+    the same tensor names, shapes and dtypes. Each difference reads `... served X != snapshot Y`.
+    The replica's admission refuses a hot-load by it; every engine picks in-place or rebuild by
+    it (`same_model`).
+    """
+    problems = config_mismatches(served_config, config)
+    missing = sorted(set(served) - set(incoming))
+    extra = sorted(set(incoming) - set(served))
+    if missing:
+        problems.append(f"tensors missing from the snapshot: {', '.join(missing[:5])}")
+    if extra:
+        problems.append(f"tensors the served model lacks: {', '.join(extra[:5])}")
+    for name, (shape, dtype) in incoming.items():
+        if name in served and served[name] != (tuple(shape), dtype):
+            served_shape, served_dtype = served[name]
+            problems.append(
+                f"{name}: served {served_shape} {served_dtype} != snapshot {tuple(shape)} {dtype}"
+            )
+    return problems
 
 
 def same_model(
@@ -106,19 +147,53 @@ def same_model(
     tensors: Mapping[str, torch.Tensor],
 ) -> bool:
     """Whether a base (`config`, `tensors`) is the model an engine holds (`served_config`,
-    `served`), so it can be copied in place: the same config but for `CONFIG_KEYS_IGNORED`,
-    the same tensor names, shapes and dtypes. Every engine decides in-place or rebuild by it.
+    `served`), so it can be copied in place: no `model_mismatches`.
     """
+    return not model_mismatches(served_config, tensor_specs(served), config, tensor_specs(tensors))
 
-    def clean(c: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in c.items() if k not in CONFIG_KEYS_IGNORED}
 
-    if clean(served_config) != clean(config) or set(served) != set(tensors):
-        return False
-    return all(
-        tuple(t.shape) == tuple(tensors[n].shape) and t.dtype == tensors[n].dtype
-        for n, t in served.items()
-    )
+def config_mismatches(served: Mapping[str, Any], incoming: Mapping[str, Any]) -> list[str]:
+    """Keys on which two HF configs differ, as `key: served X != snapshot Y`.
+
+    Both are first normalized the way the model is built from them (the
+    `transformers` config class of their `model_type` fills defaults and folds
+    legacy keys, e.g. a top-level `rope_theta` into `rope_parameters`). Every key
+    counts (`architectures`, `rms_norm_eps`, `rope_parameters`, `eos_token_id`, ...)
+    except `CONFIG_KEYS_IGNORED`: a model with the same shapes but another config
+    computes other outputs. A config that names no `architectures` (a model built
+    from a config and never saved) stands for the class `AutoModelForCausalLM` builds
+    for its `model_type`, as the engines build it.
+    """
+    mine, theirs = _normalized(served), _normalized(incoming)
+    if mine is None or theirs is None:  # no config class: compare what both set
+        mine, theirs = dict(served), dict(incoming)
+        keys = set(mine) & set(theirs)
+    else:
+        keys = set(mine) | set(theirs)
+    out = []
+    for key in sorted(keys - CONFIG_KEYS_IGNORED):
+        if mine.get(key) != theirs.get(key):
+            out.append(f"{key}: served {mine.get(key)!r} != snapshot {theirs.get(key)!r}")
+    return out
+
+
+def _normalized(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    from transformers import AutoConfig
+
+    doc = dict(config)
+    model_type = doc.pop("model_type", None)
+    if not isinstance(model_type, str):
+        return None
+    try:
+        normalized = dict(AutoConfig.for_model(model_type, **doc).to_dict())
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not normalized.get("architectures"):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        built = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+        normalized["architectures"] = [built] if built else None
+    return normalized
 
 
 def eos_token_ids(value: Any) -> frozenset[int]:
@@ -196,6 +271,16 @@ class Engine(ABC):
         `keep_undo=False` holds no undo of the patched elements (one copy of the changed
         data less) and returns `{}`; a failure part way then leaves the weights partly
         patched, and the caller puts back verified weights (`load_base`).
+        """
+
+    def stage_patches(self, patches: Mapping[str, Patch]) -> None:  # noqa: B027  (optional)
+        """Prepare, before the swap lock, what `apply_patches(patches)` will need.
+
+        The load pipeline calls it once per load with the verified patches, then
+        `apply_patches` with the same mapping inside the swap; the live weights do not
+        change in between (loads are serialized). Serving goes on meanwhile, so an
+        engine does here what depends only on the patches and the live weights (the
+        `vllm` engine writes its push file). The default does nothing.
         """
 
     @abstractmethod
