@@ -21,7 +21,8 @@ inside it, so every answer is labelled with the weights it was computed on.
 the previous weights are read again from where the ledger says they came from
 (verified) and put back together with their identity — no undo copy of the
 patched elements is held, and a patch denser than its tensor is held as the
-tensor's new bits, so a delta costs at most about one copy of the model.
+tensor's new bits, so a delta costs at most about one copy of the model; a
+base's patches are views of its fetched bytes, so it costs one copy too.
 Then the load is written to the ledger. A ledger write that still fails
 after its bounded retries ends the load as `error` with the replica `degraded`:
 it keeps serving the verified new weights, reports that the ledger is behind,
@@ -33,6 +34,8 @@ while one runs is refused (409).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -46,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 from weightsync.codec import Patch, checksum_tensor
-from weightsync.codec.bits import bits
 from weightsync.errors import (
     ChecksumMismatchError,
     DeploymentError,
@@ -147,6 +149,8 @@ class LoadPipeline:
         self._weights_unknown: str | None = None
         self._unwritten: list[LedgerEntry] = []
         self._loader: threading.Thread | None = None
+        #: Long-polls of the status (`wait_settled`), woken when no load runs any more.
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     # --- what is served -------------------------------------------------------
 
@@ -167,8 +171,31 @@ class LoadPipeline:
         )
 
     def _publish_locked(self) -> None:
-        # One place sets the gauge, from the same state status reports.
+        # One place sets the gauge, from the same state status reports, and wakes the
+        # long-polls once no load runs.
         self.metrics.ready.set(1 if self._readiness_locked() else 0)
+        if self._stage not in LOADING_STAGES:
+            for loop, waiter in self._waiters:
+                # A closed event loop raises: nobody waits there any more.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_wake, waiter)
+            self._waiters.clear()
+
+    async def wait_settled(self, timeout_s: float) -> None:
+        """Return as soon as no load runs (at once if none does), or after `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        with self._state:
+            if self._stage not in LOADING_STAGES:
+                return
+            self._waiters.append((loop, waiter))
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, timeout_s)
+        finally:
+            with self._state:
+                if (loop, waiter) in self._waiters:
+                    self._waiters.remove((loop, waiter))
 
     def status(self) -> dict[str, Any]:
         """The load-related fields of this replica's status entry."""
@@ -459,10 +486,10 @@ class LoadPipeline:
         patches: dict[str, Patch]
         if manifest.kind == "base":
             _, tokenizer = verified_tokenizer(store, manifest, side, self.tokenizer_root)
-            # Same model (checked at POST): write the new bits densely in place.
-            patches = {
-                n: Patch(None, bits(t.contiguous()).copy()) for n, t in fetched.tensors().items()
-            }
+            # Same model (checked at POST): write the new bits densely in place, straight
+            # from the fetched bytes (read-only views, each tensor checked against the
+            # manifest here): a base costs one copy of the model, what was fetched.
+            patches = {n: Patch(None, b) for n, b in fetched.tensor_bits().items()}
         else:
             # Each shard's bytes are dropped once its tensors are decoded.
             patches = fetched.patches(live, dense_when_smaller=True, release=True)
@@ -474,7 +501,7 @@ class LoadPipeline:
             for i, (name, patch) in enumerate(patches.items()):
                 self._set_stage("verifying", {"done": i, "total": len(patches)})
                 fetched.verify_patched(name, live, patch)
-        # (a base's tensors() already checked every tensor against the manifest)
+        # (a base's tensor_bits() already checked every tensor against the manifest)
         report.verify_s = time.perf_counter() - t2
         return _Prepared(patches=patches, config=config, tokenizer=tokenizer)
 
@@ -487,6 +514,8 @@ class LoadPipeline:
     ) -> None:
         identity = manifest.identity
         prepared = self._prepare(store, manifest, report)
+        # Before the swap lock: e.g. the vllm engine's push file (serving goes on).
+        self.engine.stage_patches(prepared.patches)
         previous = self._served
         self._set_stage("swapping")
         self._reached("swapping", identity)
@@ -601,6 +630,11 @@ class LoadPipeline:
         loader = self._loader
         if loader is not None and loader.is_alive():
             loader.join(timeout=timeout_s)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 __all__ = ["LoadPipeline", "Served"]

@@ -62,7 +62,23 @@ def verify_tensor(manifest: Manifest, name: str, tensor: torch.Tensor) -> None:
     if entry is None:
         raise SnapshotCorruptError(f"{where} is not in the manifest")
     _check_spec(where, entry, tensor)
-    actual = checksum_tensor(manifest.checksum_format, tensor)
+    _check_checksum(where, manifest, entry, checksum_tensor(manifest.checksum_format, tensor))
+
+
+def verify_bits(
+    manifest: Manifest, name: str, *, dtype: str, shape: tuple[int, ...], data: np.ndarray
+) -> None:
+    """`verify_tensor` for a tensor held as its raw bits (`data`: its elements as unsigned
+    integers, in order; e.g. a view of a fetched file), its dtype and shape given."""
+    entry = manifest.tensors.get(name)
+    where = f"snapshot {manifest.identity!r}, tensor {name!r}"
+    if entry is None:
+        raise SnapshotCorruptError(f"{where} is not in the manifest")
+    _check_shape_dtype(where, entry, shape, dtype)
+    _check_checksum(where, manifest, entry, checksum_bytes(manifest.checksum_format, data))
+
+
+def _check_checksum(where: str, manifest: Manifest, entry: TensorEntry, actual: str) -> None:
     if actual != entry.checksum:
         raise ChecksumMismatchError(
             f"{where} fails its {manifest.checksum_format} checksum ({actual} != "
@@ -124,12 +140,7 @@ def verify_patched_tensor(
             raise SnapshotCorruptError(
                 f"{where}: {positions.size - covered} patch positions fall outside the tensor"
             )
-    actual = hasher.hexdigest()
-    if actual != entry.checksum:
-        raise ChecksumMismatchError(
-            f"{where} fails its {manifest.checksum_format} checksum ({actual} != "
-            f"{entry.checksum}): the weights are not bit-identical to what was saved"
-        )
+    _check_checksum(where, manifest, entry, hasher.hexdigest())
 
 
 def verify_tensors(manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -152,8 +163,11 @@ def _check_spec(where: str, entry: TensorEntry, tensor: torch.Tensor) -> None:
         dtype = dtype_name(tensor.dtype)
     except UnsupportedDtypeError:
         dtype = str(tensor.dtype)
-    if tuple(tensor.shape) != entry.shape or dtype != entry.dtype:
+    _check_shape_dtype(where, entry, tuple(tensor.shape), dtype)
+
+
+def _check_shape_dtype(where: str, entry: TensorEntry, shape: tuple[int, ...], dtype: str) -> None:
+    if shape != entry.shape or dtype != entry.dtype:
         raise SnapshotCorruptError(
-            f"{where} is {list(tensor.shape)} {dtype}, the manifest says "
-            f"{list(entry.shape)} {entry.dtype}"
+            f"{where} is {list(shape)} {dtype}, the manifest says {list(entry.shape)} {entry.dtype}"
         )

@@ -26,7 +26,7 @@ from safetensors.torch import load as load_torch
 
 from weightsync.codec import Patch, get_codec
 from weightsync.codec.base import compact
-from weightsync.codec.bits import bits, dtype_name
+from weightsync.codec.bits import bits, dtype_name, torch_dtype
 from weightsync.errors import (
     ChainError,
     InvalidIdentityError,
@@ -42,6 +42,7 @@ from weightsync.identity import validate_identity
 from weightsync.snapshot import fireworks_layout
 from weightsync.snapshot.checks import (
     VerifyReport,
+    verify_bits,
     verify_file,
     verify_patched_tensor,
     verify_tensors,
@@ -55,6 +56,7 @@ from weightsync.snapshot.manifest import (
     Manifest,
     check_manifest_size,
 )
+from weightsync.snapshot.safetensors_file import TensorView, tensor_views
 from weightsync.storage import Storage, open_storage
 
 # Payload files are read concurrently: object stores answer many GETs at once.
@@ -106,6 +108,44 @@ class FetchedSnapshot:
                 loaded[name] = by_file[entry.file][name]
         verify_tensors(m, loaded)
         return {name: loaded[name] for name in sorted(m.tensors)}
+
+    def tensor_bits(self) -> dict[str, np.ndarray]:
+        """Base: each tensor's bits (flat unsigned integers), checked against the manifest.
+
+        No copy: each is a view of the fetched file bytes, so the weights cost what was
+        fetched and nothing more — read-only views of immutable bytes, so what was checked
+        is what a caller gets. A tensor stored in pieces is assembled into its own
+        array. Checked like `tensors()`: every file holds exactly the tensors the manifest
+        places there, each of the manifest's dtype and shape and checksum.
+        """
+        m = self.manifest
+        if m.kind == "delta":
+            raise ChainError(
+                f"snapshot {m.identity!r} is a delta onto {m.parent!r}: apply its patches "
+                "(or materialize it) instead of reading its tensors"
+            )
+        expected = _names_by_file(m)
+        by_file: dict[str, dict[str, TensorView]] = {}
+        for file in _weight_files(m):
+            where = f"snapshot {m.identity!r}, file {file!r}"
+            held = tensor_views(self.files[file], where)
+            extra = sorted(set(held) - expected.get(file, set()))
+            if extra:
+                raise SnapshotCorruptError(
+                    f"{where} holds tensors the manifest does not place there: {extra[:5]}"
+                )
+            by_file[file] = held
+        out: dict[str, np.ndarray] = {}
+        for name in sorted(m.tensors):
+            entry = m.tensors[name]
+            flat = (
+                _assembled_bits(m, name, by_file)
+                if entry.pieces
+                else _view_bits(m, name, entry.file, entry.shape, by_file)
+            )
+            verify_bits(m, name, dtype=entry.dtype, shape=entry.shape, data=flat)
+            out[name] = flat
+        return out
 
     def payloads(self) -> dict[str, memoryview]:
         """Delta: weight name -> codec payload (views of the fetched shard bytes)."""
@@ -469,6 +509,40 @@ def _assembled(
     return out
 
 
+def _view_bits(
+    m: Manifest,
+    name: str,
+    file: str,
+    shape: tuple[int, ...],
+    by_file: Mapping[str, Mapping[str, TensorView]],
+) -> np.ndarray:
+    """The bits of `name` (or of its piece) in `file`, flat, as a view of the file's bytes."""
+    entry = m.tensors[name]
+    view = by_file[file].get(name)
+    where = f"snapshot {m.identity!r}, tensor {name!r} in {file!r}"
+    if view is None:
+        raise SnapshotCorruptError(f"{where} is missing from that file; re-save the snapshot")
+    if view.shape != shape or view.dtype != entry.dtype:
+        raise SnapshotCorruptError(
+            f"{where} is {list(view.shape)} {view.dtype}, the manifest says {list(shape)} "
+            f"{entry.dtype}; re-save the snapshot"
+        )
+    return np.frombuffer(view.data, dtype=_uint_dtype(entry.dtype))
+
+
+def _assembled_bits(
+    m: Manifest, name: str, by_file: Mapping[str, Mapping[str, TensorView]]
+) -> np.ndarray:
+    """A base tensor stored in pieces, as the flat bits of one new array."""
+    entry = m.tensors[name]
+    out = np.empty(entry.shape, dtype=_uint_dtype(entry.dtype))
+    for piece in entry.pieces:
+        out[piece.slices()] = _view_bits(m, name, piece.file, piece.shape, by_file).reshape(
+            piece.shape
+        )
+    return out.reshape(-1)
+
+
 def _pieced_patch(
     m: Manifest, name: str, old: torch.Tensor, payloads: Mapping[str, memoryview]
 ) -> Patch:
@@ -514,6 +588,11 @@ def _pieced_patch(
     vals = np.concatenate(values)
     order = np.argsort(flat, kind="stable")
     return Patch(flat[order], vals[order])
+
+
+def _uint_dtype(name: str) -> np.dtype:
+    """The unsigned-integer numpy dtype of a supported dtype's width (its bits)."""
+    return np.dtype(f"<u{torch_dtype(name).itemsize}")
 
 
 def _check_link(child: Manifest, parent: Manifest) -> None:

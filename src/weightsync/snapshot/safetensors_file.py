@@ -1,4 +1,5 @@
-"""A byte-deterministic safetensors writer, and the header reader weightsync needs.
+"""A byte-deterministic safetensors writer, and the readers weightsync needs (the header;
+every tensor as a view of the file's bytes, with no copy).
 
 The `safetensors` library writes metadata from a hash map, so two runs can order
 its keys differently; snapshots are pinned byte for byte (FORMAT.md), so weightsync
@@ -11,6 +12,7 @@ follows in the same tensor order. Any safetensors reader loads the result.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightsync.codec.bits import bits, dtype_name
+from weightsync.codec.bits import SUPPORTED_DTYPES, bits, dtype_name
 from weightsync.errors import SnapshotCorruptError
 
 _HEADER_LEN_BYTES = 8
@@ -77,3 +79,66 @@ def read_header(data: bytes, where: str) -> tuple[dict[str, Any], int]:
     if not isinstance(header, dict):
         raise SnapshotCorruptError(f"{where} has a malformed safetensors header")
     return header, start
+
+
+@dataclass(frozen=True)
+class TensorView:
+    """One tensor of a safetensors file as it lies there: dtype, shape and its bytes.
+
+    `data` is a view of the file's bytes (no copy): read only when they are `bytes`.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+
+
+def tensor_views(data: bytes, where: str) -> dict[str, TensorView]:
+    """Every tensor of a safetensors file as a view of `data`, its entry and bounds checked.
+
+    Each entry must have a string dtype, a shape of non-negative integers and data
+    offsets inside the data section; for a dtype weightsync knows, the byte length
+    must be what the shape holds. Raises `SnapshotCorruptError` naming `where`.
+    """
+    header, start = read_header(data, where)
+    header.pop("__metadata__", None)
+    body = memoryview(data)[start:]
+    views: dict[str, TensorView] = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError) as e:
+            raise SnapshotCorruptError(f"{where}: malformed entry for {name!r}") from e
+        if (
+            not isinstance(dtype, str)
+            or not isinstance(shape, list)
+            or not all(_is_count(d) for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_count(o) for o in offsets)
+        ):
+            raise SnapshotCorruptError(f"{where}: malformed entry for {name!r}")
+        begin, end = offsets
+        if not begin <= end <= len(body):
+            raise SnapshotCorruptError(
+                f"{where}: tensor {name!r} lies at bytes {begin}..{end}, beyond the file's "
+                f"{len(body)} data bytes"
+            )
+        itemsize = _ITEMSIZES.get(dtype)
+        numel = math.prod(shape)
+        if itemsize is not None and end - begin != numel * itemsize:
+            raise SnapshotCorruptError(
+                f"{where}: tensor {name!r} is {shape} {dtype} ({numel * itemsize} bytes) but "
+                f"holds {end - begin} bytes"
+            )
+        views[name] = TensorView(dtype, tuple(shape), body[begin:end])
+    return views
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_ITEMSIZES = {
+    name: torch.empty((), dtype=dtype).element_size() for name, dtype in SUPPORTED_DTYPES.items()
+}

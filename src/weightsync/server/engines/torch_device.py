@@ -26,6 +26,8 @@ from weightsync.server.config import ENGINE_DEVICES
 
 #: Bytes of a device tensor copied to the host at a time for a checksum.
 CHECKSUM_CHUNK_BYTES = 64 << 20
+#: Bytes of a read-only patch copied to the device at a time.
+WRITE_CHUNK_BYTES = 64 << 20
 
 _INT_VIEW: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 _NP_SIGNED: dict[int, type[np.signedinteger] | type[np.unsignedinteger]] = {
@@ -52,17 +54,29 @@ def resolve_engine_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def write_on_device(patch: Patch, target: torch.Tensor) -> None:
+def write_on_device(
+    patch: Patch, target: torch.Tensor, *, chunk_bytes: int = WRITE_CHUNK_BYTES
+) -> None:
     """Write `patch`'s new bits into `target` (contiguous, any device) in place, with torch ops.
 
     The storage is never replaced: only its changed elements are written. Positions
     must already be known to be inside `target` (the host image's apply checks them).
+    Read-only values (a view of fetched bytes) are copied `chunk_bytes` at a time.
     """
     if not target.is_contiguous():
         raise InvalidInputError("a patched weight must be contiguous")
     size = target.element_size()
     flat = target.view(-1).view(_INT_VIEW[size])
-    values = torch.from_numpy(np.ascontiguousarray(patch.values).view(_NP_SIGNED[size]))
+    array = np.ascontiguousarray(patch.values).view(_NP_SIGNED[size])
+    if not array.flags.writeable and patch.positions is None:
+        # A read-only view (a base's new bits, straight from its fetched bytes): torch
+        # wraps only writable arrays, so it goes through in bounded copies.
+        step = max(1, chunk_bytes // size)
+        for start in range(0, array.size, step):
+            part = torch.from_numpy(array[start : start + step].copy())
+            flat[start : start + step].copy_(part.to(target.device, non_blocking=False))
+        return
+    values = torch.from_numpy(array if array.flags.writeable else array.copy())
     if patch.positions is None:
         flat.copy_(values.to(target.device, non_blocking=False))
         return
