@@ -43,12 +43,16 @@ from weightsync.errors import (
 from weightsync.identity import validate_identity
 from weightsync.sdk_defaults import HOTLOAD_WAIT_TIMEOUT_S
 from weightsync.wire import (
+    HOT_LOAD_WAIT_PARAM,
+    MAX_HOT_LOAD_WAIT_S,
     AccountList,
     HotLoadRequest,
     HotLoadStatus,
     IncrementalSnapshotMetadata,
     LedgerAnswers,
     ReplicaStatus,
+    ScaleAnswer,
+    ScaleRequest,
     WeightsAnswers,
     WireModel,
     cache_reset_policy,
@@ -60,6 +64,7 @@ from weightsync.wire.paths import (
     HOT_LOAD_PATH,
     LEDGER_PATH,
     LEDGER_RESET_PATH,
+    SCALE_PATH,
     WEIGHTS_PATH,
 )
 
@@ -514,12 +519,24 @@ class DeploymentManager:
         return result if isinstance(result, dict) else {"result": result}
 
     def hotload_check_status(
-        self, deployment_id: str | None, base_model: str = "", timeout: float = 30
+        self,
+        deployment_id: str | None,
+        base_model: str = "",
+        timeout: float = 30,
+        *,
+        wait_s: float = 0.0,
     ) -> dict[str, Any]:
-        """The deployment's hot-load status (`{"replicas": [...]}`, DESIGN.md)."""
+        """The deployment's hot-load status (`{"replicas": [...]}`, DESIGN.md).
+
+        `wait_s` (at most `MAX_HOT_LOAD_WAIT_S`) long-polls: a weightsync deployment answers
+        as soon as no load runs, or after `wait_s`; a server without the long-poll answers at
+        once (it ignores the parameter).
+        """
         url = self.hotload_url(deployment_id) + HOT_LOAD_PATH
+        if wait_s > 0:
+            url += f"?{HOT_LOAD_WAIT_PARAM}={min(wait_s, MAX_HOT_LOAD_WAIT_S):.3f}"
         status = self._http.get_json(
-            url, headers=self.headers_for(deployment_id), timeout_s=timeout
+            url, headers=self.headers_for(deployment_id), timeout_s=timeout + wait_s
         )
         if not isinstance(status, dict):
             raise DeploymentError(f"GET {url}: expected a JSON object, got {status!r}")
@@ -533,7 +550,7 @@ class DeploymentManager:
         timeout_seconds: float = HOTLOAD_WAIT_TIMEOUT_S,
         poll_interval: float = 0.5,
     ) -> bool:
-        """Poll until every replica is ready on `expected_identity`; True then, else False.
+        """Wait until every replica is ready on `expected_identity`; True then, else False.
 
         False (the SDK's contract) when a replica reports `stage: "error"` for this
         identity or after `timeout_seconds`; `last_hotload_error` then holds a
@@ -541,16 +558,19 @@ class DeploymentManager:
         status, and `last_hotload_error_message` its text. On True, `last_hotload_result`
         holds what the replicas reported (time, longest serving pause).
 
-        Polls fast at first (every 5 ms, doubling up to `poll_interval`): a delta of
-        a small model is served within milliseconds, and a fixed interval would add
-        up to a whole interval to every sync's time-to-serve.
+        Each status GET long-polls (`wait_s`): a weightsync deployment answers the moment
+        its loads end, so the wait adds no polling delay to the sync's time-to-serve. A
+        server that answers at once instead (no long-poll: the Fireworks service, an older
+        weightsync) is polled fast at first (every 5 ms, doubling up to `poll_interval`).
         """
         start = time.monotonic()
         self.last_hotload_error = None
         self.last_hotload_result = None
         delay = min(FIRST_POLL_S, poll_interval)
         while True:
-            status = self.hotload_check_status(deployment_id, base_model)
+            asked = time.monotonic()
+            wait_s = min(MAX_HOT_LOAD_WAIT_S, max(0.0, timeout_seconds - (asked - start)))
+            status = self.hotload_check_status(deployment_id, base_model, wait_s=wait_s)
             outcome, detail = hotload_outcome(status, expected_identity)
             if outcome == "ready":
                 self.last_hotload_result = HotloadResult(
@@ -577,7 +597,10 @@ class DeploymentManager:
                 )
                 logger.warning("%s", self.last_hotload_error)
                 return False
-            time.sleep(min(delay, max(0.0, timeout_seconds - elapsed)))
+            # A long-poll that ran its wait asks again at once; an answer that came sooner
+            # than `delay` (a server that does not wait) is paced by the backoff.
+            answered_in_s = time.monotonic() - asked
+            time.sleep(max(0.0, min(delay - answered_in_s, timeout_seconds - elapsed)))
             delay = min(delay * 2, poll_interval)
 
     def hotload_and_wait(  # noqa: PLR0917  (the SDK's positional order)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
@@ -35,8 +35,10 @@ from weightsync.wire import (
     HEALTH_PATH,
     HINT_PATH,
     HOT_LOAD_PATH,
+    HOT_LOAD_WAIT_PARAM,
     LEDGER_PATH,
     LEDGER_RESET_PATH,
+    MAX_HOT_LOAD_WAIT_S,
     METRICS_PATH,
     WEIGHTS_PATH,
     HintAnswer,
@@ -107,8 +109,17 @@ def create_app(replica: Replica, *, close_replica_on_shutdown: bool = True) -> F
         return HotLoadAnswer.model_validate(replica.request_hot_load(body))
 
     @app.get(HOT_LOAD_PATH)
-    def hot_load_status() -> HotLoadStatus:
-        return HotLoadStatus(replicas=[ReplicaStatus.model_validate(redacted_status())])
+    async def hot_load_status(
+        wait_s: float = Query(default=0.0, alias=HOT_LOAD_WAIT_PARAM, ge=0, le=MAX_HOT_LOAD_WAIT_S),
+    ) -> HotLoadStatus:
+        """The status now; with `wait_s`, once the running load ends (or `wait_s` passed).
+
+        The wait holds no thread: the load pipeline wakes it from the loader thread.
+        """
+        if wait_s > 0:
+            await replica.pipeline.wait_settled(wait_s)
+        status = await run_in_threadpool(redacted_status)
+        return HotLoadStatus(replicas=[ReplicaStatus.model_validate(status)])
 
     @app.post(HINT_PATH)
     def hot_load_hint(body: HintRequest) -> HintAnswers:

@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
@@ -51,11 +51,14 @@ from weightsync.wire import (
     HEALTH_PATH,
     HINT_PATH,
     HOT_LOAD_PATH,
+    HOT_LOAD_WAIT_PARAM,
     INFERENCE_CHAT_COMPLETIONS_PATH,
     INFERENCE_COMPLETIONS_PATH,
     INFERENCE_MODELS_PATH,
     LEDGER_PATH,
     LEDGER_RESET_PATH,
+    LOADING_STAGES,
+    MAX_HOT_LOAD_WAIT_S,
     METRICS_PATH,
     MODEL_HEADER,
     MODELS_PATH,
@@ -222,11 +225,15 @@ def create_gateway_app(
         body = {**error_body(status, message, "ReplicaError"), "replicas": entries}
         return JSONResponse({**body, **(extra or {})}, status_code=status)
 
-    async def statuses(request: Request | None) -> list[ReplicaStatus]:
-        """Every replica's status; one that cannot answer, or is missing, is reported not ready."""
+    async def statuses(request: Request | None, wait_s: float = 0.0) -> list[ReplicaStatus]:
+        """Every replica's status; one that cannot answer, or is missing, is reported not ready.
+
+        `wait_s` is passed on: each replica answers once its own load ends.
+        """
         members = replicas.members()
+        path = HOT_LOAD_PATH + (f"?{HOT_LOAD_WAIT_PARAM}={wait_s:g}" if wait_s > 0 else "")
         reachable, results = await fan_out(
-            "GET", HOT_LOAD_PATH, request, members=[m for m in members if m.url is not None]
+            "GET", path, request, members=[m for m in members if m.url is not None]
         )
         answered = {m.replica_id: result for m, result in zip(reachable, results, strict=True)}
         entries: list[ReplicaStatus] = []
@@ -298,9 +305,12 @@ def create_gateway_app(
         return merged((members, wrapped), HotLoadAnswers, extra)
 
     @app.get(HOT_LOAD_PATH)
-    async def hot_load_status(request: Request) -> HotLoadStatus:
+    async def hot_load_status(
+        request: Request,
+        wait_s: float = Query(default=0.0, alias=HOT_LOAD_WAIT_PARAM, ge=0, le=MAX_HOT_LOAD_WAIT_S),
+    ) -> HotLoadStatus:
         # Status stays readable when a replica is down: that one is reported as not ready.
-        return HotLoadStatus(replicas=await statuses(request))
+        return HotLoadStatus(replicas=await statuses(request, wait_s))
 
     @app.post(HINT_PATH)
     async def hint(request: Request) -> JSONResponse:

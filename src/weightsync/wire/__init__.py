@@ -29,7 +29,9 @@ from weightsync.wire.headers import (
     SESSION_HEADER,
 )
 from weightsync.wire.hot_load import (
+    HOT_LOAD_WAIT_PARAM,
     LOADING_STAGES,
+    MAX_HOT_LOAD_WAIT_S,
     TRANSITIONS,
     CacheResetPolicy,
     DeploymentMembership,
@@ -109,6 +111,7 @@ __all__ = [
     "HEALTH_PATH",
     "HINT_PATH",
     "HOT_LOAD_PATH",
+    "HOT_LOAD_WAIT_PARAM",
     "INFERENCE_CHAT_COMPLETIONS_PATH",
     "INFERENCE_COMPLETIONS_PATH",
     "INFERENCE_MODELS_PATH",
@@ -116,6 +119,7 @@ __all__ = [
     "LEDGER_PATH",
     "LEDGER_RESET_PATH",
     "LOADING_STAGES",
+    "MAX_HOT_LOAD_WAIT_S",
     "METRICS_PATH",
     "MODELS_PATH",
     "MODEL_HEADER",

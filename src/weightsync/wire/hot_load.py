@@ -30,6 +30,12 @@ Stage = Literal[
 #: Stages during which a load is running (one load runs at a time per replica).
 LOADING_STAGES: tuple[Stage, ...] = ("fetching", "decoding", "verifying", "swapping", "checking")
 
+#: The status GET's long-poll: `?wait_s=S` answers as soon as no load runs (every replica,
+#: at a gateway) or after S seconds, whichever comes first; without it the answer is at once.
+HOT_LOAD_WAIT_PARAM = "wait_s"
+#: The longest wait a status GET may ask for (a longer one is refused: 400).
+MAX_HOT_LOAD_WAIT_S = 30.0
+
 #: How in-flight requests meet a swap: `async` at a token boundary, `sync` after they finish.
 Transition = Literal["async", "sync"]
 TRANSITIONS: tuple[Transition, ...] = ("async", "sync")
