@@ -42,6 +42,7 @@ def test_config_needs_exactly_one_source_of_weights(tmp_path):
         ("transition", "eventually", "transition must be"),
         ("engine", "tensorrt", "engine must be"),
         ("port", 70000, "port must be in"),
+        ("ray_drain_timeout_s", 5.0, "needs ray_address"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, field, value, message):

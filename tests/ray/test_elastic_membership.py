@@ -7,6 +7,7 @@ on 127.0.0.1, reading a local snapshot storage. Runs where `ray` is not installe
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -17,6 +18,8 @@ import httpx
 import pytest
 import torch
 
+from weightsync.deployment import DeploymentManager
+from weightsync.errors import UnsupportedOperationError
 from weightsync.server.app import create_app
 from weightsync.server.config import ReplicaConfig
 from weightsync.server.elastic_membership import ElasticMembership, Endpoint
@@ -24,6 +27,7 @@ from weightsync.server.gateway import create_gateway_app
 from weightsync.server.head_record import HeadRecordFile
 from weightsync.server.replica import Replica
 from weightsync.server.runner import ServerThread
+from weightsync.server.stage_hooks import StageHook
 from weightsync.toymodel import build_model, build_tokenizer
 from weightsync.trainer import TrainingClient
 
@@ -74,7 +78,7 @@ def replicas(tmp_path: Path, chain: tuple[TrainingClient, list[str]]) -> Iterato
     servers: dict[str, ServerThread] = {}
     with ExitStack() as stack:
 
-        def start(replica_id: str) -> str:
+        def start(replica_id: str, on_stage: StageHook | None = None, **options: Any) -> str:
             config = ReplicaConfig(
                 storage=client.storage.url,
                 snapshot=names[0],
@@ -83,8 +87,9 @@ def replicas(tmp_path: Path, chain: tuple[TrainingClient, list[str]]) -> Iterato
                 model_name="tiny",
                 transition="sync",
                 engine_options={"num_threads": 1},
+                **options,
             )
-            replica = Replica(config)
+            replica = Replica(config, on_stage=on_stage)
             replica.start()
             server = ServerThread(create_app(replica))
             servers[replica_id] = server
@@ -374,4 +379,133 @@ def test_an_adapter_that_failed_to_load_everywhere_does_not_keep_a_late_replica_
             late = status(url)["replica-1"]
             assert late["loaded_adapters"] == [] and late["current_snapshot_identity"] == base
     finally:
+        membership.stop()
+
+
+def test_a_completion_naming_an_adapter_goes_only_to_replicas_that_hold_it(
+    tmp_path: Path, chain: tuple[TrainingClient, list[str]], replicas: Any
+) -> None:
+    """Past --max-adapters the replicas differ in which adapters they hold (each keeps its
+    newest by use, the record its newest by load): a completion naming one is answered by a
+    replica that holds it, 425 while the only ones are loading it, 404 when none has it —
+    never by a replica that would serve it with the base weights."""
+    client, (base, _, _) = chain
+    start, _ = replicas
+    first, second, third = (save_adapter(client, tmp_path / f"a{i}") for i in range(3))
+    stalls: dict[str, threading.Event] = {}
+
+    def on_stage(stage: str, identity: str) -> None:
+        if stage == "fetching" and identity in stalls:
+            stalls[identity].wait(60)
+
+    source = Source()
+    source.replicas["replica-0"] = (start("replica-0", on_stage, max_adapters=2), "a")
+    head_file = HeadRecordFile(tmp_path / "gateway" / "head.json")
+    membership = ElasticMembership(
+        source,
+        head_file,
+        start_identity=base,
+        transition="async",
+        poll_interval_s=0.05,
+        is_adapter=lambda identity: client.store.read_manifest(identity).kind == "lora",
+        max_adapters=2,
+    )
+    membership.start()
+    try:
+        membership.wait_until(num_admitted=1, timeout_s=60)
+        app = create_gateway_app([], api_key=None, max_body_bytes=1 << 20, membership=membership)
+        with ServerThread(app) as url:
+
+            def hot_load_adapter(adapter: str) -> None:
+                answer = httpx.post(f"{url}{HOT_LOAD}", json={"identity": adapter}, timeout=30.0)
+                assert answer.status_code == 200, answer.text
+
+            def holders(adapter: str) -> set[str]:
+                return {
+                    r for r, e in status(url).items()
+                    if adapter in [a["identity"] for a in e["loaded_adapters"]]
+                }  # fmt: skip
+
+            for adapter in (first, second):
+                hot_load_adapter(adapter)
+                wait_for(lambda: holders(adapter) == {"replica-0"}, f"{adapter} loaded")  # noqa: B023
+            zero = status(url)["replica-0"]["url"]
+            expected_first = adapter_answer(zero, first)  # now replica-0's newest by use
+            assert expected_first != adapter_answer(zero, "tiny"), "the adapter changes nothing"
+            # The third unloads the second there (least recently used); the record drops the
+            # first (least recently loaded), then the second (no admitted replica holds it).
+            hot_load_adapter(third)
+            wait_for(lambda: holders(third) == {"replica-0"}, "the third adapter loaded")
+            wait_for(
+                lambda: head_file.load(start_identity="unused").adapter_identities == [third],
+                "the record down to the third adapter",
+            )
+            assert [a["identity"] for a in status(url)["replica-0"]["loaded_adapters"]] == [
+                first, third,
+            ]  # fmt: skip
+            # A late replica loads the record's adapter only: it never loaded the first.
+            source.replicas["replica-1"] = (start("replica-1", on_stage, max_adapters=2), "a")
+            wait_for(
+                lambda: status(url).get("replica-1", {}).get("membership") == "admitted",
+                "replica-1 admitted",
+            )
+            assert holders(third) == {"replica-0", "replica-1"}
+            one = status(url)["replica-1"]["url"]
+            assert adapter_answer(one, first) == adapter_answer(one, "tiny")  # the gap itself
+            # Through the gateway (round robin over both) the first is always the adapter's.
+            for _ in range(4):
+                assert adapter_answer(url, first) == expected_first
+            # The second: replica-0 unloaded it, replica-1 never had it.
+            for _ in range(2):
+                refused = httpx.post(
+                    f"{url}/v1/completions",
+                    json={"model": second, "prompt": "ab", "max_tokens": 2},
+                    timeout=60.0,
+                )
+                assert refused.status_code == 404, refused.text
+                message = refused.json()["error"]["message"]
+                assert second in message and "hot-load it again" in message
+            # Hot-loaded again: 425 while every replica is still fetching it, then served by
+            # both, bit for bit.
+            stalls[second] = threading.Event()
+            hot_load_adapter(second)
+            wait_for(
+                lambda: all(
+                    e["loading_state"]["target_snapshot_identity"] == second
+                    for e in status(url).values()
+                ),
+                "both replicas loading the second adapter",
+            )
+            early = httpx.post(
+                f"{url}/v1/completions",
+                json={"model": second, "prompt": "ab", "max_tokens": 2},
+                timeout=60.0,
+            )
+            assert early.status_code == 425, early.text
+            assert early.headers["retry-after"] == "1"
+            assert "still loading" in early.json()["error"]["message"]
+            stalls.pop(second).set()
+            wait_for(lambda: holders(second) == {"replica-0", "replica-1"}, "the second loaded")
+            expected_second = adapter_answer(zero, second)
+            assert adapter_answer(one, second) == expected_second
+            for _ in range(4):
+                assert adapter_answer(url, second) == expected_second
+            # replica-0 kept the first (used through the gateway) and dropped the third; the
+            # third is replica-1's only: answered there, through the gateway, every time.
+            assert holders(third) == {"replica-1"}
+            expected_third = adapter_answer(one, third)
+            for _ in range(4):
+                assert adapter_answer(url, third) == expected_third
+            # A gateway without Ray replicas has no scale route; the manager says so.
+            manager = DeploymentManager(
+                base_url=url, registry_dir=tmp_path / "registry", stop_on_exit=False
+            )
+            try:
+                with pytest.raises(UnsupportedOperationError, match="Only a deployment on Ray"):
+                    manager.scale(None, 2)
+            finally:
+                manager.close()
+    finally:
+        for stall in stalls.values():
+            stall.set()
         membership.stop()

@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from long_completion import LONG_MAX_TOKENS, LongCompletion
+
+from _support.long_completion import LONG_MAX_TOKENS, LongCompletion
 
 ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed (pip install '.[ray]')")
 
@@ -514,7 +515,9 @@ def test_serve_with_ray_from_the_deployment_manager(
     cluster: tuple[Cluster, Any], trainer: Trainer, tmp_path: Path
 ) -> None:
     """`DeploymentConfig(ray_address=...)` runs `weightsync serve --ray`: a gateway here, the
-    replica an actor on the cluster (no CPU reserved: the module's replicas hold them)."""
+    replica an actor on the cluster (no CPU reserved: the module's replicas hold them);
+    `DeploymentManager.scale` resizes it through the gateway, drained by the configured
+    bound (`--drain-timeout-s`)."""
     from weightsync.deployment import DeploymentConfig, DeploymentManager
 
     manager = DeploymentManager(registry_dir=tmp_path / "registry")
@@ -526,6 +529,7 @@ def test_serve_with_ray_from_the_deployment_manager(
         model_name="tiny",
         ray_address=cluster[0].address,
         ray_num_cpus=0.0,
+        ray_drain_timeout_s=5.0,
         extra_args=("--engine-threads", "1"),
     )
     try:
@@ -538,6 +542,13 @@ def test_serve_with_ray_from_the_deployment_manager(
         assert entry["membership"] == "admitted"
         assert entry["current_snapshot_identity"] == d7
         assert_serves_bits(info.url, trainer, d7, {"replica-0"})
+        grown = manager.scale("ray-cli", 2)
+        assert grown.replicas == 2 and grown.cancelled == {}
+        wait_all_at(info.url, d7, 2, timeout_s=180)  # the new one caught up to the head
+        assert_serves_bits(info.url, trainer, d7, {"replica-0", "replica-1"})
+        shrunk = manager.scale("ray-cli", 1)
+        assert shrunk.replicas == 1 and shrunk.cancelled == {"replica-1": 0}
+        assert [r["replica_id"] for r in status(info.url)] == ["replica-0"]
     finally:
         manager.delete("ray-cli")
         manager.close()

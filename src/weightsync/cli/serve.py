@@ -156,6 +156,14 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
         list[str] | None,
         typer.Option(help="--ray: pass this environment variable on to the replicas (repeat)."),
     ] = None,
+    drain_timeout_s: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="--ray: seconds a replica being scaled down lets its in-flight requests finish "
+            "(whole seconds) before it cancels them and stops (default 30).",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
     log_format: Annotated[str, typer.Option(help="text | json")] = "text",
     replica_id: Annotated[str, typer.Option(hidden=True)] = "replica-0",
@@ -190,8 +198,13 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
                 max_request_tokens=max_request_tokens,
             ),
         )  # fmt: skip
+        if ray is None and drain_timeout_s is not None:
+            raise typer.BadParameter(
+                "only a deployment on Ray (--ray) is scaled, and drains what it removes",
+                param_hint="--drain-timeout-s",
+            )
         if ray is not None:
-            from weightsync.deployment.ray_replicas import RayPlacement
+            from weightsync.deployment.ray_replicas import DEFAULT_DRAIN_TIMEOUT_S, RayPlacement
 
             if ray_placement not in ("SPREAD", "PACK", "DEFAULT"):
                 raise typer.BadParameter(
@@ -210,6 +223,9 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
                     strategy=ray_placement,  # type: ignore[arg-type]
                     max_restarts=ray_max_restarts,
                     env_vars={name: os.environ[name] for name in ray_env or ()},
+                    drain_timeout_s=(
+                        DEFAULT_DRAIN_TIMEOUT_S if drain_timeout_s is None else drain_timeout_s
+                    ),
                 ),
                 num_replicas=replicas,
                 template=template,

@@ -74,6 +74,9 @@ class DeploymentConfig:
     ray_num_cpus: float = 1.0
     ray_num_gpus: float = 0.0
     ray_placement: RayPlacementStrategy = "SPREAD"
+    #: Seconds a replica being scaled down lets its in-flight requests finish before it
+    #: cancels them (`--drain-timeout-s`); None: `weightsync serve`'s default (30).
+    ray_drain_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         validate_identity(self.deployment_id, what="deployment id")
@@ -107,6 +110,14 @@ class DeploymentConfig:
             raise InvalidInputError(
                 f"ray_placement must be SPREAD, PACK or DEFAULT, got {self.ray_placement!r}"
             )
+        if self.ray_drain_timeout_s is not None and not (
+            self.ray_address is not None and self.ray_drain_timeout_s >= 0
+        ):
+            raise InvalidInputError(
+                f"deployment {self.deployment_id!r}: ray_drain_timeout_s must be >= 0 and "
+                f"needs ray_address= (only a deployment on Ray is scaled), got "
+                f"{self.ray_drain_timeout_s} with ray_address={self.ray_address!r}"
+            )
 
     def serve_args(self, *, state_dir: Path, ready_file: Path) -> list[str]:
         """The `weightsync serve` arguments (the API key goes through the environment)."""
@@ -135,6 +146,8 @@ class DeploymentConfig:
                 "--ray-num-gpus", str(self.ray_num_gpus),
                 "--ray-placement", self.ray_placement,
             ]  # fmt: skip
+            if self.ray_drain_timeout_s is not None:
+                args += ["--drain-timeout-s", str(self.ray_drain_timeout_s)]
         return args + list(self.extra_args)
 
 

@@ -143,12 +143,12 @@ def deployment_id_of_model(model: str) -> str:
     return model if parsed is None else parsed[1]
 
 
-def _parse(model: type[_Answer], body: Any, url: str) -> _Answer:
+def _parse(model: type[_Answer], body: Any, url: str, *, method: str = "GET") -> _Answer:
     try:
         return model.model_validate(body)
     except ValidationError as e:
         raise DeploymentError(
-            f"GET {url}: the answer is not the wire contract's {model.__name__} "
+            f"{method} {url}: the answer is not the wire contract's {model.__name__} "
             f"({e.errors()[0]['msg']}): {str(body)[:500]}"
         ) from e
 
@@ -658,6 +658,43 @@ class DeploymentManager:
         body = self._http.get_json(url, headers=self.headers_for(deployment_id))
         answers = _parse(WeightsAnswers, body, url)
         return {replica.replica_id: dict(replica.checksums) for replica in answers.replicas}
+
+    # --- scaling (a deployment on Ray) ------------------------------------------
+
+    def scale(
+        self, deployment_id: str | None, replicas: int, *, timeout_s: float = 600.0
+    ) -> ScaleAnswer:
+        """Run `replicas` replicas of a deployment on Ray (`weightsync serve --ray`).
+
+        Added replicas join at the head (the answer's `membership` lists them catching up
+        until they serve it); removed ones are drained first, and the answer comes once they
+        stopped: `cancelled` has, per removed replica, the requests its drain cut (None: it
+        was missing or did not answer). `timeout_s` bounds the call (the drains included).
+        A deployment that is not on Ray has no scale route: `UnsupportedOperationError`.
+        """
+        try:
+            body = ScaleRequest(replicas=replicas).model_dump()
+        except ValidationError as e:
+            raise InvalidInputError(
+                f"scale of deployment {deployment_id!r}: replicas must be in 0..10000, "
+                f"got {replicas!r}"
+            ) from e
+        url = self.hotload_url(deployment_id) + SCALE_PATH
+        try:
+            answer = self._http.post_json(
+                url, body, headers=self.headers_for(deployment_id), timeout_s=timeout_s
+            )
+        except DeploymentHTTPError as e:
+            if e.status_code in (404, 405):
+                raise UnsupportedOperationError(
+                    f"deployment {deployment_id or url} cannot be scaled: POST {url} answered "
+                    f"HTTP {e.status_code} ({e.message}). Only a deployment on Ray (`weightsync "
+                    "serve --ray`, DeploymentConfig(ray_address=...)) has the scale route; a "
+                    "local deployment runs the replicas it was started with: recreate it with "
+                    "DeploymentConfig(replicas=N) and create_or_get(config, force_recreate=True)"
+                ) from e
+            raise
+        return _parse(ScaleAnswer, answer, url, method="POST")
 
     # --- ledger and warmup -------------------------------------------------------
 

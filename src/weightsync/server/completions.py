@@ -55,6 +55,7 @@ from weightsync.wire.inference import (
     TokenLogprob,
     TopLogprob,
     Usage,
+    split_model,
     sse_data,
 )
 
@@ -232,10 +233,10 @@ class Generator:
         """
         if not model:
             return None
-        mismatch = self.replica.config.served.mismatch(model.split("@", 1)[0], "the body's model")
+        deployment, name = split_model(model)
+        mismatch = self.replica.config.served.mismatch(deployment, "the body's model")
         if mismatch is not None:
             raise DeploymentNotFoundError(mismatch)
-        name = model.split("@", 1)[1] if "@" in model else model
         if name in self.replica.engine.loaded_adapters():
             return name
         if self.replica.pipeline.was_unloaded(name):

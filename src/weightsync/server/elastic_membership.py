@@ -16,7 +16,10 @@ snapshot, or one that missed a load — is sent the chain's next load, one at a
 time, from the `HeadRecord`, until it serves the head — and then each LoRA adapter
 the record lists that it lacks, so a completion naming an adapter is never answered
 by a replica that would serve it with base weights. Each replica verifies what it
-loads on its own, from the shared storage.
+loads on its own, from the shared storage. Replicas keep their newest adapters by
+use, so admitted ones can still differ in which they hold: the published view says
+which admitted replicas hold each adapter, and the gateway sends a completion naming
+one only to those (`holding`).
 
 Hot-loads and admission never interleave: the gateway holds `hot_load_round`
 while it fans a hot-load out to the admitted replicas, and the reconciler holds
@@ -31,10 +34,11 @@ import logging
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
@@ -66,6 +70,9 @@ MAX_CONCURRENT_POLLS = 16
 #: Wait before resending a catch-up load that did not take (doubles up to the maximum).
 CATCH_UP_RETRY_S = 1.0
 CATCH_UP_RETRY_MAX_S = 30.0
+#: LoRA adapters remembered as the deployment's (names only, newest kept) once the head
+#: record dropped them: a request naming one is refused rather than answered by the base.
+ADAPTERS_REMEMBERED = 4096
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +107,17 @@ class _Tracked:
     retry_s: float = CATCH_UP_RETRY_S
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Published:
+    """What the gateway reads, replaced whole (never edited) after each change."""
+
+    members: list[Member]
+    view: DeploymentMembership
+    #: Every adapter a replica may be asked for, and the admitted replicas holding each.
+    adapters: frozenset[str] = frozenset()
+    holders: dict[str, list[Member]] = field(default_factory=dict)
+
+
 def _replica_order(replica_id: str) -> tuple[str, int]:
     match = re.fullmatch(r"(.*?)(\d+)", replica_id)
     return (match.group(1), int(match.group(2))) if match else (replica_id, -1)
@@ -130,13 +148,17 @@ class ElasticMembership:
         self.transition = transition
         self.poll_interval_s = poll_interval_s
         self._record = head_file.load(start_identity=start_identity)
+        #: The adapters this deployment accepted, oldest first (the record keeps the newest).
+        self._adapters_seen: OrderedDict[str, None] = OrderedDict.fromkeys(
+            self._record.adapter_identities
+        )
         #: Bumped whenever the record changes (statuses polled before it may not show it).
         self._generation = 0
         self._headers = {AUTHORIZATION_HEADER: f"Bearer {api_key}"} if api_key else {}
         self._tracked: dict[str, _Tracked] = {}
         # Held by a hot-load's fan-out and by each admission pass (never across a status poll).
         self._round_lock = threading.Lock()
-        self._published: tuple[list[Member], DeploymentMembership] = ([], self._view([]))
+        self._published = _Published(members=[], view=self._view([]))
         self._stop = threading.Event()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -155,13 +177,24 @@ class ElasticMembership:
         return self._record
 
     def members(self) -> list[Member]:
-        return list(self._published[0])
+        return list(self._published.members)
 
     def serving(self) -> list[Member]:
-        return [m for m in self._published[0] if m.state == "admitted"]
+        return [m for m in self._published.members if m.state == "admitted"]
 
     def view(self) -> DeploymentMembership:
-        return self._published[1]
+        return self._published.view
+
+    def adapters(self) -> frozenset[str]:
+        """Every LoRA adapter a replica of this deployment may be asked for: those it
+        accepted (the newest `ADAPTERS_REMEMBERED`) and those any replica reports loaded.
+        Replicas keep their newest by use, so the admitted ones can differ in which they
+        hold, and one that joined late never loaded those the record had dropped."""
+        return self._published.adapters
+
+    def holding(self, adapter: str) -> list[Member]:
+        """The admitted replicas whose last polled status lists `adapter` loaded."""
+        return list(self._published.holders.get(adapter, ()))
 
     @asynccontextmanager
     async def _round(self) -> AsyncIterator[list[Member]]:
@@ -179,6 +212,10 @@ class ElasticMembership:
         admitted with it)."""
         if self.is_adapter is not None and self.is_adapter(request.identity):
             record = self._record.adapter_loaded(request, body, max_adapters=self.max_adapters)
+            self._adapters_seen.pop(request.identity, None)
+            self._adapters_seen[request.identity] = None
+            while len(self._adapters_seen) > ADAPTERS_REMEMBERED:
+                self._adapters_seen.popitem(last=False)
             what = f"adapter {request.identity} recorded; the head stays {record.head}"
         else:
             record = self._record.accepted(request, body)
@@ -325,19 +362,34 @@ class ElasticMembership:
         position = self._record.position(identity)
         return None if position is None else len(self._record.links) - 1 - position
 
+    @staticmethod
+    def _serves(t: _Tracked) -> bool:
+        """Whether `t` serves, verified, what its status names. A replica is not ready while
+        its load swaps and checks the new weights; an admitted one stays admitted through
+        those moments (requests wait for the swap there), or each hot-load would withdraw
+        it, and admitting it again would reload the record's adapters, undoing its own
+        choice of which to keep."""
+        status = t.status
+        if status is None or status.current_snapshot_identity is None:
+            return False
+        mid_load = status.loading_state.stage in LOADING_STAGES
+        return status.readiness or (t.admitted and mid_load)
+
     def _admit(self) -> None:
         allowance = 1 if self.transition == "async" else 0
         serving = [
             lag
             for t in self._tracked.values()
-            if t.admitted and t.status is not None and t.status.readiness
+            if t.admitted and t.status is not None and self._serves(t)
             for lag in [self._lag(t.status.current_snapshot_identity)]
             if lag is not None
         ]
         newest = min(serving, default=0)
         for t in self._tracked.values():
             status = t.status
-            if status is None or not status.readiness:
+            if status is None or not self._serves(t):
+                if t.admitted:
+                    logger.info("%s withdrawn: not ready", t.replica_id)
                 t.admitted = False
                 continue
             lag = self._lag(status.current_snapshot_identity)
@@ -421,7 +473,20 @@ class ElasticMembership:
             )
             for t in tracked
         ]
-        self._published = (members, self._view(members))
+        holders: dict[str, list[Member]] = {}
+        adapters = set(self._adapters_seen)
+        for t, member in zip(tracked, members, strict=True):
+            loaded = t.status.adapter_identities() if t.status is not None else []
+            adapters.update(loaded)
+            if member.state == "admitted":
+                for adapter in loaded:
+                    holders.setdefault(adapter, []).append(member)
+        self._published = _Published(
+            members=members,
+            view=self._view(members),
+            adapters=frozenset(adapters),
+            holders=holders,
+        )
         with self._changed:
             self._changed.notify_all()
 

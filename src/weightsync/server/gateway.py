@@ -78,6 +78,7 @@ from weightsync.wire import (
     WeightsAnswers,
     error_body,
 )
+from weightsync.wire.inference import split_model
 
 logger = logging.getLogger(__name__)
 
@@ -330,18 +331,66 @@ def create_gateway_app(
     async def ledger_reset(request: Request) -> JSONResponse:
         return merged(await fan_out("POST", LEDGER_RESET_PATH, request), LedgerResetAnswers)
 
+    async def adapter_holders(adapter: str, serving: list[Member]) -> list[Member] | JSONResponse:
+        """The serving replicas that hold LoRA adapter `adapter`: as last polled, else as they
+        answer now (a load that just ended may not be polled yet); else a 425 while one still
+        loads it, a 404 when none has it (a replica without it would answer with the base)."""
+        held = replicas.holding(adapter)
+        if held:
+            return held
+        members, results = await fan_out("GET", HOT_LOAD_PATH, None, members=serving)
+        held, loading = [], []
+        for member, (status, doc) in zip(members, results, strict=True):
+            try:
+                entries = HotLoadStatus.model_validate(doc).replicas if status == 200 else []
+            except ValidationError:
+                entries = []  # not the contract's answer: not a holder
+            for entry in entries:
+                state = entry.loading_state
+                if adapter in entry.adapter_identities():
+                    held.append(member)
+                elif state.stage in LOADING_STAGES and state.target_snapshot_identity == adapter:
+                    loading.append(member.replica_id)
+        if held:
+            return held
+        if loading:
+            message = (
+                f"LoRA adapter {adapter!r} is still loading on {', '.join(loading)}, and no "
+                "replica serving the deployment holds it yet; wait until the hot-load status "
+                "lists it loaded, then retry"
+            )
+            response = error_response(425, message, "SwapInProgressError")
+            response.headers["retry-after"] = "1"
+            return response
+        message = (
+            f"LoRA adapter {adapter!r} is loaded on no replica serving the deployment (each "
+            "unloaded it past --max-adapters, its load failed, or they joined after the "
+            f"deployment dropped it); hot-load it again (POST {HOT_LOAD_PATH} with identity "
+            f"{adapter!r}), wait until the status lists it loaded, then retry"
+        )
+        return error_response(404, message, "SnapshotNotFoundError")
+
     async def proxy_inference(request: Request) -> Response:
         """Forward to one replica (sticky per session) and pass its answer back as it comes.
 
-        A replica that is unreachable, not serving yet (503) or whose queue is full
-        (429) is skipped for the next. An SSE stream is relayed chunk by chunk. The
-        client going away closes the replica's connection, which stops the generation.
+        A request whose `model` names a LoRA adapter of the deployment goes only to the
+        replicas that hold it (`adapter_holders`). A replica that is unreachable, not serving
+        yet (503), whose queue is full (429) or that unloaded the named adapter since (404) is
+        skipped for the next. An SSE stream is relayed chunk by chunk. The client going away
+        closes the replica's connection, which stops the generation.
         """
         body = await request.body()
         serving = replicas.serving()
         if not serving:
             message = "no replica serves the deployment's head yet; retry shortly"
             return JSONResponse(error_body(503, message, "DeploymentError"), status_code=503)
+        skip: tuple[int, ...] = (429, 503)
+        adapter = _named_adapter(body, replicas.adapters())
+        if adapter is not None:
+            routed = await adapter_holders(adapter, serving)
+            if isinstance(routed, JSONResponse):
+                return routed
+            serving, skip = routed, (404, 429, 503)
         session = request.headers.get(SESSION_HEADER)
         first = zlib.crc32(session.encode()) if session else next(round_robin)
         order = [serving[(first + k) % len(serving)] for k in range(len(serving))]
@@ -365,7 +414,7 @@ def create_gateway_app(
                 continue
             if upstream is None:
                 return Response(status_code=499)  # the client is gone; nobody reads this
-            if upstream.status_code in (429, 503) and k < len(order) - 1:
+            if upstream.status_code in skip and k < len(order) - 1:
                 await upstream.aclose()
                 upstream = None
                 continue
@@ -441,6 +490,22 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None
     with contextlib.suppress(asyncio.CancelledError):
         await task
     return None
+
+
+def _named_adapter(body: bytes, adapters: frozenset[str]) -> str | None:
+    """The adapter among `adapters` that an inference request's `model` names, or None (the
+    body is parsed only when there are adapters; a malformed one is the replica's to refuse)."""
+    if not adapters:
+        return None
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    model = document.get("model") if isinstance(document, dict) else None
+    if not isinstance(model, str):
+        return None
+    _, served = split_model(model)
+    return served if served in adapters else None
 
 
 def _error_message(doc: Any) -> str:

@@ -56,6 +56,15 @@ class Membership(Protocol):
         """Who counts as "every replica" right now (None where all are, always)."""
         ...
 
+    def adapters(self) -> frozenset[str]:
+        """LoRA adapters the deployment loaded that a serving replica may lack (a request
+        naming one goes only to the replicas `holding` it); empty where none can lack one."""
+        ...
+
+    def holding(self, adapter: str) -> list[Member]:
+        """The serving replicas whose last reported status lists LoRA adapter `adapter`."""
+        ...
+
 
 class StaticMembership:
     """A fixed set of replica processes, all admitted (`weightsync serve --replicas N`)."""
@@ -87,3 +96,11 @@ class StaticMembership:
 
     def view(self) -> DeploymentMembership | None:
         return None
+
+    def adapters(self) -> frozenset[str]:
+        """None to route by: every replica of the pool was sent every adapter's hot-load (one
+        that unloaded an adapter since refuses a request naming it, 404)."""
+        return frozenset()
+
+    def holding(self, adapter: str) -> list[Member]:
+        return []

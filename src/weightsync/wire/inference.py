@@ -35,6 +35,18 @@ DEFAULT_MAX_TOKENS = 16
 
 FinishReason = Literal["stop", "length"]
 
+
+def split_model(model: str) -> tuple[str, str]:
+    """A request's `model` as a replica reads it: (what names the deployment, what it serves).
+
+    `accounts/a/deployments/d@adapter` names LoRA adapter `adapter` of deployment
+    `accounts/a/deployments/d`; a name without `@` is both (the model's name, or an
+    adapter's identity). A served name that is no loaded adapter means the base weights.
+    """
+    deployment, at, served = model.partition("@")
+    return (deployment, served) if at else (model, model)
+
+
 # --- requests ----------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""`weightsync serve --device` through Typer's runner: a bad or absent device fails by name."""
+"""`weightsync serve` options through Typer's runner: a bad or absent device fails by name;
+a drain bound without Ray is a usage error."""
 
 from __future__ import annotations
 
@@ -41,3 +42,11 @@ def test_cuda_without_a_device_says_so_before_serving(model_dir: Path, tmp_path:
     )
     assert result.exit_code == 1
     assert "--device cuda was asked for but torch sees no CUDA device" in result.output
+
+
+def test_a_drain_timeout_without_ray_is_a_usage_error(model_dir: Path, tmp_path: Path) -> None:
+    """Only a deployment on Ray is scaled (and drains what it removes)."""
+    argv = ["serve", "--model-dir", str(model_dir), "--state-dir", str(tmp_path)]
+    result = runner.invoke(app, [*argv, "--drain-timeout-s", "5"])
+    assert result.exit_code == 2
+    assert "--drain-timeout-s" in result.output and "--ray" in result.output
