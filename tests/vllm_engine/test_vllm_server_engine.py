@@ -9,6 +9,7 @@ it continues on the new ones.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -19,9 +20,9 @@ import openai
 import pytest
 import torch
 from safetensors.torch import load_file
-from vllm_api_checks import as_result, stream_completion
-from vllm_helpers import PROMPTS, check_against_reference, perturbed, reference_model
 
+from _support.vllm_api import as_result, stream_completion
+from _support.vllm_reference import PROMPTS, check_against_reference, perturbed, reference_model
 from weightsync.codec import DEFAULT_CHECKSUM, DEFAULT_CODEC, checksum_tensor, get_codec
 from weightsync.server.engines import get_engine
 from weightsync.server.engines.base import GenerateRequest
@@ -130,3 +131,72 @@ def test_sync_swap_lets_running_streams_finish_on_the_old_weights(
     )
     want = {n: checksum_tensor(DEFAULT_CHECKSUM, t) for n, t in new.items()}
     assert engine.weights_checksums(DEFAULT_CHECKSUM) == want
+
+
+def test_a_client_that_stops_reading_across_a_swap_gets_every_chunk_under_its_snapshot(
+    engine: VllmServerEngine, base: Any
+) -> None:
+    """TCP backpressure: a client reads one piece, stops until a swap is done, then reads all.
+
+    Its socket takes a few KB, so vLLM's server cannot send most of the 400-token stream
+    (with top-5 logprobs, ~200 KB) while the `sync` swap waits for the request to finish
+    on the old weights; the chunks still unsent when the label changes must keep the old
+    label, and every token must be the old weights' (teacher-forced against them).
+    """
+    url = engine.inference_url
+    assert url is not None
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    old = engine.named_weights()
+    old = {n: t.clone() for n, t in old.items()}
+    body = json.dumps(
+        {
+            "model": "small", "prompt": "the quick brown", "max_tokens": 400,
+            "temperature": 0.0, "logprobs": 5, "ignore_eos": True, "stream": True,
+            "return_token_ids": True,
+        }
+    ).encode()  # fmt: skip
+    request = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: vllm\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+        sock.settimeout(120)
+        sock.connect((host, int(port)))
+        sock.sendall(request)
+        received = bytearray(sock.recv(2048))  # the stream has begun
+        assert received.startswith(b"HTTP/1.1 200"), bytes(received[:200])
+        swap_to(engine, "delta-2", perturbed(old, seed=2))  # returns once the request ended
+        while piece := sock.recv(1 << 16):
+            received += piece
+    head, _, chunked = bytes(received).partition(b"\r\n\r\n")
+    assert b"x-weightsync-snapshot-identity: delta-1" in head.lower()
+    events = [e for e in _dechunk(chunked).split(b"\n\n") if e.startswith(b"data: {")]
+    token_ids: list[int] = []
+    logprobs: list[float] = []
+    labels: list[str] = []
+    for event in events:
+        chunk = json.loads(event[len(b"data: ") :])
+        for choice in chunk["choices"]:
+            ids = choice.get("token_ids") or []
+            token_ids += ids
+            logprobs += choice["logprobs"]["token_logprobs"] if ids else []
+            labels += [chunk["snapshot_identity"]] * len(ids)
+    assert len(token_ids) == 400 and len(logprobs) == 400
+    assert labels == ["delta-1"] * 400, sorted(set(labels))
+    first = json.loads(events[0][len(b"data: ") :])
+    prompt_ids = first["choices"][0]["prompt_token_ids"]
+    check_against_reference(reference_model(old), prompt_ids, as_result(token_ids, logprobs))
+
+
+def _dechunk(data: bytes) -> bytes:
+    """The body of an HTTP/1.1 `Transfer-Encoding: chunked` answer."""
+    out = bytearray()
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2 :]
+    return bytes(out)

@@ -11,8 +11,8 @@ On `/v1/completions` and `/v1/chat/completions` it adds:
 
 - the header `x-weightsync-snapshot-identity` (the label when the answer starts);
 - on every streamed chunk (`data: {...}` events) the field `snapshot_identity`,
-  the label when that chunk leaves the server, so a stream that spans an async
-  swap says where it changed;
+  the label when vLLM's route hands that chunk over, so a stream that spans an
+  async swap says where it changed;
 - on a whole (non-streamed) answer `snapshot_identity` (the label when it ends)
   and `snapshot_identities` (the labels seen while it ran, in order: more than one
   means the answer spans a swap).
@@ -20,23 +20,29 @@ On `/v1/completions` and `/v1/chat/completions` it adds:
 Why the label is right per chunk: the label changes only while vLLM is paused,
 after `/pause` returned (vLLM hands out the outputs of steps taken before the
 pause before it answers) and after the apply; every token produced after
-`/resume` comes from the new weights, and every chunk sent before the label
-changed came from the old ones.
+`/resume` comes from the new weights, and every chunk handed over before the
+label changed came from the old ones. For that the route must never wait on the
+client: a stream's chunks are stamped when the route hands them over and sent
+from a task of their own, so a client that reads slowly (TCP backpressure) holds
+chunks in this queue, already stamped, instead of stalling the route — which
+would leave vLLM's outputs of both snapshots to be merged into one chunk read
+after the swap. The queue holds at most one answer's own chunks.
 
-This module imports without vLLM (it is plain ASGI), so it is linted and typed
-with the rest of weightsync.
+This module imports without vLLM (it is plain ASGI; it watches the sidecar with
+`processes.watch_parent`, the rule every child of weightsync follows), so it is
+linted and typed with the rest of weightsync.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
-import signal
-import threading
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from weightsync.server.processes import watch_parent
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -45,7 +51,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 TOKEN_ENV = "WEIGHTSYNC_VLLM_CONTROL_TOKEN"
-#: The sidecar's pid: vLLM's server stops itself when that process is gone.
+#: The sidecar's pid (vLLM's server is its child): vLLM's server stops itself when it is gone.
 PARENT_ENV = "WEIGHTSYNC_VLLM_PARENT_PID"
 CONTROL_PATH = "/weightsync/snapshot"
 HEADER = b"x-weightsync-snapshot-identity"
@@ -109,9 +115,19 @@ class SnapshotIdentityMiddleware:
     async def _labelled(self, scope: Scope, receive: Receive, send: Send) -> None:
         seen_from = len(self.history)
         state: dict[str, Any] = {"stream": False, "json": False, "pending": b"", "whole": b""}
+        writer: _StreamWriter | None = None
 
         async def labelling_send(message: Message) -> None:
+            nonlocal writer
             kind = message["type"]
+            if writer is not None:  # a stream: stamped now, sent by the writer's task
+                if kind == "http.response.body":
+                    more = bool(message.get("more_body"))
+                    data = self._label_events(state, message.get("body", b""), final=not more)
+                    writer.put({**message, "body": data})
+                else:
+                    writer.put(message)
+                return
             if kind == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", [])]
                 content_type = dict(headers).get(b"content-type", b"")
@@ -121,7 +137,10 @@ class SnapshotIdentityMiddleware:
                     headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
                 headers.append((HEADER, self.identity.encode()))
                 state["start"] = {**message, "headers": headers}
-                if not state["json"]:
+                if state["stream"]:
+                    writer = _StreamWriter(send)
+                    writer.put(state["start"])
+                elif not state["json"]:
                     await send(state["start"])
                 return
             if kind != "http.response.body":
@@ -129,10 +148,7 @@ class SnapshotIdentityMiddleware:
                 return
             more = bool(message.get("more_body"))
             body: bytes = message.get("body", b"")
-            if state["stream"]:
-                data = self._label_events(state, body, final=not more)
-                await send({**message, "body": data})
-            elif state["json"]:
+            if state["json"]:
                 state["whole"] += body
                 if not more:
                     data = self._label_whole(state["whole"], seen_from)
@@ -143,7 +159,14 @@ class SnapshotIdentityMiddleware:
             else:
                 await send(message)
 
-        await self.app(scope, receive, labelling_send)
+        try:
+            await self.app(scope, receive, labelling_send)
+        except BaseException:
+            if writer is not None:
+                writer.cancel()
+            raise
+        if writer is not None:
+            await writer.flush()
 
     def _label_events(self, state: dict[str, Any], body: bytes, *, final: bool) -> bytes:
         """Add `snapshot_identity` to each complete `data: {...}` event of the stream."""
@@ -182,32 +205,59 @@ class SnapshotIdentityMiddleware:
         return json.dumps(answer, separators=(",", ":")).encode()
 
 
+class _StreamWriter:
+    """Sends one answer's messages in order from its own task; `put` never waits.
+
+    The route's `send` returns at once, so it keeps taking vLLM's outputs as they
+    come however slowly the client reads (module docstring). A failure of the real
+    `send` (the client went away) is raised to the route at its next `put`, and by
+    `flush`.
+    """
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._error: BaseException | None = None
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def put(self, message: Message) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put_nowait(message)
+
+    async def flush(self) -> None:
+        """Wait until every message put has been sent (or the real `send` failed)."""
+        self._queue.put_nowait(None)
+        await self._task
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    async def _run(self) -> None:
+        while (message := await self._queue.get()) is not None:
+            try:
+                await self._send(message)
+            except Exception as e:  # noqa: BLE001  (handed to the route, see the class doc)
+                self._error = e
+                return
+
+
 _watching: list[int] = []
 
 
 def _watch_sidecar(parent: str) -> None:
-    """Stop this vLLM server (SIGTERM: its graceful shutdown) once the sidecar has died.
+    """Stop this vLLM server (SIGTERM: its graceful shutdown) once the sidecar, its parent
+    (`PARENT_ENV`), has died; one watcher per process, however often vLLM builds the app.
 
     Without it a sidecar killed hard would leave vLLM's server, engine core and
     workers running with nobody to drive or stop them.
     """
     if not parent.isdigit() or _watching:
         return
-    pid = int(parent)
-    _watching.append(pid)
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            except PermissionError:
-                continue  # alive (another user's process cannot be signalled)
-
-    threading.Thread(target=watch, name="weightsync-sidecar-watch", daemon=True).start()
+    _watching.append(int(parent))
+    watch_parent(int(parent))
 
 
 async def _json(send: Send, status: int, payload: dict[str, Any]) -> None:

@@ -14,17 +14,22 @@ chat templates, logprobs, `n`, as vLLM does them); the middleware names the
 snapshot on every answer and every streamed chunk. The sidecar's own
 `/v1/completions` also works (`generate` streams from vLLM's server).
 
-A swap (`swap(identity)` around `apply_patches` and the cache reset): the host
-copy is patched and the touched layers' tensors written to one safetensors file
-beside the server while vLLM still serves; then `POST /pause?mode=keep` (async
+Before a swap (`stage_patches`, called by the load pipeline before its swap lock;
+vLLM serves on): the touched layers' new tensors (the host copy with the verified
+patches written in) go to one safetensors file, on `/dev/shm` when it has room,
+and the checksums the read-back must find are computed. The swap
+(`swap(identity)` around `apply_patches` and the cache reset): `POST
+/pause?mode=keep` (async
 transition: running requests freeze and resume on the new weights; their KV is
 recomputed when the prefix cache is reset with `reset_running_requests`) or
 `mode=wait` (sync: running requests finish on the old weights first) →
 `POST /collective_rpc weightsync_reload_file` (vLLM's own `reload_weights`,
 which re-runs each layer's processing: fused qkv/gate_up, CPU GEMM re-packing,
 tied heads) → read-back checksums of what the worker holds in checkpoint
-layout, compared with what was pushed (undo on a mismatch) →
-`POST /reset_prefix_cache` → the middleware's label → `POST /resume`.
+layout, compared with what was pushed (on a mismatch the host copy, still the
+old weights, is pushed back) → `POST /reset_prefix_cache` → the middleware's label
+→ `POST /resume`; then the host copy is patched (no undo copy is held: until this
+point it *is* the old weights).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import os
 import secrets
 import shutil
 import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -46,10 +52,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from weightsync.codec import Patch, checksum_tensor
+from weightsync.codec import Patch, checksum_bytes, checksum_tensor
+from weightsync.codec.bits import bits, dtype_name
 from weightsync.errors import DeploymentError, InvalidInputError, SnapshotCorruptError
 from weightsync.server.engines.base import (
     CacheScope,
@@ -84,6 +92,10 @@ STOP_TIMEOUT_S = 30.0
 LOG_TAIL_CHARS = 1500
 #: The checksum the read-back compares with (fast, exact over the bits).
 _READ_BACK_CHECKSUM = "xxh3_64"
+#: Where push files go when it exists and has room (memory: no disk write, read at once).
+SHM_DIR = Path("/dev/shm")
+#: Room left free on SHM_DIR beyond a push file (it is shared with the machine).
+SHM_HEADROOM_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -100,6 +112,19 @@ class _Server:
     vocab_size: int
     max_model_len: int
     served_model: str
+
+
+@dataclass(eq=False)
+class _Push:
+    """A push file written and checksummed, not yet reloaded by vLLM."""
+
+    path: Path
+    names: list[str]
+    #: Read-back checksums of the pushed tensors vLLM keeps in checkpoint layout.
+    want: dict[str, str]
+    #: The patches it holds (compared by identity with those `apply_patches` gets);
+    #: None for a push of the host copy as it is.
+    patches: Mapping[str, Patch] | None
 
 
 class VllmServerEngine(Engine):
@@ -166,6 +191,10 @@ class VllmServerEngine(Engine):
         self._swapping = False
         self._paused_server: _Server | None = None
         self._paused_at = 0.0
+        #: The push `stage_patches` wrote for the next `apply_patches`.
+        self._staged: _Push | None = None
+        #: Patches pushed inside the current swap, written into the host copy after /resume.
+        self._host_pending: Mapping[str, Patch] | None = None
         #: Seconds of the phases of the last swap (pause, push, read-back, reset, resume).
         self.last_swap: dict[str, float] = {}
 
@@ -304,7 +333,8 @@ class VllmServerEngine(Engine):
             if current is not None and same_model(current.config, current.host, config, tensors):
                 for name, target in current.host.items():
                     target.copy_(tensors[name])
-                self._push(current, sorted(current.host))
+                self._drop_staged()
+                self._push_host(current, sorted(current.host))
                 self._applied_in_swap = True
                 logger.info("loaded base in place (%d tensors pushed)", len(current.host))
                 return
@@ -318,72 +348,100 @@ class VllmServerEngine(Engine):
         """The host copy (snapshot names and dtypes) that vLLM was last pushed."""
         return dict(self._require_server().host)
 
+    def stage_patches(self, patches: Mapping[str, Patch]) -> None:
+        """Write the push of these verified patches before the swap lock (vLLM serves on).
+
+        The file holds the new bits of every tensor of each touched vLLM layer (the
+        host copy with the patches written in: the host copy itself is untouched), and
+        the read-back checksums are computed from it. `apply_patches` with the same
+        patches then only pauses vLLM and reloads it. Loads are serialized, so the host
+        copy cannot change in between.
+        """
+        server = self._require_server()
+        _check_known(server, patches)
+        with self._lock:
+            self._drop_staged()
+            self._staged = self._write_push(server, self._push_names(server, patches), patches)
+
     def apply_patches(
         self, patches: Mapping[str, Patch], *, keep_undo: bool = True
     ) -> dict[str, Patch]:
-        """Patch the host copy, push the touched layers into vLLM, check what it holds.
+        """Push the touched layers' new tensors into vLLM, check what it holds, patch the host copy.
 
-        All or none: a failed push puts the host copy and vLLM's tensors back.
+        All or none: until vLLM holds the pushed bits (read back and compared) the host
+        copy is unchanged, and a failed push is undone by pushing those tensors from it.
+        Inside a `swap` with `keep_undo=False` the host copy is patched after vLLM
+        resumed (outside vLLM's pause); otherwise before this returns.
         """
         server = self._require_server()
-        unknown = sorted(set(patches) - set(server.host))
-        if unknown:
-            raise InvalidInputError(
-                f"patches name tensors the served model lacks: {', '.join(unknown[:5])}"
-            )
-        undo: dict[str, Patch] = {}
+        _check_known(server, patches)
         with self._lock:
+            staged, self._staged = self._staged, None
+            if staged is None or staged.patches is not patches:
+                if staged is not None:
+                    staged.path.unlink(missing_ok=True)
+                staged = self._write_push(server, self._push_names(server, patches), patches)
             try:
-                for name, patch in patches.items():
-                    undo[name] = patch.apply_(server.host[name])
-            except Exception:
-                for name, back in undo.items():
-                    back.apply_(server.host[name])
-                raise
-            changed = [n for n, p in patches.items() if p.num_changed > 0]
-            names = (
-                sorted(server.host)
-                if self.push == "full"
-                else layer_closure(server.groups, changed)
-            )
-            try:
-                self._push(server, names)
+                self._push(server, staged)
             except Exception as e:
-                for name, back in undo.items():
-                    back.apply_(server.host[name])
-                self._restore(server, names, e)
+                self._restore(server, staged.names, e)
                 raise
             self._applied_in_swap = True
-        return undo if keep_undo else {}
+            if keep_undo or not self._swapping:
+                return _patch_host(server, patches, keep_undo=keep_undo)
+            self._host_pending = patches
+        return {}
 
-    def _push(self, server: _Server, names: list[str]) -> None:
-        """Reload these host tensors in vLLM's worker, then compare what it holds.
+    def _push_names(self, server: _Server, patches: Mapping[str, Patch]) -> list[str]:
+        """What a push of `patches` carries: every tensor of each changed layer, or all."""
+        if self.push == "full":
+            return sorted(server.host)
+        return layer_closure(server.groups, [n for n, p in patches.items() if p.num_changed > 0])
 
-        The file is written and the expected checksums computed before vLLM is
-        paused (inside a `swap`), so vLLM's pause is the reload, the read-back and
-        the cache reset only.
+    def _drop_staged(self) -> None:
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            staged.path.unlink(missing_ok=True)
+
+    def _write_push(
+        self, server: _Server, names: list[str], patches: Mapping[str, Patch] | None
+    ) -> _Push:
+        """The push file of `names` (their host tensors with `patches` written in)."""
+        started = time.perf_counter()
+        readable = server.readable
+        directory = _push_dir(server, _push_size(server.host, names))
+        path = directory / f"weightsync-push-{server.token[:8]}-{secrets.token_hex(4)}.safetensors"
+        try:
+            want = _write_push_file(path, server.host, names, patches or {}, readable)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        self.last_swap["write_s"] = time.perf_counter() - started
+        return _Push(path=path, names=names, want=want, patches=patches)
+
+    def _push(self, server: _Server, push: _Push) -> None:
+        """vLLM reloads the push file's tensors in place; then compare what it holds.
+
+        Inside a `swap` vLLM is paused here (lazily), so its pause is the reload, the
+        read-back and the cache reset only. The file is removed whatever happens.
         """
-        if not names:
+        if not push.names:
+            push.path.unlink(missing_ok=True)
             self.last_swap["push_s"] = 0.0
             return
-        started = time.perf_counter()
-        path = server.work_dir / f"push-{secrets.token_hex(4)}.safetensors"
-        readable = [n for n in names if n in server.readable]
         try:
-            save_file({n: server.host[n] for n in names}, str(path))
-            want = {n: checksum_tensor(_READ_BACK_CHECKSUM, server.host[n]) for n in readable}
-            self.last_swap["write_s"] = time.perf_counter() - started
             self._pause_if_swapping(server)
             pushing = time.perf_counter()
-            self._rpc(server, "weightsync_reload_file", str(path))
+            self._rpc(server, "weightsync_reload_file", str(push.path))
         finally:
-            path.unlink(missing_ok=True)
+            push.path.unlink(missing_ok=True)
         pushed = time.perf_counter()
+        readable = sorted(push.want)
         if readable:
             [held] = self._rpc(
                 server, "weightsync_checksums", *[json.dumps(readable), _READ_BACK_CHECKSUM]
             )
-            wrong = [n for n in readable if held.get(n) != want[n]]
+            wrong = [n for n in readable if held.get(n) != push.want[n]]
             if wrong:
                 raise SnapshotCorruptError(
                     f"vLLM's worker holds different bits than were pushed for "
@@ -392,11 +450,16 @@ class VllmServerEngine(Engine):
                 )
         self.last_swap["push_s"] = pushed - pushing
         self.last_swap["read_back_s"] = time.perf_counter() - pushed
-        logger.info("pushed %d tensors into vLLM in %.3fs", len(names), pushed - pushing)
+        logger.info("pushed %d tensors into vLLM in %.3fs", len(push.names), pushed - pushing)
+
+    def _push_host(self, server: _Server, names: list[str]) -> None:
+        """Push these tensors of the host copy as they are."""
+        self._push(server, self._write_push(server, names, None))
 
     def _restore(self, server: _Server, names: list[str], cause: BaseException) -> None:
+        """Push the host copy's `names` back (vLLM may hold part of a failed push)."""
         try:
-            self._push(server, names)
+            self._push_host(server, names)
         except Exception as e:
             raise DeploymentError(
                 f"pushing weights into vLLM failed ({cause!r}) and restoring the previous "
@@ -416,21 +479,32 @@ class VllmServerEngine(Engine):
             self._applied_in_swap = False
             self._swapping = True
             self._paused_server = None
-            self.last_swap = {}
+            self._host_pending = None
+            write_s = self.last_swap.get("write_s") if self._staged is not None else None
+            self.last_swap = {} if write_s is None else {"write_s": write_s}
             try:
                 yield
             finally:
                 self._swapping = False
                 server = self._server  # a new server when the base changed the model
                 paused, self._paused_server = self._paused_server, None
+                pending, self._host_pending = self._host_pending, None
                 started = time.perf_counter()
                 try:
                     if server is not None and self._applied_in_swap:
                         self._label(server, identity)
                 finally:
-                    if paused is not None and paused is server:
-                        self._post(server, "/resume")
-                        self.last_swap["vllm_paused_s"] = time.perf_counter() - self._paused_at
+                    try:
+                        if paused is not None and paused is server:
+                            self._post(server, "/resume")
+                            self.last_swap["vllm_paused_s"] = time.perf_counter() - self._paused_at
+                    finally:
+                        # vLLM holds these patches' bits: the host copy follows, whatever
+                        # failed after the push.
+                        if pending is not None and server is not None:
+                            patched = time.perf_counter()
+                            _patch_host(server, pending, keep_undo=False)
+                            self.last_swap["host_patch_s"] = time.perf_counter() - patched
                 self.last_swap["resume_s"] = time.perf_counter() - started
                 logger.info(
                     "swap to %s: %s", identity,
@@ -563,6 +637,7 @@ class VllmServerEngine(Engine):
 
     def close(self) -> None:
         with self._lock:
+            self._drop_staged()
             server, self._server = self._server, None
         if server is not None:
             _stop(server)
@@ -576,6 +651,96 @@ class VllmServerEngine(Engine):
 
 
 # --- helpers ------------------------------------------------------------------------
+
+
+def _check_known(server: _Server, patches: Mapping[str, Patch]) -> None:
+    unknown = sorted(set(patches) - set(server.host))
+    if unknown:
+        raise InvalidInputError(
+            f"patches name tensors the served model lacks: {', '.join(unknown[:5])}"
+        )
+
+
+def _patch_host(
+    server: _Server, patches: Mapping[str, Patch], *, keep_undo: bool
+) -> dict[str, Patch]:
+    """Write the patches into the host copy (verified: they fit); the undo patches if asked."""
+    if keep_undo:
+        return {name: patch.apply_(server.host[name]) for name, patch in patches.items()}
+    for name, patch in patches.items():
+        patch.write_(server.host[name])
+    return {}
+
+
+def _push_size(host: Mapping[str, torch.Tensor], names: Sequence[str]) -> int:
+    return sum(host[n].numel() * host[n].element_size() for n in names)
+
+
+def _push_dir(server: _Server, size: int) -> Path:
+    """`SHM_DIR` when it exists and keeps `SHM_HEADROOM_BYTES` free after `size`, else the
+    server's work directory (on disk: the file then costs a write and the page cache)."""
+    try:
+        stats = os.statvfs(SHM_DIR)
+    except OSError:
+        return server.work_dir
+    if stats.f_bavail * stats.f_frsize >= size + SHM_HEADROOM_BYTES and os.access(SHM_DIR, os.W_OK):
+        return SHM_DIR
+    return server.work_dir
+
+
+def _write_push_file(
+    path: Path,
+    host: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    patches: Mapping[str, Patch],
+    readable: frozenset[str],
+) -> dict[str, str]:
+    """Write a safetensors file of `names`: each host tensor with its patch written in.
+
+    The file is sized first and filled through a memory map, one tensor at a time,
+    so nothing but the file itself is allocated (no serialized copy of the tensors).
+    Returns the read-back checksums of the `readable` ones, over the bits written.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        t = host[name]
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": dtype_name(t.dtype),
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned
+    data_start = 8 + len(text)
+    want: dict[str, str] = {}
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(data_start + offset)
+    if offset == 0:
+        return want
+    file_map = np.memmap(path, dtype=np.uint8, mode="r+")
+    try:
+        for name in names:
+            begin, end = header[name]["data_offsets"]
+            if begin == end:
+                continue
+            old = bits(host[name])
+            region = file_map[data_start + begin : data_start + end].view(old.dtype)
+            patch = patches.get(name)
+            if patch is not None and patch.positions is None:
+                region[:] = patch.values.reshape(-1)
+            else:
+                region[:] = old
+                if patch is not None and patch.num_changed:
+                    region[patch.positions] = patch.values
+            if name in readable:
+                want[name] = checksum_bytes(_READ_BACK_CHECKSUM, region.view(np.uint8))
+    finally:
+        del file_map  # unmapped: vLLM's worker reads the file through its own map
+    return want
 
 
 def _take_chunk(chunk: Mapping[str, Any], result: GenerateResult, top_k: int) -> bool:
