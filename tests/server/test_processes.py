@@ -134,7 +134,9 @@ def test_sigterm_ignored_means_sigkill_after_the_timeout(
     ]
     _wait_for(marker)
     with caplog.at_level(logging.WARNING, logger="weightsync.server.processes"):
-        assert stop_all(children, timeout_s=0.5) is True
+        # 2 s: the polite one, signalled at the same moment, has long exited when the
+        # stubborn one's wait ends, even on a loaded machine.
+        assert stop_all(children, timeout_s=2.0) is True
     assert [c.exit_code() for c in children] == [-signal.SIGKILL, -signal.SIGTERM]
     assert "stubborn" in caplog.text and "ignored SIGTERM" in caplog.text
     assert "polite" not in caplog.text

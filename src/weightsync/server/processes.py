@@ -213,7 +213,7 @@ def stop_all(processes: Iterable[ManagedProcess], *, timeout_s: float) -> bool:
     for process in running:
         if not process.wait_exit(max(0.1, deadline - time.monotonic())):
             logger.warning(
-                "%s (pid %d) ignored SIGTERM for %.0fs; killing it",
+                "%s (pid %d) ignored SIGTERM for %.1fs; killing it",
                 process.name,
                 process.pid,
                 timeout_s,
