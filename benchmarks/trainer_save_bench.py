@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from weightsync.codec import DEFAULT_CODEC
+from weightsync.codec import list_codecs
+from weightsync.sdk_defaults import DEFAULT_COMPRESSION_FORMAT
 from weightsync.toymodel import MODEL_SIZES, build_model
 from weightsync.trainer import SaveSamplerResult, TrainingClient
 
@@ -77,6 +78,12 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=2, help="AdamW steps before the base")
     parser.add_argument("--deltas", type=int, default=3, help="deltas saved, one per step")
     parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument(
+        "--codec",
+        default=DEFAULT_COMPRESSION_FORMAT,
+        choices=list_codecs(),
+        help="the client's compression_format (default: the SDK's)",
+    )
     parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument(
         "--dir", type=Path, default=None, help="where to write (default: a temp dir)"
@@ -84,7 +91,9 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
     )
-    parser.add_argument("--profile", action="store_true", help="profile the last delta save")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile the base and the last delta save"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -100,13 +109,22 @@ def main() -> None:
         for step in range(args.warmup_steps):
             _adamw_step(model, optimizer, seed=step, seq_len=args.seq_len)
 
-        client = TrainingClient(model, storage=root / "snapshots", optimizer=optimizer)
+        client = TrainingClient(
+            model,
+            storage=root / "snapshots",
+            optimizer=optimizer,
+            compression_format=args.codec,
+        )
         exported, export_s = _timed(client.exported_weights)
         torch_save_s, torch_save_bytes = _torch_save(exported, root / "sd.pt", fsync=False)
         torch_save_fsync_s, _ = _torch_save(exported, root / "sd.pt", fsync=True)
         del exported
 
+        base_profiler = cProfile.Profile()
+        if args.profile:
+            base_profiler.enable()
         base: SaveSamplerResult = client.save_weights_for_sampler_ext("base")
+        base_profiler.disable()
         deltas: list[SaveSamplerResult] = []
         profiler = cProfile.Profile()
         for i in range(args.deltas):
@@ -133,7 +151,8 @@ def main() -> None:
         print(
             f"\nmodel {args.size}: {num_params / 1e6:.0f}M parameters, "
             f"{base.full_bytes / 2**20:.0f} MiB in bf16; AdamW lr {args.lr:g}; "
-            f"codec {DEFAULT_CODEC!r}; {torch.get_num_threads()} torch threads; writing to {root}"
+            f"codec {client.compression_format!r}; {torch.get_num_threads()} torch threads; "
+            f"writing to {root}"
         )
         print(
             f"{'what':<34} {'seconds':>8} {'x torch.save':>13} {'MiB written':>12} {'changed':>14}"
@@ -150,6 +169,8 @@ def main() -> None:
             f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
         )
         if args.profile:
+            print("\nbase save, top functions by own time:")
+            pstats.Stats(base_profiler).sort_stats("tottime").print_stats(12)
             print("\nlast delta save, top functions by own time:")
             pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
     finally:
