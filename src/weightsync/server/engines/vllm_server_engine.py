@@ -432,7 +432,7 @@ class VllmServerEngine(Engine):
         try:
             self._pause_if_swapping(server)
             pushing = time.perf_counter()
-            self._rpc(server, "weightsync_reload_file", str(push.path))
+            [reload] = self._rpc(server, "weightsync_reload_file", str(push.path))
         finally:
             push.path.unlink(missing_ok=True)
         pushed = time.perf_counter()
@@ -449,6 +449,8 @@ class VllmServerEngine(Engine):
                     "vLLM version"
                 )
         self.last_swap["push_s"] = pushed - pushing
+        for part in ("reload_weights_s", "tied_modules_s"):  # the worker's own timing
+            self.last_swap[part] = float(reload.get(part, 0.0))
         self.last_swap["read_back_s"] = time.perf_counter() - pushed
         logger.info("pushed %d tensors into vLLM in %.3fs", len(push.names), pushed - pushing)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,6 +33,7 @@ class WeightsyncWorkerExtension:
 
     # Attributes of vLLM's worker this extension relies on (declared for mypy).
     model_runner: Any
+    weightsync_last_reload: dict[str, float]
 
     def weightsync_reload(self, payload: WeightsPayload) -> int:
         """Reload these checkpoint-format tensors in place; return how many were given.
@@ -45,22 +47,32 @@ class WeightsyncWorkerExtension:
         weights = _as_pairs(payload)
         model = self.model_runner.get_model()
         # The CPU kernels' dispatch reads the current vLLM config.
+        started = time.perf_counter()
         with set_current_vllm_config(self.model_runner.vllm_config):
             self.model_runner.reload_weights(
                 weights_iterator=iter(weights), is_checkpoint_format=True
             )
+            reloaded = time.perf_counter()
             _reprocess_tied_modules(model, {name for name, _ in weights})
+        #: Seconds of the last reload's parts, for the caller's swap phases.
+        self.weightsync_last_reload = {
+            "reload_weights_s": reloaded - started,
+            "tied_modules_s": time.perf_counter() - reloaded,
+        }
         return len(weights)
 
-    def weightsync_reload_file(self, path: str) -> int:
-        """`weightsync_reload` of the tensors in this safetensors file (the server path).
+    def weightsync_reload_file(self, path: str) -> dict[str, float]:
+        """`weightsync_reload` of the tensors in this safetensors file (the server path);
+        returns the seconds of its parts (`reload_weights_s`: vLLM's reload; `tied_modules_s`:
+        re-processing the modules that share a reloaded weight) and `tensors`, the count.
 
         vLLM's `/collective_rpc` route passes strings only, so the sidecar writes the
         tensors to a file beside the server and names it; the file is read here once.
         """
         from safetensors.torch import load_file
 
-        return self.weightsync_reload(list(load_file(path).items()))
+        count = self.weightsync_reload(list(load_file(path).items()))
+        return {"tensors": float(count), **self.weightsync_last_reload}
 
     def weightsync_checksums(self, names: str | list[str], checksum_format: str) -> dict[str, str]:
         """Checksums (as a manifest records them) of the named parameters vLLM holds.
