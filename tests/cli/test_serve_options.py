@@ -3,6 +3,8 @@ a drain bound without Ray is a usage error."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,17 @@ from weightsync.cli import app
 from weightsync.toymodel import build_model
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """`serve` configures the root logger for its process; the test process gets its own back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Literal
+import sys
+from typing import Any, Literal
 
 LogFormat = Literal["text", "json"]
 
@@ -30,10 +31,31 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes each record to `sys.stderr` as it is when the record is emitted.
+
+    A plain `StreamHandler()` keeps the stream it was made with: where `serve` runs
+    inside a host that swaps `sys.stderr` for a while (a CLI test runner), later records
+    went to that closed stream and each raised a logging error.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # always the current sys.stderr
+
+
 def configure_logging(
     *, level: str = "info", fmt: LogFormat = "text", replica_id: str | None = None
 ) -> None:
-    handler = logging.StreamHandler()
+    """Log to stderr at `level`, as text or JSON lines, replacing the root's handlers."""
+    handler = _StderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter(replica_id=replica_id))
     else:
