@@ -56,6 +56,11 @@ def main() -> None:
         "--override", action="append", default=[], metavar="KEY=INT",
         help="model config override (repeatable), e.g. --override num_hidden_layers=8",
     )  # fmt: skip
+    parser.add_argument(
+        "--vllm-first", action="store_true",
+        help="run vLLM's reload_weights of each step before weightsync's hot-load of it "
+        "(default: after), to see what running second on the same server gains",
+    )  # fmt: skip
     args = parser.parse_args()
     overrides = {k: int(v) for k, _, v in (o.partition("=") for o in args.override)}
 
@@ -94,6 +99,13 @@ def main() -> None:
             client.optimizer.zero_grad()
             client.model(input_ids=ids, labels=ids).loss.backward()
             client.optimizer.step()
+            vllm_first = None
+            if args.vllm_first and step > 0:  # the base starts weightsync's chain
+                [before] = mgr.hotload_check_status("vllm-bench")["replicas"]
+                vllm_first = reload_full_directory(
+                    before["inference_url"], client.exported_weights(), base_dir,
+                    root / f"full-{step}",
+                )  # fmt: skip
             identity = syncer.save_and_hotload(f"step-{step:05d}")
             if identity is None:
                 raise SystemExit(
@@ -117,10 +129,11 @@ def main() -> None:
                     root / "registry" / "vllm-bench" / "serve.log", identity
                 ),
             }
-            row["vllm_reload_weights"] = reload_full_directory(
+            row["vllm_reload_weights"] = vllm_first or reload_full_directory(
                 replica["inference_url"], client.exported_weights(), base_dir,
                 root / f"full-{step}",
             )  # fmt: skip
+            row["vllm_reload_first"] = vllm_first is not None
             rows.append(row)
             base = row["vllm_reload_weights"]
             print(
