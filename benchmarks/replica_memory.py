@@ -55,6 +55,7 @@ def _write_snapshots(
     store: Path, size: str, fraction: float, overrides: dict[str, int], mode: str
 ) -> dict[str, Any]:
     from weightsync.snapshot import write_base, write_delta
+    from weightsync.toymodel import perturbed
 
     old, config = _weights(size, 0, overrides)
     base = write_base(store, BASE, old, config=config)
@@ -72,10 +73,7 @@ def _write_snapshots(
     gen = torch.Generator().manual_seed(1)
     parent, manifest = old, base
     for identity in (WARM, DELTA):  # the first delta warms the decoder (JIT) up
-        new = {}
-        for name, t in parent.items():
-            mask = torch.rand(t.shape, generator=gen) < fraction
-            new[name] = torch.where(mask, (t.float() * 1.01 + 1e-3).to(t.dtype), t).contiguous()
+        new = perturbed(parent, fraction, gen)
         manifest = write_delta(store, identity, parent=manifest, old=parent, new=new)
         parent = new
     delta = manifest

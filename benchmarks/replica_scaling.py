@@ -69,16 +69,6 @@ class Row:
     total: float
 
 
-def _perturbed(
-    tensors: dict[str, torch.Tensor], fraction: float, gen: torch.Generator
-) -> dict[str, torch.Tensor]:
-    new = {}
-    for name, t in tensors.items():
-        mask = torch.rand(t.shape, generator=gen) < fraction
-        new[name] = torch.where(mask, (t.float() * 1.01 + 1e-3).to(t.dtype), t).contiguous()
-    return new
-
-
 def measure_shape(
     shape: str, fractions: list[float], repeats: int, warm_fraction: float, work: Path
 ) -> list[Row]:
@@ -86,7 +76,7 @@ def measure_shape(
     from weightsync.server.config import ReplicaConfig
     from weightsync.server.replica import Replica
     from weightsync.snapshot import write_base, write_delta
-    from weightsync.toymodel import build_model
+    from weightsync.toymodel import build_model, perturbed
     from weightsync.wire import HotLoadRequest, IncrementalSnapshotMetadata
 
     size, overrides = SHAPES[shape]
@@ -108,7 +98,7 @@ def measure_shape(
     chain: list[tuple[str, str, float, bool, int, int]] = []
     parent = manifest
     for step, (fraction, reported) in enumerate(plan, start=1):
-        new = _perturbed(weights, fraction, gen)
+        new = perturbed(weights, fraction, gen)
         identity = f"step{step}-0a0a0a0a"
         delta = write_delta(store, identity, parent=parent, old=weights, new=new)
         changed = sum(e.num_changed or 0 for e in delta.tensors.values())

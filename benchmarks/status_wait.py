@@ -36,16 +36,6 @@ class PollingTransport(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
-def _perturbed(
-    tensors: dict[str, torch.Tensor], fraction: float, gen: torch.Generator
-) -> dict[str, torch.Tensor]:
-    new = {}
-    for name, t in tensors.items():
-        mask = torch.rand(t.shape, generator=gen) < fraction
-        new[name] = torch.where(mask, (t.float() * 1.01 + 1e-3).to(t.dtype), t).contiguous()
-    return new
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small", help="toy model size (weightsync.toymodel)")
@@ -60,7 +50,7 @@ def main() -> None:
     from weightsync.server.replica import Replica
     from weightsync.server.runner import ServerThread
     from weightsync.snapshot import write_base, write_delta
-    from weightsync.toymodel import build_model
+    from weightsync.toymodel import build_model, perturbed
 
     model = build_model(args.size, seed=0, dtype=torch.bfloat16)
     config = model.config.to_dict()
@@ -74,7 +64,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     chain: list[tuple[str, str]] = []
     for step in range(1, 2 + 2 * args.loads):
-        new = _perturbed(weights, args.fraction, gen)
+        new = perturbed(weights, args.fraction, gen)
         delta = write_delta(store, f"step{step}-0a0a0a0a", parent=parent, old=weights, new=new)
         chain.append((delta.identity, parent.identity))
         weights, parent = new, delta

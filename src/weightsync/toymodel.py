@@ -148,3 +148,15 @@ def save_model_dir(
             if f.is_file():
                 (out / f.name).write_bytes(f.read_bytes())
     return out
+
+
+def perturbed(
+    weights: dict[str, torch.Tensor], fraction: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """A copy of `weights` with about `fraction` of every tensor's elements moved (an RL-like
+    step: each chosen element scaled by 1.01 and shifted by 1e-3, in its own dtype)."""
+    new = {}
+    for name, t in weights.items():
+        mask = torch.rand(t.shape, generator=generator) < fraction
+        new[name] = torch.where(mask, (t.float() * 1.01 + 1e-3).to(t.dtype), t).contiguous()
+    return new
