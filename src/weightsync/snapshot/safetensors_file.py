@@ -45,23 +45,43 @@ def raw_tensor(t: torch.Tensor) -> RawTensor:
 
 def encode_safetensors(tensors: Mapping[str, RawTensor], metadata: Mapping[str, str]) -> bytes:
     """Bytes of a safetensors file, byte-deterministic (see the module docstring)."""
+    names = sorted(tensors)
+    head, _ = encode_header(
+        {n: (tensors[n].dtype, tensors[n].shape, _nbytes(tensors[n].data)) for n in names},
+        metadata,
+    )
+    # One join: the only copy of the tensor bytes made here.
+    return b"".join([head, *(tensors[n].data for n in names)])
+
+
+def encode_header(
+    layout: Mapping[str, tuple[str, Sequence[int], int]], metadata: Mapping[str, str]
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """A safetensors file's bytes before its data, for tensors laid out in `layout`'s order
+    (name -> dtype, shape, byte size), and each tensor's (begin, end) in the file.
+
+    The length prefix and the JSON header, padded so the data starts 8-byte aligned.
+    """
     header: dict[str, Any] = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}}
-    chunks: list[bytes | memoryview] = []
+    spans: dict[str, tuple[int, int]] = {}
     offset = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        size = t.data.nbytes if isinstance(t.data, (np.ndarray, memoryview)) else len(t.data)
+    for name, (dtype, shape, size) in layout.items():
         header[name] = {
-            "dtype": t.dtype,
-            "shape": list(t.shape),
+            "dtype": dtype,
+            "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
-        chunks.append(t.data)
+        spans[name] = (offset, offset + size)
         offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     text += b" " * (-len(text) % _ALIGN_BYTES)
-    # One join: the only copy of the tensor bytes made here.
-    return b"".join([len(text).to_bytes(_HEADER_LEN_BYTES, "little"), text, *chunks])
+    start = _HEADER_LEN_BYTES + len(text)
+    head = len(text).to_bytes(_HEADER_LEN_BYTES, "little") + text
+    return head, {n: (start + b, start + e) for n, (b, e) in spans.items()}
+
+
+def _nbytes(data: bytes | memoryview) -> int:
+    return data.nbytes if isinstance(data, (np.ndarray, memoryview)) else len(data)
 
 
 def read_header(data: bytes, where: str) -> tuple[dict[str, Any], int]:

@@ -40,7 +40,6 @@ import os
 import secrets
 import shutil
 import socket
-import struct
 import sys
 import tempfile
 import threading
@@ -52,12 +51,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from weightsync.codec import Patch, checksum_bytes, checksum_tensor
-from weightsync.codec.bits import bits, dtype_name
+from weightsync.codec import Patch, checksum_tensor
 from weightsync.errors import DeploymentError, InvalidInputError, SnapshotCorruptError
 from weightsync.server.engines.base import (
     CacheScope,
@@ -78,6 +75,11 @@ from weightsync.server.engines.vllm_layout import (
     layer_groups,
 )
 from weightsync.server.engines.vllm_middleware import CONTROL_PATH, PARENT_ENV, TOKEN_ENV
+from weightsync.server.engines.vllm_push_file import (
+    READ_BACK_CHECKSUM,
+    push_dir,
+    write_push_file,
+)
 from weightsync.server.processes import ManagedProcess, log_tail
 
 logger = logging.getLogger(__name__)
@@ -90,12 +92,6 @@ MIDDLEWARE = "weightsync.server.engines.vllm_middleware.SnapshotIdentityMiddlewa
 STOP_TIMEOUT_S = 30.0
 #: Characters of vLLM's log quoted in an error.
 LOG_TAIL_CHARS = 1500
-#: The checksum the read-back compares with (fast, exact over the bits).
-_READ_BACK_CHECKSUM = "xxh3_64"
-#: Where push files go when it exists and has room (memory: no disk write, read at once).
-SHM_DIR = Path("/dev/shm")
-#: Room left free on SHM_DIR beyond a push file (it is shared with the machine).
-SHM_HEADROOM_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -409,10 +405,10 @@ class VllmServerEngine(Engine):
         """The push file of `names` (their host tensors with `patches` written in)."""
         started = time.perf_counter()
         readable = server.readable
-        directory = _push_dir(server, _push_size(server.host, names))
+        directory = push_dir(server.host, names, server.work_dir)
         path = directory / f"weightsync-push-{server.token[:8]}-{secrets.token_hex(4)}.safetensors"
         try:
-            want = _write_push_file(path, server.host, names, patches or {}, readable)
+            want = write_push_file(path, server.host, names, patches or {}, readable)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -439,7 +435,7 @@ class VllmServerEngine(Engine):
         readable = sorted(push.want)
         if readable:
             [held] = self._rpc(
-                server, "weightsync_checksums", *[json.dumps(readable), _READ_BACK_CHECKSUM]
+                server, "weightsync_checksums", *[json.dumps(readable), READ_BACK_CHECKSUM]
             )
             wrong = [n for n in readable if held.get(n) != push.want[n]]
             if wrong:
@@ -672,77 +668,6 @@ def _patch_host(
     for name, patch in patches.items():
         patch.write_(server.host[name])
     return {}
-
-
-def _push_size(host: Mapping[str, torch.Tensor], names: Sequence[str]) -> int:
-    return sum(host[n].numel() * host[n].element_size() for n in names)
-
-
-def _push_dir(server: _Server, size: int) -> Path:
-    """`SHM_DIR` when it exists and keeps `SHM_HEADROOM_BYTES` free after `size`, else the
-    server's work directory (on disk: the file then costs a write and the page cache)."""
-    try:
-        stats = os.statvfs(SHM_DIR)
-    except OSError:
-        return server.work_dir
-    if stats.f_bavail * stats.f_frsize >= size + SHM_HEADROOM_BYTES and os.access(SHM_DIR, os.W_OK):
-        return SHM_DIR
-    return server.work_dir
-
-
-def _write_push_file(
-    path: Path,
-    host: Mapping[str, torch.Tensor],
-    names: Sequence[str],
-    patches: Mapping[str, Patch],
-    readable: frozenset[str],
-) -> dict[str, str]:
-    """Write a safetensors file of `names`: each host tensor with its patch written in.
-
-    The file is sized first and filled through a memory map, one tensor at a time,
-    so nothing but the file itself is allocated (no serialized copy of the tensors).
-    Returns the read-back checksums of the `readable` ones, over the bits written.
-    """
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in names:
-        t = host[name]
-        size = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": dtype_name(t.dtype),
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned
-    data_start = 8 + len(text)
-    want: dict[str, str] = {}
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        f.truncate(data_start + offset)
-    if offset == 0:
-        return want
-    file_map = np.memmap(path, dtype=np.uint8, mode="r+")
-    try:
-        for name in names:
-            begin, end = header[name]["data_offsets"]
-            if begin == end:
-                continue
-            old = bits(host[name])
-            region = file_map[data_start + begin : data_start + end].view(old.dtype)
-            patch = patches.get(name)
-            if patch is not None and patch.positions is None:
-                region[:] = patch.values.reshape(-1)
-            else:
-                region[:] = old
-                if patch is not None and patch.num_changed:
-                    region[patch.positions] = patch.values
-            if name in readable:
-                want[name] = checksum_bytes(_READ_BACK_CHECKSUM, region.view(np.uint8))
-    finally:
-        del file_map  # unmapped: vLLM's worker reads the file through its own map
-    return want
 
 
 def _take_chunk(chunk: Mapping[str, Any], result: GenerateResult, top_k: int) -> bool:
