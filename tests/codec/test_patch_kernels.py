@@ -8,7 +8,7 @@ import torch
 
 from weightsync.codec import Patch
 from weightsync.codec.bits import bits
-from weightsync.codec.patch_kernels import KERNEL_MIN_ELEMENTS, swap_in
+from weightsync.codec.patch_kernels import KERNEL_MIN_ELEMENTS, scatter_sorted, swap_in
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
@@ -52,3 +52,34 @@ def test_warm_up_compiles_every_width_without_touching_real_data() -> None:
     old = swap_in(view, np.arange(KERNEL_MIN_ELEMENTS, dtype=np.int64), view[::-1].copy())
     assert np.array_equal(old, np.arange(KERNEL_MIN_ELEMENTS, dtype=np.uint32))
     assert np.array_equal(view, np.arange(KERNEL_MIN_ELEMENTS, dtype=np.uint32)[::-1])
+
+
+@pytest.mark.parametrize("size", [100, 3 * KERNEL_MIN_ELEMENTS], ids=["numpy", "compiled"])
+def test_scatter_sorted_writes_like_fancy_indexing(size: int) -> None:
+    start = 1000
+    rng = np.random.default_rng(1)
+    out = rng.integers(0, 1 << 16, 4 * size, dtype=np.uint16)
+    positions = start + np.sort(rng.choice(out.size, size=size, replace=False)).astype(np.int64)
+    values = rng.integers(0, 1 << 16, size, dtype=np.uint16)
+    expected = out.copy()
+    expected[positions - start] = values
+    assert scatter_sorted(out, positions, values, start)
+    assert np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("size", [100, 3 * KERNEL_MIN_ELEMENTS], ids=["numpy", "compiled"])
+@pytest.mark.parametrize("fault", ["repeated", "unsorted", "past the end", "before the start"])
+def test_scatter_sorted_refuses_positions_a_patch_cannot_have(size: int, fault: str) -> None:
+    start = 1000
+    out = np.zeros(4 * size, dtype=np.uint16)
+    positions = start + np.arange(0, 4 * size, 4, dtype=np.int64)
+    middle = size // 2
+    if fault == "repeated":
+        positions[middle] = positions[middle - 1]
+    elif fault == "unsorted":
+        positions[middle], positions[middle + 1] = positions[middle + 1], positions[middle]
+    elif fault == "past the end":
+        positions[-1] = start + out.size
+    else:
+        positions[0] = start - 1
+    assert not scatter_sorted(out, positions, np.ones(size, dtype=np.uint16), start)

@@ -57,6 +57,40 @@ def _restore_slice(
             view[p] = old[i]
 
 
+@njit(nogil=True, cache=True)  # type: ignore[untyped-decorator]
+def _scatter_sorted(out: np.ndarray, positions: np.ndarray, values: np.ndarray, start: int) -> bool:
+    """out[p - start] = values[i] for p = positions[i]; False (stopped) at the first
+    position that is not above the one before it or not inside `out`."""
+    prev = start - 1
+    stop = start + out.size
+    for i in range(positions.size):
+        p = positions[i]
+        if p <= prev or p >= stop:
+            return False
+        out[p - start] = values[i]
+        prev = p
+    return True
+
+
+def scatter_sorted(out: np.ndarray, positions: np.ndarray, values: np.ndarray, start: int) -> bool:
+    """Write `values` at `positions - start` of `out`, checking as it goes that the
+    positions are strictly increasing and inside `[start, start + out.size)`.
+
+    Returns False when they are not (`out` is then partly written: scratch only).
+    One pass, no temporaries: the verify of a delta calls this once per chunk.
+    """
+    if positions.size < KERNEL_MIN_ELEMENTS:
+        if positions.size == 0:
+            return True
+        if positions[0] < start or positions[-1] >= start + out.size:
+            return False
+        if np.any(positions[1:] <= positions[:-1]):
+            return False
+        out[positions - start] = values
+        return True
+    return bool(_scatter_sorted(out, positions.astype(np.int64, copy=False), values, start))
+
+
 def swap_in(view: np.ndarray, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Write `values` at `positions` of `view` in place; return the bits they replaced.
 
@@ -95,3 +129,4 @@ def warm_up() -> None:
         view = np.zeros(KERNEL_MIN_ELEMENTS, dtype=dtype)
         positions = np.arange(KERNEL_MIN_ELEMENTS, dtype=np.int64)
         swap_in(view, positions, np.ones(KERNEL_MIN_ELEMENTS, dtype=dtype))
+        scatter_sorted(view, positions, np.zeros(KERNEL_MIN_ELEMENTS, dtype=dtype), 0)

@@ -38,11 +38,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,8 @@ logger = logging.getLogger(__name__)
 
 #: How many unloaded adapter names a replica remembers, to refuse requests naming them.
 UNLOADED_ADAPTERS_REMEMBERED = 4096
+#: Threads verifying a delta's tensors before the swap (serving goes on meanwhile).
+VERIFY_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -498,9 +501,18 @@ class LoadPipeline:
         if manifest.kind == "delta":
             self._set_stage("verifying", {"done": 0, "total": len(patches)})
             self._reached("verifying", identity)
-            for i, (name, patch) in enumerate(patches.items()):
-                self._set_stage("verifying", {"done": i, "total": len(patches)})
-                fetched.verify_patched(name, live, patch)
+            # Tensors in parallel: the copy, the scatter and the hash release the GIL.
+            # The first failure cancels the tensors not started yet and is raised.
+            pool = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix=f"verify-{identity}")
+            try:
+                futures = [
+                    pool.submit(fetched.verify_patched, n, live, p) for n, p in patches.items()
+                ]
+                for i, future in enumerate(as_completed(futures), start=1):
+                    future.result()
+                    self._set_stage("verifying", {"done": i, "total": len(patches)})
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         # (a base's tensor_bits() already checked every tensor against the manifest)
         report.verify_s = time.perf_counter() - t2
         return _Prepared(patches=patches, config=config, tokenizer=tokenizer)

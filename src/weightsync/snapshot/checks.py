@@ -12,6 +12,7 @@ import torch
 from weightsync.codec import Patch, checksum_bytes, checksum_tensor
 from weightsync.codec.bits import bits, dtype_name
 from weightsync.codec.checksums import checksum_hasher
+from weightsync.codec.patch_kernels import scatter_sorted
 from weightsync.errors import ChecksumMismatchError, SnapshotCorruptError, UnsupportedDtypeError
 from weightsync.snapshot.manifest import Manifest, TensorEntry
 
@@ -122,18 +123,21 @@ def verify_patched_tensor(
             raise SnapshotCorruptError(f"{where}: the patch has {positions.size} positions "
                                        f"but {values.size} values")  # fmt: skip
         covered = 0
+        # One scratch chunk for the whole tensor: a fresh chunk per copy is a fresh
+        # mmap whose every page faults on first touch (measured: 3x the copy's time
+        # inside a replica, where malloc does not keep such chunks).
+        scratch = np.empty(min(chunk_elements, flat.size), dtype=flat.dtype)
         for start in range(0, max(flat.size, 1), chunk_elements):
             stop = min(start + chunk_elements, flat.size)
             lo, hi = (int(i) for i in np.searchsorted(positions, [start, stop]))
             piece = flat[start:stop]
             if hi > lo:
-                here = positions[lo:hi]
-                if here[0] < start or here[-1] >= stop or np.any(here[1:] <= here[:-1]):
+                piece = scratch[: stop - start]
+                np.copyto(piece, flat[start:stop])
+                if not scatter_sorted(piece, positions[lo:hi], values[lo:hi], start):
                     raise SnapshotCorruptError(
                         f"{where}: the patch's positions are not sorted, unique and in range"
                     )
-                piece = piece.copy()
-                piece[here - start] = values[lo:hi]
                 covered += hi - lo
             hasher.update(np.ascontiguousarray(piece).view(np.uint8).data)
         if covered != positions.size:
