@@ -27,6 +27,10 @@ def assert_round_trip(codec: str, old: torch.Tensor, new: torch.Tensor) -> bytes
     impl = get_codec(codec)
     old_bits_before = int_bits(old).clone()
     payload = impl.encode(old, new)
+    # encode_counted: the same payload, and the count of elements whose bits differ.
+    counted, changed = impl.encode_counted(old, new)
+    assert counted == payload
+    assert changed == int((int_bits(old) != int_bits(new)).sum())
     out = impl.decode(payload, old)
     assert out.shape == new.shape and out.dtype == new.dtype
     assert torch.equal(int_bits(out), int_bits(new))
@@ -120,3 +124,20 @@ def test_default_codec_patch_is_sparse_and_sorted() -> None:
     changed = np.flatnonzero(int_bits(old).numpy() != int_bits(new).numpy())
     assert np.array_equal(patch.positions, changed)
     assert patch.positions.dtype == np.int64
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_encode_counted_counts_across_chunks(codec: str) -> None:
+    """A tensor longer than the codecs' and `count_changed`'s chunks (2**20 elements)."""
+    from weightsync.codec.base import count_changed
+
+    n = (1 << 21) + 12345
+    old = torch.arange(n, dtype=torch.int32).to(torch.float32).to(torch.bfloat16)
+    new = old.clone()
+    flat = new.view(torch.int16)
+    changed = torch.tensor([0, 7, 1 << 20, (1 << 20) + 1, n - 1])
+    flat[changed] ^= 1
+    assert count_changed(old, new) == len(changed)
+    payload, counted = get_codec(codec).encode_counted(old, new)
+    assert counted == len(changed)
+    assert torch.equal(int_bits(get_codec(codec).decode(payload, old)), int_bits(new))

@@ -67,6 +67,13 @@ class _ArcXor(Codec):
         old, new = check_pair(old, new)
         return self._compress(xor_bytes(old, new))
 
+    def encode_counted(self, old: torch.Tensor, new: torch.Tensor) -> tuple[bytes, int]:
+        """The payload, and the nonzero elements of the XOR it compresses (one pass less)."""
+        old, new = check_pair(old, new)
+        xor = xor_bytes(old, new)
+        changed = int(np.count_nonzero(np.frombuffer(xor, dtype=bits(old).dtype)))
+        return self._compress(xor), changed
+
     def decode_patch(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:
         old_bits = bits(old.contiguous())
         what = (

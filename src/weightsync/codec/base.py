@@ -71,6 +71,27 @@ class Patch:
         swap_in(view, self.positions, self.values)
 
 
+#: Elements compared at a time by `count_changed` (its temporaries stay this size).
+_COUNT_CHUNK = 1 << 20
+
+
+def count_changed(old: torch.Tensor, new: torch.Tensor) -> int:
+    """How many elements' bits differ between two same-shaped contiguous CPU tensors.
+
+    A chunk at a time into one reused mask: `bits(old) != bits(new)` whole would
+    allocate a mask of the tensor's size, a fresh mapping faulted in page by page.
+    """
+    a, b = bits(old).reshape(-1), bits(new).reshape(-1)
+    mask = np.empty(min(a.size, _COUNT_CHUNK), dtype=bool)
+    changed = 0
+    for start in range(0, a.size, _COUNT_CHUNK):
+        stop = min(start + _COUNT_CHUNK, a.size)
+        part = mask[: stop - start]
+        np.not_equal(a[start:stop], b[start:stop], out=part)
+        changed += int(np.count_nonzero(part))
+    return changed
+
+
 def sparse_bytes(num_changed: int, itemsize: int) -> int:
     """Bytes a sparse patch of `num_changed` elements holds: int64 positions + new bits."""
     return num_changed * (8 + itemsize)
@@ -112,6 +133,14 @@ class Codec(ABC):
     @abstractmethod
     def encode(self, old: torch.Tensor, new: torch.Tensor) -> bytes:
         """Encode `new` against `old` (same shape and dtype, contiguous, CPU)."""
+
+    def encode_counted(self, old: torch.Tensor, new: torch.Tensor) -> tuple[bytes, int]:
+        """`encode`, and how many elements' bits differ (the manifest's `num_changed`).
+
+        Codecs that find the changes while encoding override this to return their
+        count instead of a second pass over both tensors.
+        """
+        return self.encode(old, new), count_changed(old, new)
 
     @abstractmethod
     def decode_patch(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:

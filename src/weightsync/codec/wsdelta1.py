@@ -79,8 +79,9 @@ def _pool() -> Executor:
 class _Chunk:
     mode: ChunkMode
     k: int
-    num_changed: int
+    num_changed: int  # as the chunk table stores it: a dense chunk's is its length
     streams: tuple[bytes, bytes, bytes]
+    changed: int  # elements whose bits differ (not stored)
 
     def row(self) -> bytes:
         return _ROW.pack(self.mode, self.k, self.num_changed, *(len(s) for s in self.streams))
@@ -102,7 +103,7 @@ def _encode_chunk(old: np.ndarray, new: np.ndarray, start: int, stop: int) -> _C
     positions = _scratch("positions", count, np.int32)
     m = _find_changes(old, new, start, stop, positions)
     if m == 0:
-        return _Chunk(mode=MODE_UNCHANGED, k=0, num_changed=0, streams=(b"", b"", b""))
+        return _Chunk(mode=MODE_UNCHANGED, k=0, num_changed=0, streams=(b"", b"", b""), changed=0)
     k = choose_low_bits(count, m)
     sym = _scratch("sym", _symbol_capacity(count, m, k), np.uint8)
     low = _scratch("low", (m * k + 7) // 8 + 8, np.uint8)
@@ -117,10 +118,9 @@ def _encode_chunk(old: np.ndarray, new: np.ndarray, start: int, stop: int) -> _C
     )
     dense_bytes = count * old.dtype.itemsize
     if sum(len(s) for s in streams) >= dense_bytes:
-        return _Chunk(
-            mode=MODE_DENSE, k=0, num_changed=count, streams=(new[start:stop].tobytes(), b"", b"")
-        )
-    return _Chunk(mode=MODE_SPARSE, k=k, num_changed=m, streams=streams)
+        dense = (new[start:stop].tobytes(), b"", b"")
+        return _Chunk(mode=MODE_DENSE, k=0, num_changed=count, streams=dense, changed=m)
+    return _Chunk(mode=MODE_SPARSE, k=k, num_changed=m, streams=streams, changed=m)
 
 
 _THREAD = threading.local()
@@ -174,6 +174,10 @@ class WsDelta1Codec(Codec):
     description = "sparse gap-coded positions + ulp-step deltas of order-preserving keys, zstd"
 
     def encode(self, old: torch.Tensor, new: torch.Tensor) -> bytes:
+        return self.encode_counted(old, new)[0]
+
+    def encode_counted(self, old: torch.Tensor, new: torch.Tensor) -> tuple[bytes, int]:
+        """The payload and the sum of its chunks' change counts (found while encoding)."""
         old, new = check_pair(old, new)
         old_bits, new_bits = bits(old), bits(new)
         bounds = _chunk_bounds(old_bits.size)
@@ -185,7 +189,7 @@ class WsDelta1Codec(Codec):
         parts.extend(c.row() for c in chunks)
         for c in chunks:
             parts.extend(c.streams)
-        return seal(parts)
+        return seal(parts), sum(c.changed for c in chunks)
 
     def decode_patch(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:
         return self._decode(payload, old, dense_when_smaller=False)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 
 from weightsync.codec import get_codec
@@ -55,10 +54,10 @@ def encode_delta_pieces(
     weightsync-delta metadata.
     """
     codec = get_codec(compression_format)
-    payloads = {name: codec.encode(old[name], new[name]) for name in sorted(new)}
-    changed = {
-        name: int(np.count_nonzero(bits(old[name]) != bits(new[name]))) for name in sorted(new)
-    }
+    payloads: dict[str, bytes] = {}
+    changed: dict[str, int] = {}
+    for name in sorted(new):
+        payloads[name], changed[name] = codec.encode_counted(old[name], new[name])
     if codec.shard_layout == "fireworks":
         checksums = {name: fireworks_checksum(bits(new[name])) for name in payloads}
         return encode_shard(payloads, checksums), changed

@@ -17,7 +17,6 @@ from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import torch
 
 from weightsync.codec import (
@@ -170,10 +169,8 @@ def write_delta(
         payloads: dict[str, dict[str, bytes]] = {}
         changed: dict[str, int] = {}
         for name in sorted(new_t):
-            payloads.setdefault(parent.tensors[name].file, {})[name] = codec.encode(
-                old_t[name], new_t[name]
-            )
-            changed[name] = int(np.count_nonzero(bits(old_t[name]) != bits(new_t[name])))
+            payload, changed[name] = codec.encode_counted(old_t[name], new_t[name])
+            payloads.setdefault(parent.tensors[name].file, {})[name] = payload
         for file in sorted(payloads):
             if codec.shard_layout == "fireworks":
                 # fireworks-delta-compression's layout: it decodes these shards in place.
