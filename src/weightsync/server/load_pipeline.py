@@ -501,7 +501,7 @@ class LoadPipeline:
         if manifest.kind == "delta":
             self._set_stage("verifying", {"done": 0, "total": len(patches)})
             self._reached("verifying", identity)
-            # Tensors in parallel: the copy, the scatter and the hash release the GIL.
+            # Tensors in parallel: the copy and the compiled scatter release the GIL.
             # The first failure cancels the tensors not started yet and is raised.
             pool = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix=f"verify-{identity}")
             try:
