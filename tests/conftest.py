@@ -1,7 +1,8 @@
-"""Shared fixtures (keep additive): an S3-compatible server on 127.0.0.1."""
+"""Shared fixtures (keep additive): an S3-compatible server on 127.0.0.1, the root logger."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -47,3 +48,14 @@ def s3_bucket_url(s3_storage_options: dict[str, Any]) -> str:
     fs = s3fs.S3FileSystem(**s3_storage_options)
     fs.mkdir(bucket)
     return f"s3://{bucket}/root"
+
+
+@pytest.fixture
+def root_logger_restored() -> Iterator[None]:
+    """Code under test may configure the root logger (`serve` does, for its process);
+    the test process gets its handlers and level back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

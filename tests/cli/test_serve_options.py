@@ -3,8 +3,6 @@ a drain bound without Ray is a usage error."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,17 +16,8 @@ from weightsync.toymodel import build_model
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _root_logger_restored() -> Iterator[None]:
-    """`serve` configures the root logger for its process; the test process gets its own back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-pytestmark = pytest.mark.timeout(120)
+# `serve` configures the root logger for its process.
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("root_logger_restored")]
 
 
 @pytest.fixture(scope="module")

@@ -271,6 +271,21 @@ def save_adapter(client: TrainingClient, tmp_path: Path) -> str:
     return adapter
 
 
+def adapter_membership(
+    source: Source, head_file: HeadRecordFile, base: str, client: TrainingClient, **options: Any
+) -> ElasticMembership:
+    """The async membership of the adapter tests: it tells adapters by their manifests' kind."""
+    return ElasticMembership(
+        source,
+        head_file,
+        start_identity=base,
+        transition="async",
+        poll_interval_s=0.05,
+        is_adapter=lambda identity: client.store.read_manifest(identity).kind == "lora",
+        **options,
+    )
+
+
 def test_a_late_replica_loads_the_deployments_adapters_before_it_is_admitted(
     tmp_path: Path, chain: tuple[TrainingClient, list[str]], replicas: Any
 ) -> None:
@@ -280,14 +295,7 @@ def test_a_late_replica_loads_the_deployments_adapters_before_it_is_admitted(
     source = Source()
     source.replicas["replica-0"] = (start("replica-0"), "a")
     head_file = HeadRecordFile(tmp_path / "gateway" / "head.json")
-    membership = ElasticMembership(
-        source,
-        head_file,
-        start_identity=base,
-        transition="async",
-        poll_interval_s=0.05,
-        is_adapter=lambda identity: client.store.read_manifest(identity).kind == "lora",
-    )
+    membership = adapter_membership(source, head_file, base, client)
     membership.start()
     try:
         membership.wait_until(num_admitted=1, timeout_s=60)
@@ -347,14 +355,7 @@ def test_an_adapter_that_failed_to_load_everywhere_does_not_keep_a_late_replica_
     source = Source()
     source.replicas["replica-0"] = (start("replica-0"), "a")
     head_file = HeadRecordFile(tmp_path / "gateway" / "head.json")
-    membership = ElasticMembership(
-        source,
-        head_file,
-        start_identity=base,
-        transition="async",
-        poll_interval_s=0.05,
-        is_adapter=lambda identity: client.store.read_manifest(identity).kind == "lora",
-    )
+    membership = adapter_membership(source, head_file, base, client)
     membership.start()
     try:
         membership.wait_until(num_admitted=1, timeout_s=60)
@@ -401,15 +402,7 @@ def test_a_completion_naming_an_adapter_goes_only_to_replicas_that_hold_it(
     source = Source()
     source.replicas["replica-0"] = (start("replica-0", on_stage, max_adapters=2), "a")
     head_file = HeadRecordFile(tmp_path / "gateway" / "head.json")
-    membership = ElasticMembership(
-        source,
-        head_file,
-        start_identity=base,
-        transition="async",
-        poll_interval_s=0.05,
-        is_adapter=lambda identity: client.store.read_manifest(identity).kind == "lora",
-        max_adapters=2,
-    )
+    membership = adapter_membership(source, head_file, base, client, max_adapters=2)
     membership.start()
     try:
         membership.wait_until(num_admitted=1, timeout_s=60)
