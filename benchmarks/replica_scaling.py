@@ -9,13 +9,17 @@ decoder and patch kernels up and is not reported; each reported row is the best 
 
     fetch   read every payload file and check its file checksum
     decode  parse the payloads into patches against the live weights
-    verify  rebuild each patched tensor and check the manifest's tensor checksum
+    verify  check each patch before the swap: from the changed elements alone against
+            the manifest's change sum (format 3, `wsdelta1`), or, without change sums,
+            rebuild each patched tensor and check its full checksum
     pause   the swap lock held: apply in place (+ prompt-cache reset)
     check   re-checksum the live weights against the manifest
     total   the whole load, as the replica measured it
 
-Two tables: every `--sizes` shape at `--fraction`, then `--density-size` at every
-`--fractions`. Then a least-squares fit over all rows of each stage's seconds as
+Two tables: every `--sizes` shape at `--fraction` (with `--change-sums both`, each
+shape twice: the same deltas with and without change sums in their manifests), then
+`--density-size` at every `--fractions`. Then a least-squares fit, over the rows
+verified the density table's way, of each stage's seconds as
 `a + b * changed_elements + c * model_elements`: `b` is the cost per changed element,
 `c` the part that grows with the model whatever changed (what issue 17 asks to remove).
 
@@ -57,6 +61,7 @@ class Row:
     """One reported load: the model, what changed, and the replica's stage seconds."""
 
     shape: str
+    change_sums: bool
     fraction: float
     model_elements: int
     changed_elements: int
@@ -70,7 +75,12 @@ class Row:
 
 
 def measure_shape(
-    shape: str, fractions: list[float], repeats: int, warm_fraction: float, work: Path
+    shape: str,
+    fractions: list[float],
+    repeats: int,
+    warm_fraction: float,
+    work: Path,
+    change_sums: bool,
 ) -> list[Row]:
     """Hot-load a warm-up delta, then `repeats` deltas at each of `fractions`; best of each."""
     from weightsync.server.config import ReplicaConfig
@@ -100,7 +110,10 @@ def measure_shape(
     for step, (fraction, reported) in enumerate(plan, start=1):
         new = perturbed(weights, fraction, gen)
         identity = f"step{step}-0a0a0a0a"
-        delta = write_delta(store, identity, parent=parent, old=weights, new=new)
+        delta = write_delta(
+            store, identity, parent=parent, old=weights, new=new,
+            compression_format="wsdelta1", change_sums=change_sums,
+        )  # fmt: skip
         changed = sum(e.num_changed or 0 for e in delta.tensors.values())
         payload = sum(f.size_bytes for f in delta.files.values())
         chain.append((identity, parent.identity, fraction, reported, changed, payload))
@@ -133,6 +146,7 @@ def measure_shape(
                 continue
             row = Row(
                 shape=shape,
+                change_sums=change_sums,
                 fraction=fraction,
                 model_elements=model_elements,
                 changed_elements=changed,
@@ -163,13 +177,14 @@ def fit(rows: list[Row]) -> dict[str, dict[str, float]]:
 
 
 def _table(title: str, rows: list[Row]) -> str:
-    head = f"{'shape':>9} {'elements':>12} {'changed':>8} {'changed':>11} {'payload':>9}"
+    head = f"{'shape':>9} {'sums':>5} {'elements':>12} {'changed':>8} {'changed':>11}"
+    head += f" {'payload':>9}"
     head += "".join(f" {s + '_ms':>9}" for s in STAGES)
     lines = [title, head]
     for r in rows:
         line = (
-            f"{r.shape:>9} {r.model_elements:>12,} {r.fraction:>8.1%} {r.changed_elements:>11,}"
-            f" {r.payload_bytes / 2**20:>7.1f}Mi"
+            f"{r.shape:>9} {'yes' if r.change_sums else 'no':>5} {r.model_elements:>12,}"
+            f" {r.fraction:>8.1%} {r.changed_elements:>11,} {r.payload_bytes / 2**20:>7.1f}Mi"
         )
         line += "".join(f" {getattr(r, s) * 1e3:>9.1f}" for s in STAGES)
         lines.append(line)
@@ -184,6 +199,10 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.001,0.003,0.01,0.03,0.1,0.3")
     parser.add_argument("--repeats", type=int, default=2, help="loads per row (best reported)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--change-sums", choices=("on", "off", "both"), default="both",
+        help="deltas with change sums in their manifests, without, or the size table both ways",
+    )  # fmt: skip
     args = parser.parse_args()
     sizes = [s for s in args.sizes.split(",") if s]
     unknown = [s for s in sizes if s not in SHAPES]
@@ -194,19 +213,27 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="weightsync-scaling-") as tmp:
         by_size = []
+        ways = {"on": [True], "off": [False], "both": [True, False]}[args.change_sums]
         for shape in sizes:
-            by_size += measure_shape(shape, [args.fraction], args.repeats, args.fraction, Path(tmp))
-            gc.collect()
+            for sums in ways:
+                by_size += measure_shape(
+                    shape, [args.fraction], args.repeats, args.fraction, Path(tmp), sums
+                )
+                gc.collect()
         by_density = measure_shape(
-            args.density_size, fractions, args.repeats, args.fraction, Path(tmp)
+            args.density_size, fractions, args.repeats, args.fraction, Path(tmp), ways[0]
         )
     rows = by_size + by_density
-    fitted = fit(rows)
+    # The fit is of one way of verifying: the density table's.
+    fitted = fit([r for r in rows if r.change_sums == ways[0]])
     print(_table(f"hot-load of one delta at {args.fraction:.1%} changed, by model size", by_size))
     print()
     print(_table(f"hot-load of one delta on {args.density_size}, by density", by_density))
     print()
-    print("fit over all rows: seconds = fixed + b * changed elements + c * model elements")
+    print(
+        f"fit over the rows {'with' if ways[0] else 'without'} change sums: "
+        "seconds = fixed + b * changed elements + c * model elements"
+    )
     print(f"{'stage':>7} {'fixed_ms':>9} {'ns/changed':>11} {'ns/model el':>12}")
     for stage, f in fitted.items():
         print(

@@ -12,6 +12,8 @@ from _support.bit_patterns import DTYPES, random_bits, ulp_moves
 from _support.bits import int_bits
 from weightsync.codec import get_codec, list_codecs
 from weightsync.codec.base import Patch
+from weightsync.codec.bits import bits
+from weightsync.codec.change_sum import tensor_change_sum
 
 CODECS = list_codecs()
 SHAPES = st.one_of(
@@ -27,10 +29,13 @@ def assert_round_trip(codec: str, old: torch.Tensor, new: torch.Tensor) -> bytes
     impl = get_codec(codec)
     old_bits_before = int_bits(old).clone()
     payload = impl.encode(old, new)
-    # encode_counted: the same payload, and the count of elements whose bits differ.
-    counted, changed = impl.encode_counted(old, new)
-    assert counted == payload
-    assert changed == int((int_bits(old) != int_bits(new)).sum())
+    # encode_for_manifest: the same payload, the count of elements whose bits differ
+    # and, where the codec adds it up, the change sum of the reference definition.
+    encoded = impl.encode_for_manifest(old, new)
+    assert encoded.payload == payload
+    assert encoded.num_changed == int((int_bits(old) != int_bits(new)).sum())
+    if encoded.change_sum is not None:
+        assert encoded.change_sum == tensor_change_sum(bits(old).reshape(-1), bits(new).reshape(-1))
     out = impl.decode(payload, old)
     assert out.shape == new.shape and out.dtype == new.dtype
     assert torch.equal(int_bits(out), int_bits(new))
@@ -127,7 +132,7 @@ def test_default_codec_patch_is_sparse_and_sorted() -> None:
 
 
 @pytest.mark.parametrize("codec", CODECS)
-def test_encode_counted_counts_across_chunks(codec: str) -> None:
+def test_encode_for_manifest_counts_across_chunks(codec: str) -> None:
     """A tensor longer than the codecs' and `count_changed`'s chunks (2**20 elements)."""
     from weightsync.codec.base import count_changed
 
@@ -138,6 +143,8 @@ def test_encode_counted_counts_across_chunks(codec: str) -> None:
     changed = torch.tensor([0, 7, 1 << 20, (1 << 20) + 1, n - 1])
     flat[changed] ^= 1
     assert count_changed(old, new) == len(changed)
-    payload, counted = get_codec(codec).encode_counted(old, new)
-    assert counted == len(changed)
-    assert torch.equal(int_bits(get_codec(codec).decode(payload, old)), int_bits(new))
+    encoded = get_codec(codec).encode_for_manifest(old, new)
+    assert encoded.num_changed == len(changed)
+    assert torch.equal(int_bits(get_codec(codec).decode(encoded.payload, old)), int_bits(new))
+    if encoded.change_sum is not None:
+        assert encoded.change_sum == tensor_change_sum(bits(old), bits(new))

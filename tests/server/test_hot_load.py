@@ -111,28 +111,41 @@ def _corrupt_payload(chain: Chain, identity: str) -> None:
     path.write_bytes(bytes(data))
 
 
-def _corrupt_tensor_checksum(chain: Chain, identity: str) -> str:
+def _corrupt_tensor_field(chain: Chain, identity: str, field: str) -> str:
     path = chain.root / identity / "weightsync.json"
     doc = json.loads(path.read_text())
     name = sorted(doc["tensors"])[1]
-    doc["tensors"][name]["checksum"] = "0" * len(doc["tensors"][name]["checksum"])
+    doc["tensors"][name][field] = "0" * len(doc["tensors"][name][field])
     path.write_text(json.dumps(doc))
     return name
 
 
-@pytest.mark.parametrize("how", ["payload", "tensor-checksum"])
-def test_corrupt_delta_is_detected_and_old_weights_serve(serve, chain: Chain, how: str) -> None:
+# (how, what the error says): a wrong change sum is refused before the swap (only the
+# pre-swap verify reads it); a wrong tensor checksum, by the check after it (the
+# change sum was right), which puts the base back.
+CORRUPTIONS = [
+    ("payload", "checksum"),
+    ("tensor-checksum", "tensor checksums do not match"),
+    ("change-sum", "fails its change sum"),
+]
+
+
+@pytest.mark.parametrize(("how", "said"), CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_corrupt_delta_is_detected_and_old_weights_serve(
+    serve, chain: Chain, how: str, said: str
+) -> None:
+    assert chain.manifests[D1].format_version == 3  # wsdelta1: change sums carried
     if how == "payload":
         _corrupt_payload(chain, D1)
     else:
-        _corrupt_tensor_checksum(chain, D1)
+        _corrupt_tensor_field(chain, D1, "checksum" if how == "tensor-checksum" else "change_sum")
     client, replica = serve()
     assert hot_load(client, D1, BASE).status_code == 200
     status = wait_loaded(client, D1)
     assert status["loading_state"]["stage"] == "error"
     assert status["loading_state"]["target_snapshot_identity"] == D1
     assert D1 in status["loading_state"]["error"]
-    assert "checksum" in status["loading_state"]["error"]
+    assert said in status["loading_state"]["error"]
     assert_serves(client, replica, chain, BASE)
     entries = client.get("/hot_load/v1/ledger").json()["replicas"][0]["entries"]
     assert entries[-1]["identity"] == D1 and entries[-1]["result"] == "error"

@@ -19,10 +19,34 @@ from weightsync.storage import LocalStorage
 
 @pytest.fixture
 def delta_doc(tmp_path: Path, tiny_config: object) -> dict[str, Any]:
+    """A `wsdelta1` delta's manifest: format version 3, every tensor with a change sum."""
     w0 = toy_weights()
     base = write_base(tmp_path, "b", w0, config=tiny_config)
     write_delta(tmp_path, "d", parent=base, old=w0, new=perturb(w0, seed=1))
-    return dict(json.loads((tmp_path / "d" / MANIFEST_FILE).read_bytes()))
+    doc = dict(json.loads((tmp_path / "d" / MANIFEST_FILE).read_bytes()))
+    assert doc["format_version"] == 3
+    assert all(len(t["change_sum"]) == 32 for t in doc["tensors"].values())
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("codec", "checksum", "version"),
+    [("wsdelta1", "xxh3_64", 3), ("wsdelta1", "blake3", 1), ("arc_v2", "xxh3_64", 1)],
+)
+def test_which_deltas_carry_change_sums(
+    tmp_path: Path, tiny_config: object, codec: str, checksum: str, version: int
+) -> None:
+    """Only codecs that add the sum up from their changes write it, and never with a
+    cryptographic checksum (the sum is no defence against crafted bits)."""
+    w0 = toy_weights()
+    base = write_base(tmp_path, "b", w0, config=tiny_config, checksum_format=checksum)
+    manifest = write_delta(
+        tmp_path, "d", parent=base, old=w0, new=perturb(w0, seed=1),
+        compression_format=codec, checksum_format=checksum,
+    )  # fmt: skip
+    assert manifest.format_version == version
+    assert all((t.change_sum is not None) == (version == 3) for t in manifest.tensors.values())
+    assert SnapshotStore(tmp_path).verify("d").ok
 
 
 def _edit(doc: dict[str, Any], case: str) -> None:
@@ -54,6 +78,19 @@ def _edit(doc: dict[str, Any], case: str) -> None:
         tensor["num_changed"] = 1.5
     elif case == "files not an object":
         doc["files"] = []
+    elif case == "change_sum not hex":
+        tensor["change_sum"] = "z" * 32
+    elif case == "change_sum in upper case":
+        tensor["change_sum"] = tensor["change_sum"].upper()
+    elif case == "change_sum too short":
+        tensor["change_sum"] = tensor["change_sum"][:16]
+    elif case == "change_sum as an int":
+        tensor["change_sum"] = 5
+    elif case == "change sums in version 1":
+        doc["format_version"] = 1
+    elif case == "version 3 without change sums":
+        for entry in doc["tensors"].values():
+            entry.pop("change_sum", None)
 
 
 # (case, what the error must name)
@@ -71,6 +108,12 @@ CASES = [
     ("num_changed past the tensor", "'num_changed'"),
     ("num_changed as a float", "'num_changed' must be int"),
     ("files not an object", "'files' must be dict"),
+    ("change_sum not hex", "'change_sum' must be 32 lowercase hex"),
+    ("change_sum in upper case", "'change_sum' must be 32 lowercase hex"),
+    ("change_sum too short", "'change_sum' must be 32 lowercase hex"),
+    ("change_sum as an int", "'change_sum' must be str"),
+    ("change sums in version 1", r"format_version 1 but has change sums \(that is version 3\)"),
+    ("version 3 without change sums", "format_version 3 but has neither pieces nor change sums"),
 ]
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import zstandard
 
-from weightsync.codec.base import Codec, Patch
+from weightsync.codec.base import Codec, Encoded, Patch
 from weightsync.codec.bits import bits
 from weightsync.codec.framing import check_pair, decompress_zlib_into, decompress_zstd_into
 from weightsync.codec.registry import register_codec
@@ -67,12 +67,12 @@ class _ArcXor(Codec):
         old, new = check_pair(old, new)
         return self._compress(xor_bytes(old, new))
 
-    def encode_counted(self, old: torch.Tensor, new: torch.Tensor) -> tuple[bytes, int]:
+    def encode_for_manifest(self, old: torch.Tensor, new: torch.Tensor) -> Encoded:
         """The payload, and the nonzero elements of the XOR it compresses (one pass less)."""
         old, new = check_pair(old, new)
         xor = xor_bytes(old, new)
         changed = int(np.count_nonzero(np.frombuffer(xor, dtype=bits(old).dtype)))
-        return self._compress(xor), changed
+        return Encoded(self._compress(xor), changed)
 
     def decode_patch(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:
         old_bits = bits(old.contiguous())

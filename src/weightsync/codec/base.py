@@ -115,6 +115,16 @@ def compact(patch: Patch, old: torch.Tensor) -> Patch:
     return Patch(None, dense)
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A tensor's payload, its changed elements (`num_changed`) and, when the codec
+    adds it up while encoding, its change sum (`codec/change_sum.py`)."""
+
+    payload: bytes
+    num_changed: int
+    change_sum: str | None = None
+
+
 class Codec(ABC):
     """A lossless encoding of the new bits of a tensor given its old bits."""
 
@@ -134,13 +144,14 @@ class Codec(ABC):
     def encode(self, old: torch.Tensor, new: torch.Tensor) -> bytes:
         """Encode `new` against `old` (same shape and dtype, contiguous, CPU)."""
 
-    def encode_counted(self, old: torch.Tensor, new: torch.Tensor) -> tuple[bytes, int]:
-        """`encode`, and how many elements' bits differ (the manifest's `num_changed`).
+    def encode_for_manifest(self, old: torch.Tensor, new: torch.Tensor) -> Encoded:
+        """`encode`, with what the manifest says of the tensor beside its payload.
 
         Codecs that find the changes while encoding override this to return their
-        count instead of a second pass over both tensors.
+        count instead of a second pass over both tensors, and the change sum
+        (`codec/change_sum.py`) when they can add it up from those changes.
         """
-        return self.encode(old, new), count_changed(old, new)
+        return Encoded(self.encode(old, new), count_changed(old, new))
 
     @abstractmethod
     def decode_patch(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:

@@ -37,8 +37,9 @@ import numpy as np
 import torch
 import zstandard
 
+from weightsync.codec import change_sum
 from weightsync.codec import wsdelta_kernels as kernels
-from weightsync.codec.base import Codec, Patch, sparse_bytes
+from weightsync.codec.base import Codec, Encoded, Patch, sparse_bytes
 from weightsync.codec.bits import bits, uint_dtype
 from weightsync.codec.framing import (
     check_pair,
@@ -82,6 +83,7 @@ class _Chunk:
     num_changed: int  # as the chunk table stores it: a dense chunk's is its length
     streams: tuple[bytes, bytes, bytes]
     changed: int  # elements whose bits differ (not stored)
+    lanes: tuple[int, int] = (0, 0)  # the chunk's change sum (not stored)
 
     def row(self) -> bytes:
         return _ROW.pack(self.mode, self.k, self.num_changed, *(len(s) for s in self.streams))
@@ -98,12 +100,13 @@ def _symbol_capacity(count: int, num_changed: int, k: int) -> int:
     return num_changed + (count >> k) // kernels.ESCAPE_STEP + 16
 
 
-def _encode_chunk(old: np.ndarray, new: np.ndarray, start: int, stop: int) -> _Chunk:
+def _encode_chunk(old: np.ndarray, new: np.ndarray, start: int, stop: int, summed: bool) -> _Chunk:
     count = stop - start
     positions = _scratch("positions", count, np.int32)
     m = _find_changes(old, new, start, stop, positions)
     if m == 0:
         return _Chunk(mode=MODE_UNCHANGED, k=0, num_changed=0, streams=(b"", b"", b""), changed=0)
+    lanes = change_sum.chunk_change(old, new, start, positions, m) if summed else (0, 0)
     k = choose_low_bits(count, m)
     sym = _scratch("sym", _symbol_capacity(count, m, k), np.uint8)
     low = _scratch("low", (m * k + 7) // 8 + 8, np.uint8)
@@ -119,8 +122,10 @@ def _encode_chunk(old: np.ndarray, new: np.ndarray, start: int, stop: int) -> _C
     dense_bytes = count * old.dtype.itemsize
     if sum(len(s) for s in streams) >= dense_bytes:
         dense = (new[start:stop].tobytes(), b"", b"")
-        return _Chunk(mode=MODE_DENSE, k=0, num_changed=count, streams=dense, changed=m)
-    return _Chunk(mode=MODE_SPARSE, k=k, num_changed=m, streams=streams, changed=m)
+        return _Chunk(
+            mode=MODE_DENSE, k=0, num_changed=count, streams=dense, changed=m, lanes=lanes
+        )
+    return _Chunk(mode=MODE_SPARSE, k=k, num_changed=m, streams=streams, changed=m, lanes=lanes)
 
 
 _THREAD = threading.local()
@@ -174,14 +179,19 @@ class WsDelta1Codec(Codec):
     description = "sparse gap-coded positions + ulp-step deltas of order-preserving keys, zstd"
 
     def encode(self, old: torch.Tensor, new: torch.Tensor) -> bytes:
-        return self.encode_counted(old, new)[0]
-
-    def encode_counted(self, old: torch.Tensor, new: torch.Tensor) -> tuple[bytes, int]:
-        """The payload and the sum of its chunks' change counts (found while encoding)."""
         old, new = check_pair(old, new)
+        return self._encode(old, new, summed=False).payload
+
+    def encode_for_manifest(self, old: torch.Tensor, new: torch.Tensor) -> Encoded:
+        """The payload, its chunks' change counts, and the change sum added up from the
+        changes each chunk found (~4 hashes a change; none for an unchanged element)."""
+        old, new = check_pair(old, new)
+        return self._encode(old, new, summed=change_sum.fits(old.numel()))
+
+    def _encode(self, old: torch.Tensor, new: torch.Tensor, *, summed: bool) -> Encoded:
         old_bits, new_bits = bits(old), bits(new)
         bounds = _chunk_bounds(old_bits.size)
-        chunks = _map(lambda s, e: _encode_chunk(old_bits, new_bits, s, e), bounds)
+        chunks = _map(lambda s, e: _encode_chunk(old_bits, new_bits, s, e, summed), bounds)
         parts: list[bytes | memoryview] = [
             pack_header(MAGIC, new),
             _COUNT.pack(CHUNK_ELEMENTS, len(chunks)),
@@ -189,7 +199,12 @@ class WsDelta1Codec(Codec):
         parts.extend(c.row() for c in chunks)
         for c in chunks:
             parts.extend(c.streams)
-        return seal(parts), sum(c.changed for c in chunks)
+        total = change_sum.ChangeSum()
+        for c in chunks:
+            total.add(c.lanes)
+        return Encoded(
+            seal(parts), sum(c.changed for c in chunks), total.hexdigest() if summed else None
+        )
 
     def decode_patch(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:
         return self._decode(payload, old, dense_when_smaller=False)

@@ -12,8 +12,10 @@ Everything that can fail runs before the swap lock: `fetching` reads every
 weight file and checks its checksum; `decoding` checks and parses every other
 file the snapshot uses (config, tokenizer, chat template, index) and turns the
 payloads into patches against the live weights (read only); `verifying`
-rebuilds each patched tensor chunk by chunk and checks the manifest's tensor
-checksum, so a corrupt snapshot never touches the live weights. `swapping`
+checks each patch against the manifest — from its changed elements when the
+manifest carries change sums (FORMAT.md §4.2), else by rebuilding the patched
+tensor chunk by chunk against its full checksum — so a corrupt snapshot never
+touches the live weights. `swapping`
 holds the swap lock's exclusive side (the serving pause: apply in place +
 prompt-cache reset), and the new identity, config and tokenizer become current
 inside it, so every answer is labelled with the weights it was computed on.

@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from weightsync.codec import canonical_checksum_name, get_codec, patch_kernels
+from weightsync.codec import canonical_checksum_name, change_sum, get_codec, patch_kernels
 from weightsync.errors import DeploymentError, InvalidInputError, SwapInProgressError
 from weightsync.identity import validate_identity
 from weightsync.server.admission import check_admissible
@@ -113,8 +113,10 @@ class Replica:
         started = time.perf_counter()
         # Freed tensor-sized buffers leave the RSS (server/allocator.py), from the base on.
         return_large_buffers_to_the_os()
-        # Compile the in-place patch kernels now, not inside the first delta's pause.
+        # Compile the in-place patch and change-sum kernels now, not inside the first
+        # delta's pause or verify.
         patch_kernels.warm_up()
+        change_sum.warm_up()
         tokenizer_root = Path(self.config.state_dir) / TOKENIZERS_DIR
         weights: ModelWeights
         if last is not None:

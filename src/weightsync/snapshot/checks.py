@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightsync.codec import Patch, checksum_bytes, checksum_tensor
+from weightsync.codec import Patch, change_sum, checksum_bytes, checksum_tensor
 from weightsync.codec.bits import bits, dtype_name
 from weightsync.codec.checksums import checksum_hasher
 from weightsync.codec.patch_kernels import scatter_sorted
@@ -101,10 +101,14 @@ def verify_patched_tensor(
 ) -> None:
     """Check `tensor` with `patch` applied against the manifest, leaving `tensor` untouched.
 
-    The patched bits are rebuilt and hashed one chunk at a time, so a check costs one
-    chunk of memory instead of a scratch copy of the tensor (an embedding alone can be a
-    quarter of a model). A patch whose positions are unsorted, repeated or out of range
-    is corrupt: it is refused here, before it can reach the live weights.
+    `tensor` must hold the bits of the manifest's parent (a replica's live weights
+    passed their full checksums when they were loaded). When the manifest carries the
+    tensor's change sum (format version 3) and the patch is sparse, the check reads
+    the changed elements only (`codec/change_sum.py`); otherwise the patched bits are
+    rebuilt and hashed one chunk at a time, so a check costs one chunk of memory
+    instead of a scratch copy of the tensor (an embedding alone can be a quarter of a
+    model). A patch whose positions are unsorted, repeated or out of range is corrupt:
+    it is refused here, before it can reach the live weights.
     """
     entry = manifest.tensors.get(name)
     where = f"snapshot {manifest.identity!r}, tensor {name!r}"
@@ -112,6 +116,26 @@ def verify_patched_tensor(
         raise SnapshotCorruptError(f"{where} is not in the manifest")
     _check_spec(where, entry, tensor)
     flat = bits(tensor.detach().to("cpu").contiguous()).reshape(-1)
+    if patch.positions is not None and patch.positions.size != patch.values.size:
+        raise SnapshotCorruptError(f"{where}: the patch has {patch.positions.size} positions "
+                                   f"but {patch.values.size} values")  # fmt: skip
+    if (
+        patch.positions is not None
+        and entry.change_sum is not None
+        and change_sum.fits(flat.size)
+        and patch.values.dtype == flat.dtype
+    ):
+        actual = change_sum.patch_change_sum(flat, patch.positions, patch.values)
+        if actual is None:
+            raise SnapshotCorruptError(
+                f"{where}: the patch's positions are not sorted, unique and in range"
+            )
+        if actual != entry.change_sum:
+            raise ChecksumMismatchError(
+                f"{where} fails its change sum ({actual} != {entry.change_sum}): the patch "
+                "does not turn the parent's weights into what was saved"
+            )
+        return
     hasher = checksum_hasher(manifest.checksum_format)
     if patch.positions is None:
         if patch.values.size != flat.size or patch.values.dtype != flat.dtype:
@@ -119,9 +143,6 @@ def verify_patched_tensor(
         hasher.update(np.ascontiguousarray(patch.values).view(np.uint8).data)
     else:
         positions, values = patch.positions, patch.values
-        if positions.size != values.size:
-            raise SnapshotCorruptError(f"{where}: the patch has {positions.size} positions "
-                                       f"but {values.size} values")  # fmt: skip
         covered = 0
         # One scratch chunk for the whole tensor: a fresh chunk per copy is a fresh
         # mmap whose every page faults on first touch (measured: 3x the copy's time

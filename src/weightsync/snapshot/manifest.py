@@ -28,7 +28,15 @@ FORMAT_VERSION = 1
 #: The version of a manifest whose tensors are stored in pieces (FORMAT.md §9): a
 #: reader of version 1 would take a piece for the whole tensor, so it must refuse it.
 PIECES_FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = frozenset({FORMAT_VERSION, PIECES_FORMAT_VERSION})
+#: The version of a delta manifest whose tensors carry change sums (FORMAT.md §4.2): a
+#: reader of an older version would not know what it may skip because of them.
+CHANGE_SUMS_FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = frozenset(
+    {FORMAT_VERSION, PIECES_FORMAT_VERSION, CHANGE_SUMS_FORMAT_VERSION}
+)
+#: A change sum's spelling: two 64-bit lanes in hex.
+CHANGE_SUM_HEX_DIGITS = 32
+_LOWER_HEX = frozenset("0123456789abcdef")
 #: A manifest larger than this is refused unread: ~250 bytes per tensor fits 200 000
 #: tensors, far beyond any checkpoint, while a parse costs ~5x its size in memory.
 MAX_MANIFEST_BYTES = 64 * 1024**2
@@ -63,6 +71,8 @@ class TensorEntry:
 
     With `pieces` (FORMAT.md §9, format version 2) the tensor is stored as boxes
     that tile it exactly, each in its own file; `file` is then the first piece's.
+    With `change_sum` (FORMAT.md §4.2, format version 3) a replica holding the
+    parent checks the patch before the swap from the changed elements alone.
     """
 
     shape: tuple[int, ...]
@@ -71,6 +81,8 @@ class TensorEntry:
     checksum: str
     num_changed: int | None = None  # delta: elements whose bits differ from the parent
     pieces: tuple[Piece, ...] = ()
+    #: delta, format version 3: the change sum from the parent (`codec/change_sum.py`)
+    change_sum: str | None = None
 
     @property
     def num_elements(self) -> int:
@@ -174,7 +186,24 @@ def _tensor_doc(e: TensorEntry) -> dict[str, Any]:
         doc["pieces"] = [
             {"file": p.file, "offset": list(p.offset), "shape": list(p.shape)} for p in e.pieces
         ]
+    if e.change_sum is not None:
+        doc["change_sum"] = e.change_sum
     return doc
+
+
+def format_version_for(tensors: dict[str, TensorEntry]) -> int:
+    """The one format version a manifest of these tensors has (FORMAT.md §7).
+
+    Pieces are version 2, change sums version 3, neither version 1; a manifest with
+    both is not a format (no writer produces it): `ValueError`.
+    """
+    pieced = any(t.pieces for t in tensors.values())
+    summed = any(t.change_sum is not None for t in tensors.values())
+    if pieced and summed:
+        raise ValueError("tensors stored in pieces carry no change sums (FORMAT.md §4.2)")
+    if pieced:
+        return PIECES_FORMAT_VERSION
+    return CHANGE_SUMS_FORMAT_VERSION if summed else FORMAT_VERSION
 
 
 def _parse(doc: dict[str, Any], *, identity: str, where: str) -> Manifest:
@@ -233,11 +262,18 @@ def _parse(doc: dict[str, Any], *, identity: str, where: str) -> Manifest:
         name: _parse_tensor(entry, kind=kind, files=files, where=f"{where}, tensor {name!r}")
         for name, entry in _get_dict(doc, "tensors", where).items()
     }
-    pieced = any(t.pieces for t in tensors.values())
-    if pieced != (version == PIECES_FORMAT_VERSION):
+    try:
+        expected = format_version_for(tensors)
+    except ValueError as e:
+        raise SnapshotCorruptError(f"{where}: {e}") from e
+    if version != expected:
+        has = {
+            PIECES_FORMAT_VERSION: "stores tensors in pieces",
+            CHANGE_SUMS_FORMAT_VERSION: "has change sums",
+            FORMAT_VERSION: "has neither pieces nor change sums",
+        }[expected]
         raise SnapshotCorruptError(
-            f"{where} has format_version {version} but "
-            + ("stores tensors in pieces (that is version 2)" if pieced else "no pieces")
+            f"{where} has format_version {version} but {has} (that is version {expected})"
         )
     return Manifest(
         format_version=cast(int, version),
@@ -292,6 +328,7 @@ def _parse_tensor(
         checksum=_get(entry, "checksum", str, where),
         num_changed=_get_optional(entry, "num_changed", int, where),
         pieces=pieces,
+        change_sum=_parse_change_sum(entry, kind=kind, pieced=bool(pieces), where=where),
     )
     if tensor.num_changed is not None and not 0 <= tensor.num_changed <= tensor.num_elements:
         raise SnapshotCorruptError(
@@ -299,6 +336,22 @@ def _parse_tensor(
             f"{tensor.num_elements} (the tensor's elements)"
         )
     return tensor
+
+
+def _parse_change_sum(entry: dict[str, Any], *, kind: str, pieced: bool, where: str) -> str | None:
+    value: str | None = _get_optional(entry, "change_sum", str, where)
+    if value is None:
+        return None
+    if kind != "delta" or pieced:
+        raise SnapshotCorruptError(
+            f"{where} has a change_sum, which only a delta's unpieced tensors carry"
+        )
+    if len(value) != CHANGE_SUM_HEX_DIGITS or not set(value) <= _LOWER_HEX:
+        raise SnapshotCorruptError(
+            f"{where}: field 'change_sum' must be {CHANGE_SUM_HEX_DIGITS} lowercase hex "
+            f"digits, got {value!r:.80}"
+        )
+    return value
 
 
 def _parse_pieces(

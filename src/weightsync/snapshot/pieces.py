@@ -57,7 +57,8 @@ def encode_delta_pieces(
     payloads: dict[str, bytes] = {}
     changed: dict[str, int] = {}
     for name in sorted(new):
-        payloads[name], changed[name] = codec.encode_counted(old[name], new[name])
+        encoded = codec.encode_for_manifest(old[name], new[name])
+        payloads[name], changed[name] = encoded.payload, encoded.num_changed
     if codec.shard_layout == "fireworks":
         checksums = {name: fireworks_checksum(bits(new[name])) for name in payloads}
         return encode_shard(payloads, checksums), changed

@@ -23,6 +23,7 @@ from weightsync.codec import (
     DEFAULT_CHECKSUM,
     DEFAULT_CODEC,
     canonical_checksum_name,
+    change_sum,
     checksum_bytes,
     checksum_tensor,
     get_codec,
@@ -57,12 +58,12 @@ from weightsync.snapshot.layout import (
     spec_doc,
 )
 from weightsync.snapshot.manifest import (
-    FORMAT_VERSION,
     MANIFEST_FILE,
     FileEntry,
     Manifest,
     SnapshotKind,
     TensorEntry,
+    format_version_for,
 )
 from weightsync.snapshot.safetensors_file import encode_safetensors, raw_tensor
 from weightsync.storage import Storage, open_storage
@@ -130,6 +131,7 @@ def write_delta(
     checksum_format: str = DEFAULT_CHECKSUM,
     session_id: str | None = None,
     created_at: str | None = None,
+    change_sums: bool = True,
 ) -> Manifest:
     """Write `new` as a delta against `old` (the weights `parent` stands for) and return it.
 
@@ -139,6 +141,10 @@ def write_delta(
     the shards are Fireworks delta shards (FORMAT.md §8.2: per-tensor adler32 in
     their metadata, decodable by fireworks-delta-compression); a read-only format
     (`arc_v3`) raises `UnsupportedOperationError` before anything is written.
+
+    A codec that adds up change sums while encoding (`wsdelta1`) writes them unless
+    `change_sums=False` or the checksum is cryptographic (FORMAT.md §4.2); the
+    manifest is then format version 3, which readers before it refuse.
     """
     store = open_storage(storage)
     validate_identity(identity)
@@ -168,9 +174,13 @@ def write_delta(
             out.put(name, data)
         payloads: dict[str, dict[str, bytes]] = {}
         changed: dict[str, int] = {}
+        sums: dict[str, str | None] = {}
+        with_sums = change_sums and change_sum.carried_with(out.checksum_format)
         for name in sorted(new_t):
-            payload, changed[name] = codec.encode_counted(old_t[name], new_t[name])
-            payloads.setdefault(parent.tensors[name].file, {})[name] = payload
+            encoded = codec.encode_for_manifest(old_t[name], new_t[name])
+            changed[name] = encoded.num_changed
+            sums[name] = encoded.change_sum if with_sums else None
+            payloads.setdefault(parent.tensors[name].file, {})[name] = encoded.payload
         for file in sorted(payloads):
             if codec.shard_layout == "fireworks":
                 # fireworks-delta-compression's layout: it decodes these shards in place.
@@ -186,6 +196,7 @@ def write_delta(
                 file=parent.tensors[name].file,
                 checksum=checksum_tensor(out.checksum_format, t),
                 num_changed=changed[name],
+                change_sum=sums[name],
             )
             for name, t in new_t.items()
         }
@@ -294,7 +305,7 @@ class _DirWriter:
         stats: dict[str, Any],
     ) -> Manifest:
         manifest = Manifest(
-            format_version=FORMAT_VERSION,
+            format_version=format_version_for(tensors),
             identity=self.prefix,
             kind=kind,
             parent=parent,

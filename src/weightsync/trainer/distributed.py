@@ -67,12 +67,11 @@ from weightsync.snapshot.layout import (
     spec_doc,
 )
 from weightsync.snapshot.manifest import (
-    FORMAT_VERSION,
     MANIFEST_FILE,
-    PIECES_FORMAT_VERSION,
     FileEntry,
     Piece,
     TensorEntry,
+    format_version_for,
 )
 from weightsync.snapshot.pieces import encode_base_pieces, encode_delta_pieces, piece_file
 from weightsync.snapshot.writer import (
@@ -699,9 +698,8 @@ class _Publisher:
         }
         if self.kind == "delta":
             stats["num_changed_tensors"] = sum(1 for n in changed.values() if n)
-        pieced = any(e.pieces for e in tensors.values())
         manifest = Manifest(
-            format_version=PIECES_FORMAT_VERSION if pieced else FORMAT_VERSION,
+            format_version=format_version_for(tensors),
             identity=self.identity,
             kind="delta" if self.kind == "delta" else "base",
             parent=None if self.parent is None else self.parent.identity,
