@@ -25,7 +25,11 @@ Positions must fit 32 bits: a tensor of 2**32 elements or more has no change sum
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -33,12 +37,16 @@ from numba import njit
 #: The two lanes' keys (fixed: part of the format).
 KEY_1 = 0x9E3779B97F4A7C15
 KEY_2 = 0xD6E8FEB86659FD93
+# As numpy scalars: a Python int above 2**63 costs numba ~50 us to type at every call.
+_K1, _K2 = np.uint64(KEY_1), np.uint64(KEY_2)
 #: Tensors with this many elements or more have no change sum (positions are 32-bit).
 MAX_ELEMENTS = 1 << 32
 #: Checksum formats whose snapshots carry no change sums (chosen against adversaries).
 CRYPTOGRAPHIC_CHECKSUMS = frozenset({"blake3"})
 #: Patch elements summed per kernel call (the lanes are carried between calls in Python).
 _SLICE = 1 << 20
+#: Threads summing the slices of one large patch.
+_THREADS = max(1, min(2, os.cpu_count() or 1))
 _MASK = (1 << 64) - 1
 
 
@@ -54,7 +62,7 @@ def _fmix(x: np.uint64) -> np.uint64:
 
 @njit(nogil=True, cache=True)  # type: ignore[untyped-decorator]
 def _chunk_sum(  # noqa: PLR0917  (a numba kernel: positional only)
-    old: np.ndarray, new: np.ndarray, start: int, rel: np.ndarray, m: int, k1: int, k2: int
+    old: np.ndarray, new: np.ndarray, start: int, rel: np.ndarray, m: int, k1: Any, k2: Any
 ) -> tuple[np.uint64, np.uint64]:
     """Both lanes' change over the `m` positions `start + rel[j]` (old and new differ there)."""
     key1 = np.uint64(k1)
@@ -73,7 +81,7 @@ def _chunk_sum(  # noqa: PLR0917  (a numba kernel: positional only)
 
 @njit(nogil=True, cache=True)  # type: ignore[untyped-decorator]
 def _patch_sum(  # noqa: PLR0917  (a numba kernel: positional only)
-    live: np.ndarray, positions: np.ndarray, values: np.ndarray, lo: int, hi: int, k1: int, k2: int
+    live: np.ndarray, positions: np.ndarray, values: np.ndarray, lo: int, hi: int, k1: Any, k2: Any
 ) -> tuple[bool, np.uint64, np.uint64]:
     """Both lanes' change of writing `values[lo:hi]` at `positions[lo:hi]` of `live`.
 
@@ -133,7 +141,7 @@ def chunk_change(
 
     For an encoder that has just found where `old` and `new` differ in a chunk.
     """
-    s1, s2 = _chunk_sum(old, new, start, rel, m, KEY_1, KEY_2)
+    s1, s2 = _chunk_sum(old, new, start, rel, m, _K1, _K2)
     return int(s1), int(s2)
 
 
@@ -142,18 +150,35 @@ def patch_change_sum(live: np.ndarray, positions: np.ndarray, values: np.ndarray
 
     None when the positions are not strictly increasing inside `live` (such a patch
     cannot be checked this way; the caller refuses or verifies it whole). `live` is
-    only read. One thread, GIL released: a replica checks several tensors at once.
+    only read. A patch of more than `_SLICE` changes is summed in slices over
+    `_THREADS` threads (the kernel releases the GIL): a replica checks several
+    tensors at once, but an embedding's patch alone can outlast all the others.
     """
     positions = positions.astype(np.int64, copy=False)
+    bounds = [(lo, min(lo + _SLICE, positions.size)) for lo in range(0, positions.size, _SLICE)]
+
+    def part(bound: tuple[int, int]) -> tuple[bool, np.uint64, np.uint64]:
+        return _patch_sum(live, positions, values, bound[0], bound[1], _K1, _K2)  # type: ignore[no-any-return]
+
+    parts = map(part, bounds) if len(bounds) <= 1 else _pool().map(part, bounds)
     total = ChangeSum()
-    for lo in range(0, positions.size, _SLICE):
-        ok, s1, s2 = _patch_sum(
-            live, positions, values, lo, min(lo + _SLICE, positions.size), KEY_1, KEY_2
-        )
+    for ok, s1, s2 in parts:
         if not ok:
             return None
         total.add((s1, s2))
     return total.hexdigest()
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL  # noqa: PLW0603  (one process-wide pool, created on first use)
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(_THREADS, thread_name_prefix="change-sum")
+        return _POOL
 
 
 def tensor_change_sum(old: np.ndarray, new: np.ndarray) -> str:
