@@ -67,7 +67,9 @@ class _ArcXor(Codec):
         old, new = check_pair(old, new)
         return self._compress(xor_bytes(old, new))
 
-    def encode_for_manifest(self, old: torch.Tensor, new: torch.Tensor) -> Encoded:
+    def encode_for_manifest(
+        self, old: torch.Tensor, new: torch.Tensor, *, with_change_sum: bool = True
+    ) -> Encoded:
         """The payload, and the nonzero elements of the XOR it compresses (one pass less)."""
         old, new = check_pair(old, new)
         xor = xor_bytes(old, new)

@@ -144,12 +144,14 @@ class Codec(ABC):
     def encode(self, old: torch.Tensor, new: torch.Tensor) -> bytes:
         """Encode `new` against `old` (same shape and dtype, contiguous, CPU)."""
 
-    def encode_for_manifest(self, old: torch.Tensor, new: torch.Tensor) -> Encoded:
+    def encode_for_manifest(
+        self, old: torch.Tensor, new: torch.Tensor, *, with_change_sum: bool = True
+    ) -> Encoded:
         """`encode`, with what the manifest says of the tensor beside its payload.
 
         Codecs that find the changes while encoding override this to return their
-        count instead of a second pass over both tensors, and the change sum
-        (`codec/change_sum.py`) when they can add it up from those changes.
+        count instead of a second pass over both tensors, and, when `with_change_sum`,
+        the change sum (`codec/change_sum.py`) if they can add it up from those changes.
         """
         return Encoded(self.encode(old, new), count_changed(old, new))
 

@@ -182,11 +182,13 @@ class WsDelta1Codec(Codec):
         old, new = check_pair(old, new)
         return self._encode(old, new, summed=False).payload
 
-    def encode_for_manifest(self, old: torch.Tensor, new: torch.Tensor) -> Encoded:
+    def encode_for_manifest(
+        self, old: torch.Tensor, new: torch.Tensor, *, with_change_sum: bool = True
+    ) -> Encoded:
         """The payload, its chunks' change counts, and the change sum added up from the
         changes each chunk found (~4 hashes a change; none for an unchanged element)."""
         old, new = check_pair(old, new)
-        return self._encode(old, new, summed=change_sum.fits(old.numel()))
+        return self._encode(old, new, summed=with_change_sum and change_sum.fits(old.numel()))
 
     def _encode(self, old: torch.Tensor, new: torch.Tensor, *, summed: bool) -> Encoded:
         old_bits, new_bits = bits(old), bits(new)

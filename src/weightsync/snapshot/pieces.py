@@ -57,7 +57,8 @@ def encode_delta_pieces(
     payloads: dict[str, bytes] = {}
     changed: dict[str, int] = {}
     for name in sorted(new):
-        encoded = codec.encode_for_manifest(old[name], new[name])
+        # Pieces carry no change sums (FORMAT.md §4.2): none is added up.
+        encoded = codec.encode_for_manifest(old[name], new[name], with_change_sum=False)
         payloads[name], changed[name] = encoded.payload, encoded.num_changed
     if codec.shard_layout == "fireworks":
         checksums = {name: fireworks_checksum(bits(new[name])) for name in payloads}

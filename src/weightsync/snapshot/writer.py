@@ -177,9 +177,9 @@ def write_delta(
         sums: dict[str, str | None] = {}
         with_sums = change_sums and change_sum.carried_with(out.checksum_format)
         for name in sorted(new_t):
-            encoded = codec.encode_for_manifest(old_t[name], new_t[name])
+            encoded = codec.encode_for_manifest(old_t[name], new_t[name], with_change_sum=with_sums)
             changed[name] = encoded.num_changed
-            sums[name] = encoded.change_sum if with_sums else None
+            sums[name] = encoded.change_sum
             payloads.setdefault(parent.tensors[name].file, {})[name] = encoded.payload
         for file in sorted(payloads):
             if codec.shard_layout == "fireworks":
