@@ -37,7 +37,7 @@ from numba import njit
 #: The two lanes' keys (fixed: part of the format).
 KEY_1 = 0x9E3779B97F4A7C15
 KEY_2 = 0xD6E8FEB86659FD93
-# As numpy scalars: a Python int above 2**63 costs numba ~50 us to type at every call.
+# Numpy scalars, which the kernels compile in as constants.
 _K1, _K2 = np.uint64(KEY_1), np.uint64(KEY_2)
 #: Tensors with this many elements or more have no change sum (positions are 32-bit).
 MAX_ELEMENTS = 1 << 32
@@ -60,36 +60,39 @@ def _fmix(x: np.uint64) -> np.uint64:
     return x
 
 
+@njit(inline="always", cache=True)  # type: ignore[untyped-decorator]
+def _change(p: Any, old_bits: Any, new_bits: Any) -> tuple[np.uint64, np.uint64]:
+    """Both lanes' change when position `p` goes from `old_bits` to `new_bits`."""
+    at = np.uint64(p) << np.uint64(32)
+    a = at | np.uint64(old_bits)
+    b = at | np.uint64(new_bits)
+    return _fmix(b ^ _K1) - _fmix(a ^ _K1), _fmix(b ^ _K2) - _fmix(a ^ _K2)
+
+
 @njit(nogil=True, cache=True)  # type: ignore[untyped-decorator]
-def _chunk_sum(  # noqa: PLR0917  (a numba kernel: positional only)
-    old: np.ndarray, new: np.ndarray, start: int, rel: np.ndarray, m: int, k1: Any, k2: Any
+def _chunk_sum(
+    old: np.ndarray, new: np.ndarray, start: int, rel: np.ndarray, m: int
 ) -> tuple[np.uint64, np.uint64]:
     """Both lanes' change over the `m` positions `start + rel[j]` (old and new differ there)."""
-    key1 = np.uint64(k1)
-    key2 = np.uint64(k2)
     s1 = np.uint64(0)
     s2 = np.uint64(0)
     for j in range(m):
         p = start + np.int64(rel[j])
-        at = np.uint64(p) << np.uint64(32)
-        a = at | np.uint64(old[p])
-        b = at | np.uint64(new[p])
-        s1 += _fmix(b ^ key1) - _fmix(a ^ key1)
-        s2 += _fmix(b ^ key2) - _fmix(a ^ key2)
+        d1, d2 = _change(p, old[p], new[p])
+        s1 += d1
+        s2 += d2
     return s1, s2
 
 
 @njit(nogil=True, cache=True)  # type: ignore[untyped-decorator]
-def _patch_sum(  # noqa: PLR0917  (a numba kernel: positional only)
-    live: np.ndarray, positions: np.ndarray, values: np.ndarray, lo: int, hi: int, k1: Any, k2: Any
+def _patch_sum(
+    live: np.ndarray, positions: np.ndarray, values: np.ndarray, lo: int, hi: int
 ) -> tuple[bool, np.uint64, np.uint64]:
     """Both lanes' change of writing `values[lo:hi]` at `positions[lo:hi]` of `live`.
 
     False (stopped) at the first position not above the one before it (from `lo - 1`)
     or outside `live`: a patch with a repeated position would not sum to what it writes.
     """
-    key1 = np.uint64(k1)
-    key2 = np.uint64(k2)
     s1 = np.uint64(0)
     s2 = np.uint64(0)
     prev = positions[lo - 1] if lo > 0 else np.int64(-1)
@@ -99,11 +102,9 @@ def _patch_sum(  # noqa: PLR0917  (a numba kernel: positional only)
         if p <= prev or p >= size:
             return False, s1, s2
         prev = p
-        at = np.uint64(p) << np.uint64(32)
-        a = at | np.uint64(live[p])
-        b = at | np.uint64(values[i])
-        s1 += _fmix(b ^ key1) - _fmix(a ^ key1)
-        s2 += _fmix(b ^ key2) - _fmix(a ^ key2)
+        d1, d2 = _change(p, live[p], values[i])
+        s1 += d1
+        s2 += d2
     return True, s1, s2
 
 
@@ -141,7 +142,7 @@ def chunk_change(
 
     For an encoder that has just found where `old` and `new` differ in a chunk.
     """
-    s1, s2 = _chunk_sum(old, new, start, rel, m, _K1, _K2)
+    s1, s2 = _chunk_sum(old, new, start, rel, m)
     return int(s1), int(s2)
 
 
@@ -158,7 +159,7 @@ def patch_change_sum(live: np.ndarray, positions: np.ndarray, values: np.ndarray
     bounds = [(lo, min(lo + _SLICE, positions.size)) for lo in range(0, positions.size, _SLICE)]
 
     def part(bound: tuple[int, int]) -> tuple[bool, np.uint64, np.uint64]:
-        return _patch_sum(live, positions, values, bound[0], bound[1], _K1, _K2)  # type: ignore[no-any-return]
+        return _patch_sum(live, positions, values, bound[0], bound[1])  # type: ignore[no-any-return]
 
     parts = map(part, bounds) if len(bounds) <= 1 else _pool().map(part, bounds)
     total = ChangeSum()
