@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +62,12 @@ def main() -> None:
         help="run vLLM's reload_weights of each step before weightsync's hot-load of it "
         "(default: after), to see what running second on the same server gains",
     )  # fmt: skip
+    parser.add_argument(
+        "--settle-s", type=float, default=0.0,
+        help="sleep this long before each of the two paths' loads, so that both reload "
+        "into memory that has been free as long (on a VM that hands free guest pages back to "
+        "its host, the first touch of such pages costs ~10x; docs/vllm.md)",
+    )  # fmt: skip
     args = parser.parse_args()
     overrides = {k: int(v) for k, _, v in (o.partition("=") for o in args.override)}
 
@@ -101,11 +108,13 @@ def main() -> None:
             client.optimizer.step()
             vllm_first = None
             if args.vllm_first and step > 0:  # the base starts weightsync's chain
+                time.sleep(args.settle_s)
                 [before] = mgr.hotload_check_status("vllm-bench")["replicas"]
                 vllm_first = reload_full_directory(
                     before["inference_url"], client.exported_weights(), base_dir,
                     root / f"full-{step}",
                 )  # fmt: skip
+            time.sleep(args.settle_s)
             identity = syncer.save_and_hotload(f"step-{step:05d}")
             if identity is None:
                 raise SystemExit(
@@ -129,11 +138,14 @@ def main() -> None:
                     root / "registry" / "vllm-bench" / "serve.log", identity
                 ),
             }
+            if vllm_first is None:
+                time.sleep(args.settle_s)
             row["vllm_reload_weights"] = vllm_first or reload_full_directory(
                 replica["inference_url"], client.exported_weights(), base_dir,
                 root / f"full-{step}",
             )  # fmt: skip
             row["vllm_reload_first"] = vllm_first is not None
+            row["settle_s"] = args.settle_s
             rows.append(row)
             base = row["vllm_reload_weights"]
             print(
@@ -145,6 +157,7 @@ def main() -> None:
     finally:
         mgr.delete("vllm-bench")
         mgr.close()
+        shutil.rmtree(root, ignore_errors=True)  # every step's full directory: GBs
     result = {
         "model_size": args.size,
         "overrides": overrides,

@@ -22,6 +22,7 @@ kernels against fp32: < 0.01) is what vLLM serves.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,7 @@ def main() -> None:
     finally:
         mgr.delete("tied")
         mgr.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def report(
