@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +85,7 @@ def _nbytes(data: bytes | memoryview) -> int:
     return data.nbytes if isinstance(data, (np.ndarray, memoryview)) else len(data)
 
 
-def read_header(data: bytes, where: str) -> tuple[dict[str, Any], int]:
+def read_header(data: bytes | mmap.mmap, where: str) -> tuple[dict[str, Any], int]:
     """The parsed header of a safetensors file and the offset where its data starts."""
     if len(data) < _HEADER_LEN_BYTES:
         raise SnapshotCorruptError(f"{where} is too short to be a safetensors file")
@@ -105,7 +106,8 @@ def read_header(data: bytes, where: str) -> tuple[dict[str, Any], int]:
 class TensorView:
     """One tensor of a safetensors file as it lies there: dtype, shape and its bytes.
 
-    `data` is a view of the file's bytes (no copy): read only when they are `bytes`.
+    `data` is a view of the file's bytes (no copy): read only when they are `bytes`
+    (or a read-only map of the file).
     """
 
     dtype: str
@@ -113,7 +115,7 @@ class TensorView:
     data: memoryview
 
 
-def tensor_views(data: bytes, where: str) -> dict[str, TensorView]:
+def tensor_views(data: bytes | mmap.mmap, where: str) -> dict[str, TensorView]:
     """Every tensor of a safetensors file as a view of `data`, its entry and bounds checked.
 
     Each entry must have a string dtype, a shape of non-negative integers and data

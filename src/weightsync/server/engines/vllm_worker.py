@@ -12,14 +12,21 @@ rest of weightsync), so vLLM is only imported inside the methods.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import mmap
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
+
+from weightsync.codec.bits import SUPPORTED_DTYPES
+from weightsync.snapshot.safetensors_file import TensorView, tensor_views
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +74,18 @@ class WeightsyncWorkerExtension:
         re-processing the modules that share a reloaded weight) and `tensors`, the count.
 
         vLLM's `/collective_rpc` route passes strings only, so the sidecar writes the
-        tensors to a file beside the server and names it; the file is read here once.
+        tensors to a file beside the server and names it. The tensors handed to vLLM are
+        views of the file's pages, mapped copy-on-write: nothing is allocated or copied
+        for them (reading the whole file into fresh tensors first cost 512 MB of newly
+        faulted, zeroed memory inside vLLM's pause and made the reload ~3x slower than
+        vLLM's own; docs/vllm.md). vLLM's weight loaders copy them into its parameters;
+        a parameter or buffer left pointing into the file is given its own copy before
+        the file is let go.
         """
-        from safetensors.torch import load_file
-
-        count = self.weightsync_reload(list(load_file(path).items()))
+        with _mapped_safetensors(path) as (weights, region):
+            count = self.weightsync_reload(weights)
+            weights.clear()
+            _own_storage(self.model_runner.get_model(), region)
         return {"tensors": float(count), **self.weightsync_last_reload}
 
     def weightsync_checksums(self, names: str | list[str], checksum_format: str) -> dict[str, str]:
@@ -153,6 +167,58 @@ def _reprocess_tied_modules(model: torch.nn.Module, loaded_names: set[str]) -> N
         ):
             logger.debug("re-processing %s (shares a reloaded weight)", module_name)
             quant_method.process_weights_after_loading(module)
+
+
+@contextlib.contextmanager
+def _mapped_safetensors(
+    path: str,
+) -> Iterator[tuple[list[tuple[str, torch.Tensor]], tuple[int, int]]]:
+    """The tensors of a safetensors file as views of its pages (mapped copy-on-write, so
+    a write to one would not reach the file), and the mapping's address range."""
+    with Path(path).open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        pages = np.frombuffer(mapped, dtype=np.uint8)
+        region = (int(pages.ctypes.data), int(pages.ctypes.data) + pages.size)
+        del pages
+        weights = [(name, _tensor_view(view)) for name, view in tensor_views(mapped, path).items()]
+        yield weights, region
+    finally:
+        weights = []
+        try:
+            mapped.close()
+        except BufferError:  # something vLLM keeps still views the pages: unmapped when freed
+            logger.debug("%s: still viewed after the reload; unmapped when released", path)
+
+
+def _tensor_view(view: TensorView) -> torch.Tensor:
+    dtype = SUPPORTED_DTYPES[view.dtype]
+    if not view.data.nbytes:
+        return torch.empty(view.shape, dtype=dtype)
+    return torch.frombuffer(view.data, dtype=dtype).view(view.shape)
+
+
+def _own_storage(model: torch.nn.Module, region: tuple[int, int]) -> int:
+    """Give every parameter and buffer of `model` whose storage lies in `region` (the
+    mapped push file) a copy of its own; return how many needed one."""
+    low, high = region
+
+    def viewing(tensor: torch.Tensor | None) -> bool:
+        return tensor is not None and low <= tensor.untyped_storage().data_ptr() < high
+
+    moved = 0
+    for module_name, module in model.named_modules():
+        for name, param in module._parameters.items():
+            if param is not None and viewing(param):
+                logger.warning("vLLM kept %s.%s viewing the push file", module_name, name)
+                param.data = param.data.clone()
+                moved += 1
+        for name, buffer in module._buffers.items():
+            if buffer is not None and viewing(buffer):
+                logger.warning("vLLM kept %s.%s viewing the push file", module_name, name)
+                module._buffers[name] = buffer.clone()
+                moved += 1
+    return moved
 
 
 def _as_pairs(payload: WeightsPayload) -> list[tuple[str, torch.Tensor]]:
