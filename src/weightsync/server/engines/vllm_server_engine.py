@@ -178,6 +178,13 @@ class VllmServerEngine(Engine):
         self.request_timeout_s = request_timeout_s
         self.work_root = Path(work_dir) if work_dir is not None else None
         self.serve_args = list(serve_args)
+        if (count := api_server_count(self.serve_args)) != 1:
+            raise InvalidInputError(
+                f"vLLM serve flag --api-server-count {count}: weightsync labels each answer "
+                "with its snapshot in vLLM's API process, and the label can only be set in one "
+                "(several would answer under stale labels across a swap); keep one API server "
+                "(docs/vllm.md, 'Which snapshot answered')"
+            )
         self.python = python or sys.executable
         self._server: _Server | None = None
         # One swap or push at a time (the replica's swap lock already orders them).
@@ -649,6 +656,28 @@ class VllmServerEngine(Engine):
 
 
 # --- helpers ------------------------------------------------------------------------
+
+
+#: How `vllm serve` spells the API-server count (`--api-server-count=N` works too).
+_API_SERVER_COUNT_FLAGS = ("--api-server-count", "-asc")
+
+
+def api_server_count(serve_args: Sequence[str]) -> int:
+    """The API-server count these `vllm serve` flags ask for (1 when they do not say)."""
+    count = 1
+    for i, arg in enumerate(serve_args):
+        flag, eq, value = arg.partition("=")
+        if flag not in _API_SERVER_COUNT_FLAGS:
+            continue
+        if not eq:
+            value = serve_args[i + 1] if i + 1 < len(serve_args) else ""
+        try:
+            count = int(value)
+        except ValueError:
+            raise InvalidInputError(
+                f"vLLM serve flag {flag} needs a whole number, got {value!r}"
+            ) from None
+    return count
 
 
 def _check_known(server: _Server, patches: Mapping[str, Patch]) -> None:
