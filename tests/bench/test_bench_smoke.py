@@ -121,7 +121,13 @@ def test_targets_judged(smoke_run: tuple[dict, str, bytes]) -> None:
     report, _, _ = smoke_run
     targets = {t["name"]: t for t in report["targets"]}
     assert sorted(targets) == sorted(
-        ["size vs bound", "encode/decode speed", "end-to-end speedup", "serving pause"]
+        [
+            "size vs bound",
+            "encode/decode speed",
+            "end-to-end speedup",
+            "save vs torch.save",
+            "serving pause",
+        ]
     )
     for t in targets.values():
         assert t["status"] in ("met", "missed", "not-measured")
@@ -131,3 +137,24 @@ def test_targets_judged(smoke_run: tuple[dict, str, bytes]) -> None:
     bound = targets["size vs bound"]
     worst = max(r["over_bound"] for r in report["codecs"] if r["codec"] == DEFAULT_CODEC)
     assert bound["status"] == ("met" if worst <= 1.05 else "missed")
+    # Speed: 1/2 of memcpy up to 3 % changed, 1/4 above, for encode and decode alike.
+    memcpy = report["memcpy_gbps"]
+    short = [
+        r
+        for r in report["codecs"]
+        if r["codec"] == DEFAULT_CODEC
+        and min(r["encode_gbps"], r["decode_gbps"])
+        < (0.5 if r["changed_fraction"] <= 0.03 else 0.25) * memcpy
+    ]
+    assert targets["encode/decode speed"]["status"] == ("missed" if short else "met")
+    rows = {r["method"]: r for r in report["end_to_end"]}
+    default, full = rows[DEFAULT_CODEC], rows["full-reload"]
+    assert targets["serving pause"]["status"] == (
+        "met" if default["pause_fraction"] <= 0.02 else "missed"
+    )
+    # The save targets' baseline ran beside each method: torch.save of its bf16 weights.
+    assert default["torch_save_s"] > 0 and full["torch_save_s"] > 0 and full["torch_fsync_s"] >= 0
+    met = default["median_save_s"] <= default["torch_save_s"] and full["median_save_s"] <= 1.2 * (
+        full["torch_save_s"] + full["torch_fsync_s"]
+    )
+    assert targets["save vs torch.save"]["status"] == ("met" if met else "missed")

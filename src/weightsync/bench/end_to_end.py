@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import shutil
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +36,8 @@ from weightsync.syncer.timing import SyncTiming
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+#: torch.save runs of each method's weights after its syncs (the save targets' baseline).
+BASELINE_REPEATS = 3
 
 
 def timing_row(name: str, checkpoint_type: str, timing: SyncTiming | None) -> SyncRow:
@@ -141,6 +146,11 @@ def run_method(
                 say(f"{method.name}: sync {step}/{num_syncs}")
                 last_name = syncer.save_and_hotload(name, checkpoint_type=method.checkpoint_type)
                 timings.append(timing_row(name, method.checkpoint_type, syncer.last_timing))
+        say(f"{method.name}: torch.save of the same bf16 weights (the save targets' baseline)")
+        baseline = [
+            torch_save_s(client.exported_weights(), root / "torch-save.pt")
+            for _ in range(min(num_syncs, BASELINE_REPEATS))
+        ]
         if last_name is None:
             raise SnapshotCorruptError(f"{method.name}: save_and_hotload returned no snapshot")
         say(f"{method.name}: verifying {last_name} bit for bit")
@@ -169,4 +179,21 @@ def run_method(
         trainer_added_rss_bytes=rss.trainer_added_bytes,
         replica_peak_rss_bytes=rss.replica_peak_bytes,
         lossless=lossless,
+        torch_save_s=statistics.median(b[0] for b in baseline) if baseline else 0.0,
+        torch_fsync_s=statistics.median(b[1] for b in baseline) if baseline else 0.0,
     )
+
+
+def torch_save_s(weights: dict[str, torch.Tensor], path: Path) -> tuple[float, float]:
+    """Seconds `torch.save` takes to write `weights` to `path`, then to fsync the file
+    (it is removed after)."""
+    try:
+        started = time.perf_counter()
+        with path.open("wb") as f:
+            torch.save(weights, f)
+            f.flush()
+            saved = time.perf_counter()
+            os.fsync(f.fileno())
+        return saved - started, time.perf_counter() - saved
+    finally:
+        path.unlink(missing_ok=True)

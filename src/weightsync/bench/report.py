@@ -93,6 +93,10 @@ class EndToEndRow:
     trainer_added_rss_bytes: int
     replica_peak_rss_bytes: int
     lossless: bool
+    #: `torch.save` of the same bf16 weights to the same disk after the syncs, and the
+    #: fsync after it (medians; seconds): the baseline of the save targets.
+    torch_save_s: float = 0.0
+    torch_fsync_s: float = 0.0
 
     def _median(self, attr: str) -> float:
         # The median: robust to one sync slowed by a neighbour on a shared machine.
