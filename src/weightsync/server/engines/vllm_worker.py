@@ -203,20 +203,20 @@ def _own_storage(model: torch.nn.Module, region: tuple[int, int]) -> int:
     mapped push file) a copy of its own; return how many needed one."""
     low, high = region
 
-    def viewing(tensor: torch.Tensor | None) -> bool:
-        return tensor is not None and low <= tensor.untyped_storage().data_ptr() < high
+    def viewing(tensor: torch.Tensor) -> bool:
+        return low <= tensor.untyped_storage().data_ptr() < high
 
     moved = 0
     for module_name, module in model.named_modules():
-        for name, param in module._parameters.items():
-            if param is not None and viewing(param):
+        for name, param in module.named_parameters(recurse=False):
+            if viewing(param):
                 logger.warning("vLLM kept %s.%s viewing the push file", module_name, name)
                 param.data = param.data.clone()
                 moved += 1
-        for name, buffer in module._buffers.items():
-            if buffer is not None and viewing(buffer):
+        for name, buffer in module.named_buffers(recurse=False):
+            if viewing(buffer):
                 logger.warning("vLLM kept %s.%s viewing the push file", module_name, name)
-                module._buffers[name] = buffer.clone()
+                setattr(module, name, buffer.clone())
                 moved += 1
     return moved
 
