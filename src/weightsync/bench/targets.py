@@ -12,7 +12,7 @@ a serving pause <= 2 % of the sync.
 from __future__ import annotations
 
 from weightsync.bench.methods import FULL_RELOAD
-from weightsync.bench.report import BenchReport, CodecRow, EndToEndRow, TargetRow
+from weightsync.bench.report import BenchReport, CodecRow, EndToEndRow, TargetRow, TargetStatus
 
 BOUND_TARGET = 1.05
 #: Encode and decode speed, as fractions of memcpy bandwidth: the sparse target holds
@@ -40,6 +40,13 @@ def evaluate_targets(report: BenchReport, *, default_codec: str) -> list[TargetR
     ]
 
 
+def _judged(name: str, target: str, measured: str, *, met: bool, limited_by: str) -> TargetRow:
+    status: TargetStatus = "met" if met else "missed"
+    return TargetRow(
+        name=name, target=target, measured=measured, status=status, limited_by=limited_by
+    )
+
+
 def _not_measured(name: str, target: str, why: str) -> TargetRow:
     return TargetRow(name=name, target=target, measured="-", status="not-measured", limited_by=why)
 
@@ -55,13 +62,7 @@ def _bound_target(rows: list[CodecRow], codec: str) -> TargetRow:
         limit = f"worst at lr {worst.lr:g} ({worst.changed_fraction:.2%} changed)"
     else:
         limit = f"lr {worst.lr:g} ({worst.changed_fraction:.2%} changed): " + _excess(worst)
-    return TargetRow(
-        name=name,
-        target=target,
-        measured=measured,
-        status="met" if met else "missed",
-        limited_by=limit,
-    )
+    return _judged(name, target, measured, met=met, limited_by=limit)
 
 
 def _excess(row: CodecRow) -> str:
@@ -113,13 +114,7 @@ def _throughput_target(rows: list[CodecRow], codec: str, memcpy_gbps: float) -> 
         "so every pass still touches the whole tensor's cache lines above ~2 % changed), on "
         "2 CPU cores shared with other work"
     )
-    return TargetRow(
-        name=name,
-        target=target,
-        measured=measured,
-        status="missed" if short else "met",
-        limited_by=limit,
-    )
+    return _judged(name, target, measured, met=not short, limited_by=limit)
 
 
 def _find(rows: list[EndToEndRow], method: str) -> EndToEndRow | None:
@@ -168,13 +163,7 @@ def _speedup_target(report: BenchReport, codec: str) -> TargetRow:
             limited_by=f"the target is stated for the {E2E_TARGET_SIZE} shape; {limit}",
         )
     met = without_warmup >= E2E_SPEEDUP_TARGET
-    return TargetRow(
-        name=name,
-        target=target,
-        measured=measured,
-        status="met" if met else "missed",
-        limited_by=limit,
-    )
+    return _judged(name, target, measured, met=met, limited_by=limit)
 
 
 def _save_target(rows: list[EndToEndRow], codec: str) -> TargetRow:
@@ -201,13 +190,7 @@ def _save_target(rows: list[EndToEndRow], codec: str) -> TargetRow:
         "copy of the last snapshot's bits and checksums every tensor; torch.save only writes "
         "bytes already in bf16"
     )
-    return TargetRow(
-        name=name,
-        target=target,
-        measured=measured,
-        status="met" if met else "missed",
-        limited_by=limit,
-    )
+    return _judged(name, target, measured, met=met, limited_by=limit)
 
 
 def _pause_target(rows: list[EndToEndRow], codec: str) -> TargetRow:
@@ -224,10 +207,4 @@ def _pause_target(rows: list[EndToEndRow], codec: str) -> TargetRow:
         "the pause covers only the in-place apply of the decoded patch and the prompt-cache "
         "reset; fetch, verify and decode overlap serving"
     )
-    return TargetRow(
-        name=name,
-        target=target,
-        measured=measured,
-        status="met" if met else "missed",
-        limited_by=limit,
-    )
+    return _judged(name, target, measured, met=met, limited_by=limit)
