@@ -275,15 +275,21 @@ class VllmServerEngine(Engine):
             self._wait_ready(server)
             # vLLM has read the file; the host copy is the source of every later push.
             (model_dir / "model.safetensors").unlink()
-            [info] = self._rpc(server, "weightsync_model_info")
+            infos = self._rpc(server, "weightsync_model_info")  # one per worker
         except BaseException:
             _stop(server)
             raise
+        info = infos[0]
         server.groups = layer_groups(list(host), info["packed_modules_mapping"])
-        server.readable = checkpoint_layout_names(host, info["parameters"])
+        # Under tensor parallelism a rank holds a slice of the sharded tensors: only the
+        # ones every rank holds whole (replicated) can be read back and compared.
+        server.readable = frozenset.intersection(
+            *(checkpoint_layout_names(host, i["parameters"]) for i in infos)
+        )
         logger.info(
-            "vLLM's server serves %s at %s (%d tensors, %d readable in checkpoint layout)",
-            info["model_class"], url, len(host), len(server.readable),
+            "vLLM's server serves %s at %s on %d worker(s) (%d tensors, %d readable in "
+            "checkpoint layout)", info["model_class"], url, len(infos), len(host),
+            len(server.readable),
         )  # fmt: skip
         return server
 
@@ -435,14 +441,16 @@ class VllmServerEngine(Engine):
         try:
             self._pause_if_swapping(server)
             pushing = time.perf_counter()
-            [reload] = self._rpc(server, "weightsync_reload_file", str(push.path))
+            reloads = self._rpc(server, "weightsync_reload_file", str(push.path))
         finally:
             push.path.unlink(missing_ok=True)
         pushed = time.perf_counter()
         readable = sorted(push.want)
         if readable:
-            [held] = self._rpc(
-                server, "weightsync_checksums", *[json.dumps(readable), READ_BACK_CHECKSUM]
+            held = _agreed(
+                self._rpc(
+                    server, "weightsync_checksums", *[json.dumps(readable), READ_BACK_CHECKSUM]
+                )
             )
             wrong = [n for n in readable if held.get(n) != push.want[n]]
             if wrong:
@@ -452,8 +460,8 @@ class VllmServerEngine(Engine):
                     "vLLM version"
                 )
         self.last_swap["push_s"] = pushed - pushing
-        for part in ("reload_weights_s", "tied_modules_s"):  # the worker's own timing
-            self.last_swap[part] = float(reload.get(part, 0.0))
+        for part in ("reload_weights_s", "tied_modules_s"):  # the slowest worker's own timing
+            self.last_swap[part] = max(float(r.get(part, 0.0)) for r in reloads)
         self.last_swap["read_back_s"] = time.perf_counter() - pushed
         logger.info("pushed %d tensors into vLLM in %.3fs", len(push.names), pushed - pushing)
 
@@ -561,8 +569,13 @@ class VllmServerEngine(Engine):
         """Checksums of what vLLM's worker holds in checkpoint layout, else of the host copy."""
         server = self._require_server()
         with self._lock:
-            [held] = self._rpc(
-                server, "weightsync_checksums", json.dumps(sorted(server.readable)), checksum_format
+            held = _agreed(
+                self._rpc(
+                    server,
+                    "weightsync_checksums",
+                    json.dumps(sorted(server.readable)),
+                    checksum_format,
+                )
             )
         return {
             name: held.get(name) or checksum_tensor(checksum_format, tensor)
@@ -656,6 +669,23 @@ class VllmServerEngine(Engine):
 
 
 # --- helpers ------------------------------------------------------------------------
+
+
+#: What `_agreed` answers for a tensor whose workers hold different bits (matches no
+#: checksum, so the comparison that asked fails).
+RANKS_DISAGREE = "workers disagree"
+
+
+def _agreed(per_worker: Sequence[Mapping[str, str]]) -> dict[str, str]:
+    """One checksum per tensor from every worker's answer: the workers' common value, or
+    `RANKS_DISAGREE` where they differ (a replicated tensor must be the same everywhere)."""
+    names: set[str] = set().union(*per_worker) if per_worker else set()
+    out: dict[str, str] = {}
+    for name in names:
+        values = {held.get(name) for held in per_worker}
+        agreed = values.pop() if len(values) == 1 else None
+        out[name] = agreed if agreed is not None else RANKS_DISAGREE
+    return out
 
 
 #: How `vllm serve` spells the API-server count (`--api-server-count=N` works too).
