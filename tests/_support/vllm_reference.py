@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
+from weightsync.server.engines import get_engine
 from weightsync.server.engines.base import GenerateResult
-from weightsync.toymodel import build_model
+from weightsync.server.engines.vllm_server_engine import VllmServerEngine
+from weightsync.toymodel import build_model, build_tokenizer, save_model_dir
 
 #: The toy size vLLM's CPU attention accepts (head size a multiple of 32).
 MODEL_SIZE = "small"
@@ -25,6 +31,41 @@ PROMPTS: list[list[int]] = [
     [40, 41, 42],
     [70, 3, 90, 17, 17, 60, 61, 62, 63, 64] * 4,
 ]
+
+
+#: A small model's base: its config, its bf16 tensors and its Hugging Face directory.
+Base = tuple[dict[str, Any], dict[str, torch.Tensor], Path]
+
+
+def small_base(root: Path) -> Base:
+    """The toy `small` model (seed 0) written under `root`, with a tokenizer."""
+    tok = build_tokenizer(root / "tok")
+    model_dir = save_model_dir(build_model(MODEL_SIZE, seed=0), root / "base", tokenizer_dir=tok)
+    config = json.loads((model_dir / "config.json").read_text())
+    return config, load_file(str(model_dir / "model.safetensors")), model_dir
+
+
+@contextmanager
+def serving(base: Base, **options: Any) -> Iterator[VllmServerEngine]:
+    """The `vllm` engine (vLLM's server + sidecar) serving `base` as "base-0", closed after;
+    `options` go to the engine on top of the tests' small-server defaults."""
+    config, tensors, model_dir = base
+    defaults: dict[str, Any] = {
+        "max_model_len": 512,
+        "max_num_seqs": 4,
+        "kv_cache_memory_bytes": 32 << 20,
+        "block_size": 32,
+        "served_model_name": MODEL_SIZE,
+        "startup_timeout_s": 360.0,
+    }
+    engine = get_engine("vllm", **{**defaults, **options})
+    assert isinstance(engine, VllmServerEngine)
+    try:
+        with engine.swap("base-0"):
+            engine.load_base(config, tensors, tokenizer_dir=model_dir)
+        yield engine
+    finally:
+        engine.close()
 
 
 def reference_model(weights: Mapping[str, torch.Tensor]) -> Any:

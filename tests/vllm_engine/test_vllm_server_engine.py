@@ -13,21 +13,25 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from _support.vllm_api import as_result, stream_completion
-from _support.vllm_reference import PROMPTS, check_against_reference, perturbed, reference_model
+from _support.vllm_reference import (
+    PROMPTS,
+    Base,
+    check_against_reference,
+    perturbed,
+    reference_model,
+    serving,
+    small_base,
+)
 from weightsync.codec import DEFAULT_CHECKSUM, DEFAULT_CODEC, checksum_tensor, get_codec
-from weightsync.server.engines import get_engine
 from weightsync.server.engines.base import GenerateRequest
 from weightsync.server.engines.vllm_server_engine import VllmServerEngine
-from weightsync.toymodel import build_model, build_tokenizer, save_model_dir
 
 pytest.importorskip("vllm.engine.arg_utils", reason="the vllm extra is not installed")
 
@@ -35,34 +39,14 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(400)]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[str, torch.Tensor], Path]:
-    root = tmp_path_factory.mktemp("sync")
-    tok = build_tokenizer(root / "tok")
-    model_dir = save_model_dir(build_model("small", seed=0), root / "base", tokenizer_dir=tok)
-    config = json.loads((model_dir / "config.json").read_text())
-    return config, load_file(str(model_dir / "model.safetensors")), model_dir
+def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
+    return small_base(tmp_path_factory.mktemp("sync"))
 
 
 @pytest.fixture(scope="module")
-def engine(base: tuple[dict, dict[str, torch.Tensor], Path]) -> Iterator[VllmServerEngine]:
-    config, tensors, model_dir = base
-    eng = get_engine(
-        "vllm",
-        transition="sync",
-        max_model_len=512,
-        max_num_seqs=4,
-        kv_cache_memory_bytes=32 << 20,
-        block_size=32,
-        served_model_name="small",
-        startup_timeout_s=360.0,
-    )
-    assert isinstance(eng, VllmServerEngine)
-    try:
-        with eng.swap("base-0"):
-            eng.load_base(config, tensors, tokenizer_dir=model_dir)
+def engine(base: Base) -> Iterator[VllmServerEngine]:
+    with serving(base, transition="sync") as eng:
         yield eng
-    finally:
-        eng.close()
 
 
 def swap_to(engine: VllmServerEngine, identity: str, new: dict[str, torch.Tensor]) -> None:
