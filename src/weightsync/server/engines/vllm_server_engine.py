@@ -322,9 +322,24 @@ class VllmServerEngine(Engine):
         return response
 
     def _rpc(self, server: _Server, method: str, *args: str) -> list[Any]:
+        """`method` run on every vLLM worker: their answers, one per worker (at least one)."""
         answer = self._post(server, "/collective_rpc", json={"method": method, "args": list(args)})
         results: list[Any] = answer.json()["results"]
+        if not results:
+            raise DeploymentError(
+                f"vLLM's /collective_rpc {method} at {server.url} answered for no worker; "
+                f"see its log {server.log_path}"
+            )
         return results
+
+    def _held_checksums(
+        self, server: _Server, names: Sequence[str], checksum_format: str
+    ) -> dict[str, str]:
+        """The checksums of what vLLM's workers hold for `names`, where they all agree
+        (`RANKS_DISAGREE` where they do not)."""
+        return _agreed(
+            self._rpc(server, "weightsync_checksums", json.dumps(list(names)), checksum_format)
+        )
 
     # --- loading ------------------------------------------------------------------
 
@@ -447,11 +462,7 @@ class VllmServerEngine(Engine):
         pushed = time.perf_counter()
         readable = sorted(push.want)
         if readable:
-            held = _agreed(
-                self._rpc(
-                    server, "weightsync_checksums", *[json.dumps(readable), READ_BACK_CHECKSUM]
-                )
-            )
+            held = self._held_checksums(server, readable, READ_BACK_CHECKSUM)
             wrong = [n for n in readable if held.get(n) != push.want[n]]
             if wrong:
                 raise SnapshotCorruptError(
@@ -566,17 +577,10 @@ class VllmServerEngine(Engine):
         return 1
 
     def weights_checksums(self, checksum_format: str) -> dict[str, str]:
-        """Checksums of what vLLM's worker holds in checkpoint layout, else of the host copy."""
+        """Checksums of what vLLM's workers hold in checkpoint layout, else of the host copy."""
         server = self._require_server()
         with self._lock:
-            held = _agreed(
-                self._rpc(
-                    server,
-                    "weightsync_checksums",
-                    json.dumps(sorted(server.readable)),
-                    checksum_format,
-                )
-            )
+            held = self._held_checksums(server, sorted(server.readable), checksum_format)
         return {
             name: held.get(name) or checksum_tensor(checksum_format, tensor)
             for name, tensor in server.host.items()

@@ -184,7 +184,7 @@ def _mapped_safetensors(
         weights = [(name, _tensor_view(view)) for name, view in tensor_views(mapped, path).items()]
         yield weights, region
     finally:
-        weights = []
+        weights = []  # this frame's views go before the unmap (the caller cleared its own)
         try:
             mapped.close()
         except BufferError:  # something vLLM keeps still views the pages: unmapped when freed
