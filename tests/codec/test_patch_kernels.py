@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from weightsync.codec import Patch
+from weightsync.codec import Patch, write_patches
 from weightsync.codec.bits import bits
 from weightsync.codec.patch_kernels import KERNEL_MIN_ELEMENTS, scatter_sorted, swap_in
 
@@ -83,3 +83,76 @@ def test_scatter_sorted_refuses_positions_a_patch_cannot_have(size: int, fault: 
     else:
         positions[0] = start - 1
     assert not scatter_sorted(out, positions, np.ones(size, dtype=np.uint16), start)
+
+
+Pairs = list[tuple[torch.Tensor, Patch]]
+
+
+def _write_case(rng: np.random.Generator) -> tuple[Pairs, list[np.ndarray]]:
+    """Tensors of every width, small and large, sparse and dense: the pairs and their
+    expected bits (computed with numpy's fancy indexing)."""
+    pairs, expected = [], []
+    shapes = [(7,), (3, 5), (2 * KERNEL_MIN_ELEMENTS,), (300, 1000), (5 * KERNEL_MIN_ELEMENTS + 3,)]
+    dtypes = [torch.bfloat16, torch.float32, torch.float8_e4m3fn]
+    for i, shape in enumerate(shapes * 2):
+        dtype = dtypes[i % len(dtypes)]
+        target = torch.randn(shape).to(dtype)
+        new = torch.randn(shape).to(dtype)
+        flat_new = bits(new).reshape(-1)
+        want = bits(target).reshape(-1).copy()
+        if i % 4 == 3:  # dense
+            patch = Patch(None, flat_new.copy())
+            want[:] = flat_new
+        else:
+            size = want.size
+            count = max(1, size // (2 + i))
+            positions = np.sort(rng.choice(size, size=count, replace=False)).astype(np.int64)
+            patch = Patch(positions, flat_new[positions].copy())
+            want[positions] = flat_new[positions]
+        pairs.append((target, patch))
+        expected.append(want)
+    return pairs, expected
+
+
+def test_write_patches_writes_every_tensor_like_fancy_indexing() -> None:
+    pairs, expected = _write_case(np.random.default_rng(2))
+    write_patches(pairs)
+    for (target, _), want in zip(pairs, expected, strict=True):
+        assert np.array_equal(bits(target).reshape(-1), want)
+
+
+@pytest.mark.parametrize("fault", ["past the end", "negative", "dense of the wrong size"])
+def test_write_patches_refuses_a_patch_that_does_not_fit_before_writing_any(fault: str) -> None:
+    pairs, _ = _write_case(np.random.default_rng(3))
+    before = [bits(t).copy() for t, _ in pairs]
+    target, patch = pairs[-1]
+    assert patch.positions is not None
+    positions = patch.positions.copy()
+    if fault == "past the end":
+        positions[-1] = target.numel()
+        bad = Patch(positions, patch.values)
+    elif fault == "negative":
+        positions[0] = -1
+        bad = Patch(positions, patch.values)
+    else:
+        bad = Patch(None, bits(target).reshape(-1)[:-1].copy())
+    with pytest.raises(IndexError if fault != "dense of the wrong size" else ValueError):
+        write_patches([*pairs[:-1], (target, bad)])
+    for (t, _), old in zip(pairs, before, strict=True):
+        assert np.array_equal(bits(t), old), "a refused write must change no tensor"
+
+
+@pytest.mark.parametrize("fault", ["repeated", "unsorted"])
+def test_write_patches_refuses_positions_out_of_order_and_stays_inside(fault: str) -> None:
+    size = 4 * KERNEL_MIN_ELEMENTS
+    positions = np.arange(0, size, 2, dtype=np.int64)
+    middle = positions.size // 2
+    if fault == "repeated":
+        positions[middle] = positions[middle - 1]
+    else:  # a jump far back, still inside the tensor
+        positions[middle] = 1
+    guard = torch.zeros(size + 64, dtype=torch.bfloat16)
+    view = guard[:size]  # a write past `view` would land in the guard's tail
+    with pytest.raises(ValueError, match="strictly increasing"):
+        write_patches([(view, Patch(positions, np.ones(positions.size, dtype=np.uint16)))])
+    assert not bool(guard[size:].view(torch.int16).any())

@@ -11,7 +11,7 @@ from weightsync.codec import gap_zstd as _gap_zstd  # noqa: F401
 from weightsync.codec import sparse_idx_val as _sparse_idx_val  # noqa: F401
 from weightsync.codec import wsdelta1 as _wsdelta1
 from weightsync.codec import xor_zstd as _xor_zstd  # noqa: F401
-from weightsync.codec.base import Codec, Patch
+from weightsync.codec.base import Codec, Patch, write_patches
 from weightsync.codec.checksums import (
     DEFAULT_CHECKSUM,
     canonical_checksum_name,
@@ -36,4 +36,5 @@ __all__ = [
     "list_checksums",
     "list_codecs",
     "register_codec",
+    "write_patches",
 ]

@@ -14,6 +14,7 @@ directly overrides it, so a delta touching most elements never builds positions.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from weightsync.codec.bits import bits
-from weightsync.codec.patch_kernels import swap_in
+from weightsync.codec.patch_kernels import swap_in, write_all
 
 
 @dataclass(frozen=True)
@@ -55,20 +56,22 @@ class Patch:
         return Patch(self.positions, replaced)
 
     def write_(self, target: torch.Tensor) -> None:
-        """`apply_` without an undo: a dense patch is copied in, nothing else allocated.
+        """`apply_` without an undo: nothing is allocated (see `write_patches`)."""
+        write_patches([(target, self)])
 
-        A sparse patch's positions outside `target` still raise `IndexError` with
-        `target` unchanged (the replaced bits of one tensor are held transiently).
-        """
-        view = bits(target)
-        if self.positions is None:
-            if self.values.size != view.size:
-                raise ValueError(
-                    f"a dense patch of {self.values.size} values cannot fill {view.size} elements"
-                )
-            view[:] = self.values
-            return
-        swap_in(view, self.positions, self.values)
+
+def write_patches(pairs: Iterable[tuple[torch.Tensor, Patch]]) -> None:
+    """Write each patch into its tensor in place, without an undo, all tensors at once.
+
+    The work of every pair is spread over the patch threads together (`write_all`).
+    A dense patch of the wrong size, or a sparse one whose first or last position
+    lies outside its tensor, raises before anything is written; a sparse patch's
+    positions must be strictly increasing (every decoder's are, and a delta's verify
+    refuses others): one found out of order raises `ValueError` with the tensors
+    partly written, so only a caller that restores the weights from their source
+    on failure (a replica's hot-load) writes without an undo.
+    """
+    write_all([(bits(t).reshape(-1), p.positions, p.values) for t, p in pairs])
 
 
 #: Elements compared at a time by `count_changed` (its temporaries stay this size).

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dynami
 from transformers.cache_utils import DynamicLayer
 from transformers.initialization import no_init_weights
 
-from weightsync.codec import Patch
+from weightsync.codec import Patch, write_patches
 from weightsync.codec.bits import same_bits
 from weightsync.errors import DeploymentError, InvalidInputError, UnsupportedDtypeError
 from weightsync.server.engines.base import (
@@ -186,8 +186,8 @@ class TorchEngine(Engine):
     ) -> dict[str, Patch]:
         """Patch the live tensors in place; return the undo patches (see `Engine`).
 
-        With `keep_undo` all or none is applied; without, no undo is built (a dense patch
-        is copied in; a sparse one holds its replaced bits for one tensor). Does not wait for
+        With `keep_undo` all or none is applied; without, no undo is built and every tensor
+        is written at once (`write_patches`: nothing allocated). Does not wait for
         running generations: it takes only the step lock, which a generation holds just
         inside one forward step.
         """
@@ -204,12 +204,15 @@ class TorchEngine(Engine):
             return self._apply_on_device(loaded.weights, self._host, patches, keep_undo=keep_undo)
         undo: dict[str, Patch] = {}
         with self._step_lock:
+            if not keep_undo:  # every tensor at once, nothing allocated (`write_patches`)
+                try:
+                    write_patches((loaded.weights[n], p) for n, p in patches.items())
+                except (ValueError, IndexError, UnsupportedDtypeError) as e:
+                    raise InvalidInputError(f"the patches could not be applied: {e}") from e
+                return undo
             try:
                 for name, patch in patches.items():
-                    if keep_undo:
-                        undo[name] = patch.apply_(loaded.weights[name])
-                    else:  # no undo built: a dense patch is a plain copy
-                        patch.write_(loaded.weights[name])
+                    undo[name] = patch.apply_(loaded.weights[name])
             except (ValueError, IndexError, UnsupportedDtypeError) as e:
                 for done, undo_patch in undo.items():
                     undo_patch.apply_(loaded.weights[done])

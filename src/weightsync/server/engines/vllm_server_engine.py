@@ -54,7 +54,7 @@ import httpx
 import torch
 from safetensors.torch import save_file
 
-from weightsync.codec import Patch, checksum_tensor
+from weightsync.codec import Patch, checksum_tensor, write_patches
 from weightsync.errors import DeploymentError, InvalidInputError, SnapshotCorruptError
 from weightsync.server.engines.base import (
     CacheScope,
@@ -728,8 +728,7 @@ def _patch_host(
     """Write the patches into the host copy (verified: they fit); the undo patches if asked."""
     if keep_undo:
         return {name: patch.apply_(server.host[name]) for name, patch in patches.items()}
-    for name, patch in patches.items():
-        patch.write_(server.host[name])
+    write_patches((server.host[name], patch) for name, patch in patches.items())
     return {}
 
 
