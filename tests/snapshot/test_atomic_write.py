@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,12 +26,18 @@ class FailingStorage(StorageWrapper):
         self.ok_writes = ok_writes
         self.fail_remove = fail_remove
         self.written: list[str] = []
+        self.started = 0
+        self._lock = threading.Lock()  # a base save writes its weight files on two threads
 
     def write_bytes(self, path: str, data: bytes | memoryview) -> None:
-        if len(self.written) >= self.ok_writes:
+        with self._lock:
+            self.started += 1
+            fail = self.started > self.ok_writes
+        if fail:
             raise StorageError(f"injected failure writing {path}")
         self.inner.write_bytes(path, data)
-        self.written.append(path)
+        with self._lock:
+            self.written.append(path)
 
     def remove(self, path: str, *, recursive: bool = False) -> None:
         if self.fail_remove:
@@ -76,3 +84,50 @@ def test_failed_delta_write_keeps_the_chain_intact(tmp_path: Path, tiny_config: 
     store = SnapshotStore(tmp_path)
     assert store.list_snapshots() == ["b"]
     assert store.verify("b").ok
+
+
+class OverlapStorage(StorageWrapper):
+    """A real local storage that records how many weight-file writes run at once."""
+
+    def __init__(self, inner: Storage) -> None:
+        super().__init__(inner)
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def write_bytes(self, path: str, data: bytes | memoryview) -> None:
+        weights = path.endswith(".safetensors")
+        if weights:
+            with self._lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(0.05)  # long enough for the next file's write to start
+        try:
+            self.inner.write_bytes(path, data)
+        finally:
+            if weights:
+                with self._lock:
+                    self.running -= 1
+
+
+def test_base_weight_files_are_written_at_once_within_the_write_ahead_budget(
+    tmp_path: Path, tiny_config: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from weightsync.snapshot import writer
+
+    weights = toy_weights()
+    overlapping = OverlapStorage(LocalStorage(tmp_path / "overlap"))
+    write_base(overlapping, "b", weights, config=tiny_config)
+    assert 1 < overlapping.most <= writer._WEIGHT_FILE_WRITERS
+    assert_bits_equal(SnapshotStore(tmp_path / "overlap").materialize("b"), weights)
+    # A budget smaller than any file: one file encoded and written at a time.
+    monkeypatch.setattr(writer, "_WRITE_AHEAD_BYTES", 1)
+    alone = OverlapStorage(LocalStorage(tmp_path / "alone"))
+    write_base(alone, "b", weights, config=tiny_config)
+    assert alone.most == 1
+    assert SnapshotStore(tmp_path / "alone").verify("b").ok
+    files = sorted(p.name for p in (tmp_path / "alone" / "b").glob("*.safetensors"))
+    assert len(files) > 1
+    for name in files:  # writing at once changes no byte
+        alone_bytes = (tmp_path / "alone" / "b" / name).read_bytes()
+        assert alone_bytes == (tmp_path / "overlap" / "b" / name).read_bytes()

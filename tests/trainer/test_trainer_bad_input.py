@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,19 @@ class FailingStorage(StorageWrapper):
         super().__init__(LocalStorage(root))
         self.writes = 0
         self.fail_at: int | None = None
+        self._lock = threading.Lock()  # a base save writes its weight files on two threads
 
     def arm(self, fail_at: int) -> None:
         self.writes = 0
         self.fail_at = fail_at
 
     def write_bytes(self, path: str, data: bytes | memoryview) -> None:
-        self.writes += 1
-        if self.fail_at is not None and self.writes == self.fail_at:
-            self.fail_at = None
+        with self._lock:
+            self.writes += 1
+            fail = self.fail_at is not None and self.writes == self.fail_at
+            if fail:
+                self.fail_at = None
+        if fail:
             raise StorageError(f"injected failure writing {self.inner.child_url(path)}")
         self.inner.write_bytes(path, data)
 

@@ -4,7 +4,8 @@ Paths are `/`-separated and relative to the root. Every write is atomic: a reade
 sees either the previous bytes or the new ones, never a partial file. Missing
 files raise `StorageFileNotFoundError`; a path the backend cannot hold (too long,
 invalid there, or leaving the root) `StoragePathError` (bad input, never retried);
-other failures `StorageError`, naming the URL.
+other failures `StorageError`, naming the URL. Calls may come from several threads at
+once (a fetch's readers, a base save's writers), never two writes of one path.
 """
 
 from __future__ import annotations
