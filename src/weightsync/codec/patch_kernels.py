@@ -8,7 +8,7 @@ changes: ~270 ms -> ~60 ms on two cores). Without an undo (a replica's hot-load:
 a failed apply is restored from source) `write_all` only scatters, and spreads
 the slices of every tensor of a load over the pool at once, so the many tensors
 too small to split no longer run one after another (0.6B shape, 3 % changed:
-~140 ms -> ~80 ms on two cores, `benchmarks/apply_bench.py`). Threads are plain
+118 ms -> 58 ms on two cores, `benchmarks/apply_bench.py`). Threads are plain
 Python threads (no numba threading layer, so no OpenMP runtime can clash with
 torch's).
 """

@@ -383,14 +383,14 @@ def _put_weight_files(out: _DirWriter, prepared: Mapping[str, torch.Tensor]) -> 
     with ThreadPoolExecutor(_WEIGHT_FILE_WRITERS, thread_name_prefix="snapshot-write") as pool:
         writing: deque[tuple[Future[None], int]] = deque()  # (write, its bytes), oldest first
         for file, names in plan.items():
-            size = _nbytes({n: prepared[n] for n in names})
+            shard = {n: prepared[n] for n in names}
+            size = _nbytes(shard)
             while writing and (
                 len(writing) == _WEIGHT_FILE_WRITERS
                 or sum(held for _, held in writing) + size > _WRITE_AHEAD_BYTES
             ):
                 writing.popleft()[0].result()
-            data = _encode_torch({n: prepared[n] for n in names})
-            writing.append((pool.submit(out.put, file, data, weights=True), size))
+            writing.append((pool.submit(out.put, file, _encode_torch(shard), weights=True), size))
         for write, _ in writing:
             write.result()
 
