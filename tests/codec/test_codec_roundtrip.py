@@ -148,3 +148,31 @@ def test_encode_for_manifest_counts_across_chunks(codec: str) -> None:
     assert torch.equal(int_bits(get_codec(codec).decode(encoded.payload, old)), int_bits(new))
     if encoded.change_sum is not None:
         assert encoded.change_sum == tensor_change_sum(bits(old), bits(new))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("codec", CODECS)
+def test_encode_all_for_manifest_matches_each_tensor_alone(codec: str) -> None:
+    """Many tensors at once (their chunks sharing the threads) give, in order, exactly
+    the payloads, counts and change sums of encoding each on its own: small and
+    multi-chunk tensors, several dtypes, an empty one and an unchanged one."""
+    rng = np.random.default_rng(11)
+    pairs = []
+    for dtype, shape, density in [
+        (torch.bfloat16, (4 * 2**20 + 777,), 0.03),
+        (torch.bfloat16, (64, 33), 0.2),
+        (torch.float32, (1000,), 0.5),
+        (torch.bfloat16, (0,), 0.0),
+        (torch.float16, (300, 7), 0.0),
+        (torch.bfloat16, (2**20 + 5,), 1.0),
+    ]:
+        old = random_bits(rng, dtype, shape, specials=0.01)
+        pairs.append((old, ulp_moves(rng, old, density=density)))
+    impl = get_codec(codec)
+    together = impl.encode_all_for_manifest(pairs)
+    assert len(together) == len(pairs)
+    for (old, new), encoded in zip(pairs, together, strict=True):
+        alone = impl.encode_for_manifest(old, new)
+        assert encoded == alone
+        assert torch.equal(int_bits(impl.decode(encoded.payload, old)), int_bits(new))
+    assert impl.encode_all_for_manifest([]) == []

@@ -162,6 +162,26 @@ def test_write_delta_against_other_weights_than_the_parent(
         write_delta(tmp_path, "d", parent=base, old=not_parent, new=old)
 
 
+def test_write_delta_that_skips_the_old_check_is_refused_where_it_is_loaded(
+    tmp_path: Path, tiny_config: object
+) -> None:
+    """`verify_old=False` trusts the caller that `old` is the parent's image; when it is
+    not, the delta is written but loading it fails the checksums, never serves."""
+    old = toy_weights()
+    base = write_base(tmp_path, "b", old, config=tiny_config)
+    not_parent = perturb(old, seed=3)
+    new = perturb(old, seed=4)
+    write_delta(tmp_path, "d", parent=base, old=not_parent, new=new, verify_old=False)
+    store = SnapshotStore(tmp_path)
+    with pytest.raises(SnapshotCorruptError, match="'d'"):
+        store.materialize("d")
+    fetched = store.fetch("d")
+    patches = fetched.patches(old)
+    with pytest.raises(SnapshotCorruptError, match="'d', tensor"):
+        for name, patch in patches.items():
+            fetched.verify_patched(name, old, patch)
+
+
 def test_write_delta_when_parent_is_not_in_the_storage(tmp_path: Path, tiny_config: object) -> None:
     old = toy_weights()
     base = write_base(tmp_path / "one", "b", old, config=tiny_config)

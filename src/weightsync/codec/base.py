@@ -14,7 +14,7 @@ directly overrides it, so a delta touching most elements never builds positions.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -157,6 +157,20 @@ class Codec(ABC):
         the change sum (`codec/change_sum.py`) if they can add it up from those changes.
         """
         return Encoded(self.encode(old, new), count_changed(old, new))
+
+    def encode_all_for_manifest(
+        self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], *, with_change_sum: bool = True
+    ) -> list[Encoded]:
+        """`encode_for_manifest` of each `(old, new)` pair, in order.
+
+        Codecs that split tensors into chunks override this to spread the chunks of
+        every tensor over their threads at once: a model's many small tensors would
+        otherwise be encoded one after another, each too small to split.
+        """
+        return [
+            self.encode_for_manifest(old, new, with_change_sum=with_change_sum)
+            for old, new in pairs
+        ]
 
     @abstractmethod
     def decode_patch(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:

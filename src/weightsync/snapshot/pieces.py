@@ -56,10 +56,13 @@ def encode_delta_pieces(
     codec = get_codec(compression_format)
     payloads: dict[str, bytes] = {}
     changed: dict[str, int] = {}
-    for name in sorted(new):
-        # Pieces carry no change sums (FORMAT.md §4.2): none is added up.
-        encoded = codec.encode_for_manifest(old[name], new[name], with_change_sum=False)
-        payloads[name], changed[name] = encoded.payload, encoded.num_changed
+    names = sorted(new)
+    # Pieces carry no change sums (FORMAT.md §4.2): none is added up.
+    encoded = codec.encode_all_for_manifest(
+        [(old[name], new[name]) for name in names], with_change_sum=False
+    )
+    for name, piece in zip(names, encoded, strict=True):
+        payloads[name], changed[name] = piece.payload, piece.num_changed
     if codec.shard_layout == "fireworks":
         checksums = {name: fireworks_checksum(bits(new[name])) for name in payloads}
         return encode_shard(payloads, checksums), changed

@@ -144,6 +144,7 @@ def write_delta(
     session_id: str | None = None,
     created_at: str | None = None,
     change_sums: bool = True,
+    verify_old: bool = True,
 ) -> Manifest:
     """Write `new` as a delta against `old` (the weights `parent` stands for) and return it.
 
@@ -157,6 +158,12 @@ def write_delta(
     A codec that adds up change sums while encoding (`wsdelta1`) writes them unless
     `change_sums=False` or the checksum is cryptographic (FORMAT.md §4.2); the
     manifest is then format version 3, which readers before it refuse.
+
+    `verify_old=False` skips hashing `old` against the parent's checksums, for a
+    caller that holds `old` as the very buffers the parent was written (and
+    checksummed) from, untouched since: a `TrainingClient`'s kept image (one pass
+    over the model less per save). An `old` that is not the parent then yields a
+    delta that every replica refuses, as its patched tensors fail the checksums.
     """
     store = open_storage(storage)
     validate_identity(identity)
@@ -178,7 +185,8 @@ def write_delta(
     _check_against_parent(identity, parent, new_t, what="new weights")
     old_t = _prepare_all({name: old[name] for name in new_t if name in old}, identity)
     _check_against_parent(identity, parent, old_t, what="old weights")
-    _check_old_is_parent(identity, parent, old_t)
+    if verify_old:
+        _check_old_is_parent(identity, parent, old_t)
     side_files = _read_parent_side_files(store, parent, identity)
 
     with _new_snapshot(store, identity, checksum_format) as out:
@@ -188,8 +196,11 @@ def write_delta(
         changed: dict[str, int] = {}
         sums: dict[str, str | None] = {}
         with_sums = change_sums and change_sum.carried_with(out.checksum_format)
-        for name in sorted(new_t):
-            encoded = codec.encode_for_manifest(old_t[name], new_t[name], with_change_sum=with_sums)
+        names = sorted(new_t)
+        pairs = [(old_t[name], new_t[name]) for name in names]
+        for name, encoded in zip(
+            names, codec.encode_all_for_manifest(pairs, with_change_sum=with_sums), strict=True
+        ):
             changed[name] = encoded.num_changed
             sums[name] = encoded.change_sum
             payloads.setdefault(parent.tensors[name].file, {})[name] = encoded.payload

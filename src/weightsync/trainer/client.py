@@ -369,6 +369,8 @@ class TrainingClient:
                         compression_format=self.compression_format,
                         checksum_format=self.checksum_format,
                         session_id=self.session_id,
+                        # The parent was written and checksummed from these very buffers.
+                        verify_old=False,
                     )
         except BaseException:
             self._changes.abandoned()
