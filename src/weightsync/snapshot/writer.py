@@ -189,7 +189,15 @@ def write_delta(
         _check_old_is_parent(identity, parent, old_t)
     side_files = _read_parent_side_files(store, parent, identity)
 
-    with _new_snapshot(store, identity, checksum_format) as out:
+    with (
+        _new_snapshot(store, identity, checksum_format) as out,
+        ThreadPoolExecutor(_WEIGHT_FILE_WRITERS, thread_name_prefix="snapshot-write") as pool,
+    ):
+        # The new tensors' checksums (a pass over the model at memory speed) are taken
+        # while the codec's threads encode (compute-bound) rather than after them.
+        checksums = pool.submit(
+            lambda: {name: checksum_tensor(out.checksum_format, t) for name, t in new_t.items()}
+        )
         for name, data in side_files.items():
             out.put(name, data)
         payloads: dict[str, dict[str, bytes]] = {}
@@ -204,20 +212,23 @@ def write_delta(
             changed[name] = encoded.num_changed
             sums[name] = encoded.change_sum
             payloads.setdefault(parent.tensors[name].file, {})[name] = encoded.payload
+        writes = []  # each file's flush to disk overlaps the others'
         for file in sorted(payloads):
             if codec.shard_layout == "fireworks":
                 # fireworks-delta-compression's layout: it decodes these shards in place.
-                checksums = {n: fireworks_checksum(bits(new_t[n])) for n in payloads[file]}
-                shard = encode_shard(payloads[file], checksums)
+                adler = {n: fireworks_checksum(bits(new_t[n])) for n in payloads[file]}
+                shard = encode_shard(payloads[file], adler)
             else:
                 shard = encode_delta_shard(payloads[file], compression_format=codec.name)
-            out.put(file, shard, weights=True)
+            writes.append(pool.submit(out.put, file, shard, weights=True))
+        for write in writes:
+            write.result()
         tensors = {
             name: TensorEntry(
                 shape=tuple(t.shape),
                 dtype=dtype_name(t.dtype),
                 file=parent.tensors[name].file,
-                checksum=checksum_tensor(out.checksum_format, t),
+                checksum=checksums.result()[name],
                 num_changed=changed[name],
                 change_sum=sums[name],
             )
