@@ -52,6 +52,14 @@ class SnapshotCorruptError(WeightSyncError, ValueError):
     """A snapshot's bytes do not match its manifest (checksum, size, or format)."""
 
 
+class PayloadCorruptError(SnapshotCorruptError):
+    """Payload `index` of a batch handed to `Codec.decode_all` is malformed."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
 class ChecksumMismatchError(SnapshotCorruptError):
     """Bytes or weights do not hash to the checksum their manifest records."""
 

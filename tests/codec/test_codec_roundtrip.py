@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 from _support.bit_patterns import DTYPES, random_bits, ulp_moves
 from _support.bits import int_bits
-from weightsync.codec import get_codec, list_codecs
+from weightsync.codec import get_codec, list_codecs, wsdelta1
 from weightsync.codec.base import Patch
 from weightsync.codec.bits import bits
 from weightsync.codec.change_sum import tensor_change_sum
+from weightsync.codec.framing import TRAILER_BYTES, open_payload, seal
+from weightsync.errors import PayloadCorruptError
 
 CODECS = list_codecs()
 SHAPES = st.one_of(
@@ -176,3 +178,69 @@ def test_encode_all_for_manifest_matches_each_tensor_alone(codec: str) -> None:
         assert encoded == alone
         assert torch.equal(int_bits(impl.decode(encoded.payload, old)), int_bits(new))
     assert impl.encode_all_for_manifest([]) == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("codec", CODECS)
+def test_decode_all_matches_each_payload_alone(codec: str) -> None:
+    """Many payloads at once (their chunks sharing the threads) give, in order, exactly
+    the patches of decoding each on its own, in both forms."""
+    rng = np.random.default_rng(12)
+    impl = get_codec(codec)
+    items = []
+    for dtype, shape, density in [
+        (torch.bfloat16, (4 * 2**20 + 777,), 0.03),
+        (torch.bfloat16, (64, 33), 0.2),
+        (torch.float32, (1000,), 0.5),
+        (torch.bfloat16, (0,), 0.0),
+        (torch.float16, (300, 7), 0.0),
+        (torch.bfloat16, (2**20 + 5,), 0.9),
+    ]:
+        old = random_bits(rng, dtype, shape, specials=0.01)
+        items.append((impl.encode(old, ulp_moves(rng, old, density=density)), old))
+    for compact in (False, True):
+        together = impl.decode_all(items, compact=compact)
+        assert len(together) == len(items)
+        for (payload, old), patch in zip(items, together, strict=True):
+            decode = impl.decode_compact if compact else impl.decode_patch
+            alone = decode(payload, old)
+            assert (patch.positions is None) == (alone.positions is None)
+            if patch.positions is not None and alone.positions is not None:
+                assert np.array_equal(patch.positions, alone.positions)
+            assert np.array_equal(patch.values, alone.values)
+    assert impl.decode_all([]) == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("codec", CODECS)
+def test_decode_all_names_the_malformed_payload(codec: str) -> None:
+    """A batch with one malformed payload (cut short) raises for that payload's index,
+    whether its header or a chunk's streams are what breaks."""
+    rng = np.random.default_rng(13)
+    impl = get_codec(codec)
+    olds = [random_bits(rng, torch.bfloat16, (3 * 2**20,), specials=0.0) for _ in range(3)]
+    payloads = [impl.encode(old, ulp_moves(rng, old, density=0.05)) for old in olds]
+    for cut in (len(payloads[1]) // 2, 8):
+        broken = [payloads[0], payloads[1][:cut], payloads[2]]
+        with pytest.raises(PayloadCorruptError) as raised:
+            impl.decode_all(list(zip(broken, olds, strict=True)))
+        assert raised.value.index == 1
+
+
+@pytest.mark.timeout(60)
+def test_wsdelta1_decode_all_names_the_payload_whose_chunk_fails() -> None:
+    """A well-framed wsdelta1 payload whose first chunk claims one change too few fails
+    while that chunk decodes (on the codec's threads), and is still named by index."""
+    rng = np.random.default_rng(14)
+    impl = get_codec("wsdelta1")
+    olds = [random_bits(rng, torch.bfloat16, (2**20,), specials=0.0) for _ in range(3)]
+    payloads = [impl.encode(old, ulp_moves(rng, old, density=0.05)) for old in olds]
+    body = open_payload(payloads[2], wsdelta1.MAGIC, olds[2], wsdelta1.NAME)
+    at = len(payloads[2]) - TRAILER_BYTES - len(body) + wsdelta1._COUNT.size + 2  # row 0's m
+    content = bytearray(payloads[2][:-TRAILER_BYTES])
+    count = int.from_bytes(content[at : at + 4], "little")
+    content[at : at + 4] = (count - 1).to_bytes(4, "little")
+    broken = [payloads[0], payloads[1], seal([bytes(content)])]
+    with pytest.raises(PayloadCorruptError, match="stream error") as raised:
+        impl.decode_all(list(zip(broken, olds, strict=True)))
+    assert raised.value.index == 2

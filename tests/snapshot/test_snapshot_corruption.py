@@ -294,3 +294,21 @@ def test_snapshots_are_immutable(chain: tuple[SnapshotStore, object], tiny_confi
     store, weights = chain
     with pytest.raises(InvalidInputError, match="'b' already exists"):
         write_base(store.storage, "b", weights, config=tiny_config)
+
+
+def test_a_malformed_payload_among_a_files_tensors_is_named(
+    tmp_path: Path, tiny_config: object
+) -> None:
+    """The tensors of one weight file decode as a batch; a payload in it that is
+    malformed (here cut short after the file checks passed) is reported by snapshot and
+    tensor, not as the batch's."""
+    old = toy_weights()
+    base = write_base(tmp_path, "b", old, config=tiny_config)
+    write_delta(tmp_path, "d", parent=base, old=old, new=perturb(old, seed=5))
+    fetched = SnapshotStore(tmp_path).fetch("d")
+    payloads = fetched.payloads()
+    victim = sorted(payloads)[len(payloads) // 2]
+    payloads[victim] = payloads[victim][:-3]
+    with pytest.raises(SnapshotCorruptError, match=rf"'d', tensor '{victim}' \(") as raised:
+        fetched.patches(old)
+    assert "truncated" in str(raised.value) or "checksum mismatch" in str(raised.value)

@@ -23,6 +23,7 @@ import torch
 
 from weightsync.codec.bits import bits
 from weightsync.codec.patch_kernels import swap_in, write_all
+from weightsync.errors import PayloadCorruptError, SnapshotCorruptError
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,24 @@ class Codec(ABC):
         dense patch straight into a copy of `old`'s bits (no positions built).
         """
         return compact(self.decode_patch(payload, old), old)
+
+    def decode_all(
+        self, items: Sequence[tuple[bytes | memoryview, torch.Tensor]], *, compact: bool = False
+    ) -> list[Patch]:
+        """`decode_compact` (with `compact`) or `decode_patch` of each `(payload, old)`,
+        in order. A malformed payload raises `PayloadCorruptError` naming its index.
+
+        Codecs that split tensors into chunks override this to decode the chunks of
+        every payload over their threads at once (see `encode_all_for_manifest`).
+        """
+        decode = self.decode_compact if compact else self.decode_patch
+        patches = []
+        for index, (payload, old) in enumerate(items):
+            try:
+                patches.append(decode(payload, old))
+            except SnapshotCorruptError as e:
+                raise PayloadCorruptError(index, str(e)) from e
+        return patches
 
     def decode(
         self, payload: bytes | memoryview, old: torch.Tensor, *, inplace: bool = False

@@ -71,14 +71,14 @@ def _change(p: Any, old_bits: Any, new_bits: Any) -> tuple[np.uint64, np.uint64]
 
 @njit(nogil=True, cache=True)  # type: ignore[untyped-decorator]
 def _chunk_sum(
-    old: np.ndarray, new: np.ndarray, start: int, rel: np.ndarray, m: int
+    start: int, rel: np.ndarray, old_bits: np.ndarray, new_bits: np.ndarray, m: int
 ) -> tuple[np.uint64, np.uint64]:
-    """Both lanes' change over the `m` positions `start + rel[j]` (old and new differ there)."""
+    """Both lanes' change over `m` changes: position `start + rel[j]` goes from
+    `old_bits[j]` to `new_bits[j]`."""
     s1 = np.uint64(0)
     s2 = np.uint64(0)
     for j in range(m):
-        p = start + np.int64(rel[j])
-        d1, d2 = _change(p, old[p], new[p])
+        d1, d2 = _change(start + np.int64(rel[j]), old_bits[j], new_bits[j])
         s1 += d1
         s2 += d2
     return s1, s2
@@ -136,13 +136,14 @@ def carried_with(checksum_format: str) -> bool:
 
 
 def chunk_change(
-    old: np.ndarray, new: np.ndarray, start: int, rel: np.ndarray, m: int
+    start: int, rel: np.ndarray, old_bits: np.ndarray, new_bits: np.ndarray, m: int
 ) -> tuple[int, int]:
-    """The lanes' change at the `m` positions `start + rel[:m]` of two flat bit arrays.
+    """The lanes' change of `m` elements: position `start + rel[j]` of a flat bit array
+    goes from `old_bits[j]` to `new_bits[j]` (they differ).
 
-    For an encoder that has just found where `old` and `new` differ in a chunk.
+    For an encoder that has just found, in a chunk, where and how two arrays differ.
     """
-    s1, s2 = _chunk_sum(old, new, start, rel, m)
+    s1, s2 = _chunk_sum(start, rel, old_bits, new_bits, m)
     return int(s1), int(s2)
 
 
@@ -191,7 +192,7 @@ def tensor_change_sum(old: np.ndarray, new: np.ndarray) -> str:
     old, new = old.reshape(-1), new.reshape(-1)
     rel = np.flatnonzero(old != new)
     total = ChangeSum()
-    total.add(chunk_change(old, new, 0, rel, rel.size))
+    total.add(chunk_change(0, rel, old[rel], new[rel], rel.size))
     return total.hexdigest()
 
 
@@ -201,5 +202,5 @@ def warm_up() -> None:
         a = np.zeros(4, dtype=dtype)
         b = np.ones(4, dtype=dtype)
         patch_change_sum(a, np.arange(4, dtype=np.int64), b)
-        chunk_change(a, b, 0, np.arange(4, dtype=np.int32), 4)
-        chunk_change(a, b, 0, np.arange(4, dtype=np.int64), 4)
+        chunk_change(0, np.arange(4, dtype=np.int32), a, b, 4)
+        chunk_change(0, np.arange(4, dtype=np.int64), a, b, 4)

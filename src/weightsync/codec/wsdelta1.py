@@ -50,6 +50,7 @@ from weightsync.codec.framing import (
     seal,
 )
 from weightsync.codec.registry import register_codec
+from weightsync.errors import PayloadCorruptError, SnapshotCorruptError
 
 CHUNK_ELEMENTS = 1 << 22
 ZSTD_LEVEL = 1
@@ -102,17 +103,18 @@ def _symbol_capacity(count: int, num_changed: int, k: int) -> int:
 
 def _encode_chunk(old: np.ndarray, new: np.ndarray, start: int, stop: int, summed: bool) -> _Chunk:
     count = stop - start
-    positions = _scratch("positions", count, np.int32)
-    m = _find_changes(old, new, start, stop, positions)
+    found = _find_changes(old, new, start, stop)
+    m = found.count
     if m == 0:
         return _Chunk(mode=MODE_UNCHANGED, k=0, num_changed=0, streams=(b"", b"", b""), changed=0)
-    lanes = change_sum.chunk_change(old, new, start, positions, m) if summed else (0, 0)
+    positions, old_bits, new_bits = found.positions, found.old_bits, found.new_bits
+    lanes = change_sum.chunk_change(start, positions, old_bits, new_bits, m) if summed else (0, 0)
     k = choose_low_bits(count, m)
     sym = _scratch("sym", _symbol_capacity(count, m, k), np.uint8)
     low = _scratch("low", (m * k + 7) // 8 + 8, np.uint8)
     big = _scratch("big", m * kernels.MAX_VARINT_BYTES, np.uint8)
     width = old.dtype.itemsize * 8
-    ns, nl, nb = kernels.emit_sparse(old, new, start, positions, m, k, width, sym, low, big)
+    ns, nl, nb = kernels.emit_sparse(old_bits, new_bits, positions, m, k, width, sym, low, big)
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     streams = (
         compressor.compress(sym[:ns].data),
@@ -134,29 +136,44 @@ _THREAD = threading.local()
 def _scratch(name: str, size: int, dtype: type[np.generic]) -> np.ndarray:
     """A per-thread reusable buffer of at least `size` elements: page faults on fresh
     multi-MB buffers for every chunk would cost as much as the scan itself."""
-    buffer: np.ndarray | None = getattr(_THREAD, name, None)
+    key = f"{name}_{np.dtype(dtype).name}"
+    buffer: np.ndarray | None = getattr(_THREAD, key, None)
     if buffer is None or buffer.size < size:
         buffer = np.empty(max(size, CHUNK_ELEMENTS), dtype=dtype)
-        setattr(_THREAD, name, buffer)
+        setattr(_THREAD, key, buffer)
     return buffer
 
 
-def _find_changes(old: np.ndarray, new: np.ndarray, start: int, stop: int, out: np.ndarray) -> int:
-    """Chunk-relative positions where bits differ, written to `out`; returns how many."""
+@dataclass(frozen=True)
+class _Changes:
+    """Where a chunk changed: `count` chunk-relative positions with their old and new
+    bits (views of this thread's scratch buffers, valid until its next chunk)."""
+
+    count: int
+    positions: np.ndarray
+    old_bits: np.ndarray
+    new_bits: np.ndarray
+
+
+def _find_changes(old: np.ndarray, new: np.ndarray, start: int, stop: int) -> _Changes:
+    """The changes of `old[start:stop]` to `new[start:stop]`, in one pass over both."""
+    count = stop - start
     itemsize = old.dtype.itemsize
+    positions = _scratch("positions", count, np.int32)
+    old_bits = _scratch("old_bits", count, old.dtype.type)
+    new_bits = _scratch("new_bits", count, old.dtype.type)
     lanes = 8 // itemsize
-    whole = (stop - start) // lanes * lanes
+    whole = count // lanes * lanes
     old_words, new_words = old[start : start + whole], new[start : start + whole]
     m = 0
     scanned = start
     if whole and old_words.ctypes.data % 8 == 0 and new_words.ctypes.data % 8 == 0:
-        m = int(
-            kernels.find_changes_words(
-                old_words.view(np.uint64), new_words.view(np.uint64), lanes, 8 * itemsize, out
-            )
-        )
+        scan = kernels.FIND_CHANGES_WORDS[itemsize]
+        words = old_words.view(np.uint64), new_words.view(np.uint64)
+        m = int(scan(*words, positions, old_bits, new_bits))
         scanned = start + whole
-    return int(kernels.find_changes(old, new, scanned, stop, start, out, m))
+    m = int(kernels.find_changes(old, new, scanned, stop, start, positions, old_bits, new_bits, m))
+    return _Changes(m, positions, old_bits, new_bits)
 
 
 def _chunk_bounds(n: int) -> list[tuple[int, int]]:
@@ -227,59 +244,98 @@ class WsDelta1Codec(Codec):
         ]
 
     def decode_patch(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:
-        return self._decode(payload, old, dense_when_smaller=False)
+        return self.decode_all([(payload, old)])[0]
 
     def decode_compact(self, payload: bytes | memoryview, old: torch.Tensor) -> Patch:
         """The chunk table gives the change count before anything is decoded: when
         positions + values would outweigh the tensor, every chunk decodes straight into
         a copy of the old bits (one tensor of memory, no positions at all)."""
-        return self._decode(payload, old, dense_when_smaller=True)
+        return self.decode_all([(payload, old)], compact=True)[0]
 
-    def _decode(
+    def decode_all(
+        self, items: Sequence[tuple[bytes | memoryview, torch.Tensor]], *, compact: bool = False
+    ) -> list[Patch]:
+        """Every payload's chunks share the codec's threads in one queue, as in
+        `encode_all_for_manifest`: a replica's many one-chunk layer tensors would
+        otherwise decode one after another on one core."""
+        decodings = []
+        for index, (payload, old) in enumerate(items):
+            try:
+                decodings.append(_Decoding(payload, old, dense_when_smaller=compact))
+            except SnapshotCorruptError as e:
+                raise PayloadCorruptError(index, str(e)) from e
+        jobs = [(i, job) for i, d in enumerate(decodings) for job in d.jobs]
+
+        def run(index: int, job: _ChunkJob) -> None:
+            try:
+                decodings[index].run(job)
+            except SnapshotCorruptError as e:
+                raise PayloadCorruptError(index, str(e)) from e
+
+        _map(run, jobs)
+        return [d.patch() for d in decodings]
+
+
+@dataclass(frozen=True)
+class _ChunkJob:
+    start: int
+    row: tuple[int, ...]
+    streams: list[memoryview]
+    at: int  # where the chunk's changes go in the patch's positions and values
+
+
+class _Decoding:
+    """One payload being decoded: its chunk table read and checked, its patch's memory
+    allocated; `run` decodes one chunk (chunks may run in parallel threads)."""
+
+    def __init__(
         self, payload: bytes | memoryview, old: torch.Tensor, *, dense_when_smaller: bool
-    ) -> Patch:
+    ) -> None:
         body = open_payload(payload, MAGIC, old, NAME)
-        old_bits = bits(old.contiguous())
-        n = old_bits.size
-        rows, offset = _read_table(body, n)
-        total = sum(r[2] for r in rows)
-        dense = dense_when_smaller and sparse_bytes(total, old_bits.itemsize) > old_bits.nbytes
-        jobs = []
+        self.old_bits = bits(old.contiguous())
+        self.n = n = self.old_bits.size
+        self.rows, offset = _read_table(body, n)
+        self.total = total = sum(r[2] for r in self.rows)
+        self.jobs: list[_ChunkJob] = []
         out_offset = 0
-        for index, row in enumerate(rows):
-            lengths = row[3:]
+        for index, row in enumerate(self.rows):
             streams = []
-            for length in lengths:
+            for length in row[3:]:
                 streams.append(body[offset : offset + length])
                 offset += length
-            jobs.append((index * CHUNK_ELEMENTS, row, streams, out_offset))
+            self.jobs.append(_ChunkJob(index * CHUNK_ELEMENTS, row, streams, out_offset))
             out_offset += row[2]
         if offset != len(body):
             raise corrupt(NAME, f"{len(body) - offset} trailing bytes after the last chunk")
-        if dense:
-            into = old_bits.copy()
-            _map(lambda start, row, streams, _: _decode_chunk_into(into, start, row, streams),
-                 jobs)  # fmt: skip
-            return Patch(None, into)
-        positions = np.empty(total, dtype=np.int64)
-        values = np.empty(total, dtype=uint_dtype(old))
+        self.dense: np.ndarray | None = None
+        itemsize, nbytes = self.old_bits.itemsize, self.old_bits.nbytes
+        if dense_when_smaller and sparse_bytes(total, itemsize) > nbytes:
+            self.dense = self.old_bits.copy()
+        else:
+            self.positions = np.empty(total, dtype=np.int64)
+            self.values = np.empty(total, dtype=uint_dtype(old))
 
-        def run(start: int, row: tuple[int, ...], streams: list[memoryview], at: int) -> None:
-            _decode_chunk(
-                old_bits,
-                start=start,
-                stop=min(start + CHUNK_ELEMENTS, n),
-                row=row,
-                streams=streams,
-                positions=positions,
-                values=values,
-                at=at,
-            )
+    def run(self, job: _ChunkJob) -> None:
+        if self.dense is not None:
+            _decode_chunk_into(self.dense, job.start, job.row, job.streams)
+            return
+        _decode_chunk(
+            self.old_bits,
+            start=job.start,
+            stop=min(job.start + CHUNK_ELEMENTS, self.n),
+            row=job.row,
+            streams=job.streams,
+            positions=self.positions,
+            values=self.values,
+            at=job.at,
+        )
 
-        _map(run, jobs)
-        if total == n and all(r[0] == MODE_DENSE for r in rows):
-            return Patch(None, values)
-        return Patch(positions, values)
+    def patch(self) -> Patch:
+        if self.dense is not None:
+            return Patch(None, self.dense)
+        if self.total == self.n and all(r[0] == MODE_DENSE for r in self.rows):
+            return Patch(None, self.values)
+        return Patch(self.positions, self.values)
 
 
 def _read_table(body: memoryview, n: int) -> tuple[list[tuple[int, ...]], int]:

@@ -30,6 +30,7 @@ from weightsync.codec.bits import bits, dtype_name, torch_dtype
 from weightsync.errors import (
     ChainError,
     InvalidIdentityError,
+    PayloadCorruptError,
     SnapshotCorruptError,
     SnapshotNotFoundError,
     StorageFileNotFoundError,
@@ -209,36 +210,36 @@ class FetchedSnapshot:
             for file in set(entry.payload_files):
                 users[file] += 1
         patches: dict[str, Patch] = {}
+        # The tensors whose last file is the same decode as one batch (their chunks
+        # share the codec's threads), and that file is freed after it.
+        batches: dict[int, list[str]] = {}
         for name in sorted(m.tensors, key=lambda n: (last_file[n], n)):
-            entry = m.tensors[name]
-            old = current.get(name)
-            if old is None:
-                raise ChainError(
-                    f"delta {m.identity!r} patches tensor {name!r}, which the current weights "
-                    f"lack; load its parent {m.parent!r} (or a base) first"
+            batches.setdefault(last_file[name], []).append(name)
+        for names in batches.values():
+            whole: list[str] = []
+            for name in names:
+                entry = m.tensors[name]
+                old = _current_for(m, name, current)
+                if entry.pieces:
+                    patch = _pieced_patch(m, name, old, payloads)
+                    patches[name] = compact(patch, old) if dense_when_smaller else patch
+                    del patch
+                else:
+                    whole.append(name)
+            try:
+                decoded = codec.decode_all(
+                    [(payloads[n], current[n]) for n in whole], compact=dense_when_smaller
                 )
-            if tuple(old.shape) != entry.shape or _dtype(old) != entry.dtype:
-                raise ChainError(
-                    f"delta {m.identity!r}: tensor {name!r} is {list(old.shape)} {_dtype(old)} "
-                    f"in the current weights but {list(entry.shape)} {entry.dtype} in the "
-                    f"snapshot; load its parent {m.parent!r} first"
-                )
-            if entry.pieces:
-                patch = _pieced_patch(m, name, old, payloads)
-                if dense_when_smaller:
-                    patch = compact(patch, old)
-            else:
-                decode = codec.decode_compact if dense_when_smaller else codec.decode_patch
-                try:
-                    patch = decode(payloads[name], old)
-                except SnapshotCorruptError as e:
-                    raise SnapshotCorruptError(
-                        f"snapshot {m.identity!r}, tensor {name!r} ({entry.file}): {e}"
-                    ) from e
-            patches[name] = patch
-            del patch
+            except PayloadCorruptError as e:
+                name = whole[e.index]
+                raise SnapshotCorruptError(
+                    f"snapshot {m.identity!r}, tensor {name!r} ({m.tensors[name].file}): {e}"
+                ) from e
+            patches.update(zip(whole, decoded, strict=True))
+            del decoded
             if release:
-                self._release(name, users)
+                for name in names:
+                    self._release(name, users)
         if release:
             self._released = True
         return {name: patches[name] for name in sorted(patches)}
@@ -266,6 +267,24 @@ class FetchedSnapshot:
             )
         # Chunk by chunk: no scratch copy of the tensor (see verify_patched_tensor).
         verify_patched_tensor(self.manifest, name, current[name], patch)
+
+
+def _current_for(m: Manifest, name: str, current: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """`current[name]`, checked to be what delta `m` patches (else a `ChainError`)."""
+    entry = m.tensors[name]
+    old = current.get(name)
+    if old is None:
+        raise ChainError(
+            f"delta {m.identity!r} patches tensor {name!r}, which the current weights "
+            f"lack; load its parent {m.parent!r} (or a base) first"
+        )
+    if tuple(old.shape) != entry.shape or _dtype(old) != entry.dtype:
+        raise ChainError(
+            f"delta {m.identity!r}: tensor {name!r} is {list(old.shape)} {_dtype(old)} "
+            f"in the current weights but {list(entry.shape)} {entry.dtype} in the "
+            f"snapshot; load its parent {m.parent!r} first"
+        )
+    return old
 
 
 class SnapshotStore:
