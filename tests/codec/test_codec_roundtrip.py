@@ -152,6 +152,21 @@ def test_encode_for_manifest_counts_across_chunks(codec: str) -> None:
         assert encoded.change_sum == tensor_change_sum(bits(old), bits(new))
 
 
+def mixed_tensors(rng: np.random.Generator) -> list[tuple[torch.Tensor, float]]:
+    """Old tensors for a batch, each with the density to move it by: small and
+    multi-chunk tensors, several dtypes, an empty one, an unchanged one, one changed
+    everywhere."""
+    cases = [
+        (torch.bfloat16, (4 * 2**20 + 777,), 0.03),
+        (torch.bfloat16, (64, 33), 0.2),
+        (torch.float32, (1000,), 0.5),
+        (torch.bfloat16, (0,), 0.0),
+        (torch.float16, (300, 7), 0.0),
+        (torch.bfloat16, (2**20 + 5,), 1.0),
+    ]
+    return [(random_bits(rng, dtype, shape, specials=0.01), d) for dtype, shape, d in cases]
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("codec", CODECS)
 def test_encode_all_for_manifest_matches_each_tensor_alone(codec: str) -> None:
@@ -160,15 +175,7 @@ def test_encode_all_for_manifest_matches_each_tensor_alone(codec: str) -> None:
     multi-chunk tensors, several dtypes, an empty one and an unchanged one."""
     rng = np.random.default_rng(11)
     pairs = []
-    for dtype, shape, density in [
-        (torch.bfloat16, (4 * 2**20 + 777,), 0.03),
-        (torch.bfloat16, (64, 33), 0.2),
-        (torch.float32, (1000,), 0.5),
-        (torch.bfloat16, (0,), 0.0),
-        (torch.float16, (300, 7), 0.0),
-        (torch.bfloat16, (2**20 + 5,), 1.0),
-    ]:
-        old = random_bits(rng, dtype, shape, specials=0.01)
+    for old, density in mixed_tensors(rng):
         pairs.append((old, ulp_moves(rng, old, density=density)))
     impl = get_codec(codec)
     together = impl.encode_all_for_manifest(pairs)
@@ -188,15 +195,7 @@ def test_decode_all_matches_each_payload_alone(codec: str) -> None:
     rng = np.random.default_rng(12)
     impl = get_codec(codec)
     items = []
-    for dtype, shape, density in [
-        (torch.bfloat16, (4 * 2**20 + 777,), 0.03),
-        (torch.bfloat16, (64, 33), 0.2),
-        (torch.float32, (1000,), 0.5),
-        (torch.bfloat16, (0,), 0.0),
-        (torch.float16, (300, 7), 0.0),
-        (torch.bfloat16, (2**20 + 5,), 0.9),
-    ]:
-        old = random_bits(rng, dtype, shape, specials=0.01)
+    for old, density in mixed_tensors(rng):
         items.append((impl.encode(old, ulp_moves(rng, old, density=density)), old))
     for compact in (False, True):
         together = impl.decode_all(items, compact=compact)
