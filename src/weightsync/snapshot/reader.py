@@ -216,26 +216,25 @@ class FetchedSnapshot:
         for name in sorted(m.tensors, key=lambda n: (last_file[n], n)):
             batches.setdefault(last_file[name], []).append(name)
         for names in batches.values():
-            whole: list[str] = []
+            whole: list[tuple[str, torch.Tensor]] = []
             for name in names:
-                entry = m.tensors[name]
                 old = _current_for(m, name, current)
-                if entry.pieces:
+                if m.tensors[name].pieces:
                     patch = _pieced_patch(m, name, old, payloads)
                     patches[name] = compact(patch, old) if dense_when_smaller else patch
                     del patch
                 else:
-                    whole.append(name)
+                    whole.append((name, old))
             try:
                 decoded = codec.decode_all(
-                    [(payloads[n], current[n]) for n in whole], compact=dense_when_smaller
+                    [(payloads[n], old) for n, old in whole], compact=dense_when_smaller
                 )
             except PayloadCorruptError as e:
-                name = whole[e.index]
+                name = whole[e.index][0]
                 raise SnapshotCorruptError(
                     f"snapshot {m.identity!r}, tensor {name!r} ({m.tensors[name].file}): {e}"
                 ) from e
-            patches.update(zip(whole, decoded, strict=True))
+            patches.update(zip((n for n, _ in whole), decoded, strict=True))
             del decoded
             if release:
                 for name in names:
