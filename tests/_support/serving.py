@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from _support.bits import same_bits
 from _support.chain import Chain
 from _support.models import model_holding
 from weightsync.server.app import create_app
@@ -51,6 +52,21 @@ def reference_greedy(
         for step, token in zip(out.logits, tokens, strict=True)
     ]
     return tokens, logprobs
+
+
+def assert_serves(client: Any, replica: Replica, chain: Chain, identity: str) -> None:
+    """Status, weights (bit for bit) and greedy completions all say `identity`."""
+    status = client.get("/hot_load/v1/models/hot_load").json()["replicas"][0]
+    assert status["current_snapshot_identity"] == identity
+    assert status["readiness"] is True
+    live = replica.engine.named_weights()
+    assert all(same_bits(live[n], t) for n, t in chain.weights[identity].items())
+    out = greedy(client, PROMPT_IDS)
+    tokens, logprobs = reference_greedy(chain.config, chain.weights[identity], PROMPT_IDS, 8)
+    assert out["choices"][0]["token_ids"] == tokens
+    assert out["choices"][0]["logprobs"]["token_logprobs"] == logprobs
+    assert out["snapshot_identity"] == identity
+    assert out["model"] == f"weightsync@{identity}"
 
 
 @contextmanager

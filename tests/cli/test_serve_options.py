@@ -1,5 +1,5 @@
 """`weightsync serve` options through Typer's runner: a bad or absent device fails by name;
-a drain bound without Ray is a usage error."""
+a drain bound without Ray, or a buffered swap for another engine, is a usage error."""
 
 from __future__ import annotations
 
@@ -52,3 +52,13 @@ def test_a_drain_timeout_without_ray_is_a_usage_error(model_dir: Path, tmp_path:
     result = runner.invoke(app, [*argv, "--drain-timeout-s", "5"])
     assert result.exit_code == 2
     assert "--drain-timeout-s" in result.output and "--ray" in result.output
+
+
+def test_a_buffered_swap_for_the_vllm_engine_is_a_usage_error(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Only the torch engine keeps a spare copy of the weights."""
+    argv = ["serve", "--model-dir", str(model_dir), "--state-dir", str(tmp_path)]
+    result = runner.invoke(app, [*argv, "--engine", "vllm", "--buffered-swap"])
+    assert result.exit_code == 2
+    assert "--buffered-swap" in result.output and "torch engine" in result.output

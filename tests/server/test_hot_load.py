@@ -8,26 +8,11 @@ import pytest
 
 from _support.bits import same_bits
 from _support.chain import Chain
-from _support.serving import PROMPT_IDS, greedy, hot_load, reference_greedy, wait_loaded
+from _support.serving import assert_serves, hot_load, wait_loaded
 from weightsync.codec import list_codecs
 
 BASE, D1, D2, D3 = (f"{n}-0badcafe" for n in ("base", "step1", "step2", "step3"))
 pytestmark = pytest.mark.timeout(120)
-
-
-def assert_serves(client, replica, chain: Chain, identity: str) -> None:
-    """Status, weights (bit for bit) and greedy completions all say `identity`."""
-    status = client.get("/hot_load/v1/models/hot_load").json()["replicas"][0]
-    assert status["current_snapshot_identity"] == identity
-    assert status["readiness"] is True
-    live = replica.engine.named_weights()
-    assert all(same_bits(live[n], t) for n, t in chain.weights[identity].items())
-    out = greedy(client, PROMPT_IDS)
-    tokens, logprobs = reference_greedy(chain.config, chain.weights[identity], PROMPT_IDS, 8)
-    assert out["choices"][0]["token_ids"] == tokens
-    assert out["choices"][0]["logprobs"]["token_logprobs"] == logprobs
-    assert out["snapshot_identity"] == identity
-    assert out["model"] == f"weightsync@{identity}"
 
 
 def test_base_then_deltas(serve, chain: Chain) -> None:

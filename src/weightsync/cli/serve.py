@@ -85,6 +85,14 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
     engine_threads: Annotated[
         int | None, typer.Option(min=1, help="torch engine: intra-op threads per replica.")
     ] = None,
+    buffered_swap: Annotated[
+        bool,
+        typer.Option(
+            help="torch engine: keep a second copy of the weights so that a load is written "
+            "while serving goes on and the serving pause only swaps copies (docs/server.md; "
+            "costs one more copy of the model in memory)."
+        ),
+    ] = False,
     device: Annotated[
         str,
         typer.Option(help="torch engine: serve on cpu | cuda | auto (CUDA when present)."),
@@ -185,7 +193,7 @@ def serve(  # noqa: PLR0917  (typer maps parameters to options)
         template = _replica_config(
             storage=storage, snapshot=snapshot, model_dir=model_dir, snapshot_name=snapshot_name,
             api_key=api_key, transition=transition, engine=engine, engine_threads=engine_threads,
-            device=device,
+            buffered_swap=buffered_swap, device=device,
             vllm_args=list(vllm_arg or []), state_dir=state_dir / replica_id,
             model_name=model_name, deployment_id=deployment_id, account_id=account_id,
             max_body_bytes=max_body_bytes, replica_id=replica_id,
@@ -272,15 +280,23 @@ def _engine_options(
     model_name: str,
     *,
     engine_threads: int | None,
+    buffered_swap: bool = False,
     vllm_args: list[str],
 ) -> dict[str, object]:
     """The engine's constructor options from the serve flags."""
+    if buffered_swap and engine != "torch":
+        raise typer.BadParameter(
+            "only the torch engine keeps a spare copy of the weights", param_hint="--buffered-swap"
+        )
     if engine == "vllm":
         # vLLM's server pauses in the transition's mode and names the model like the replica.
         return {"transition": transition, "served_model_name": model_name, "serve_args": vllm_args}
     if vllm_args:
         raise typer.BadParameter("only the vllm engine takes --vllm-arg", param_hint="--vllm-arg")
-    return {} if engine_threads is None else {"num_threads": engine_threads}
+    options: dict[str, object] = {} if engine_threads is None else {"num_threads": engine_threads}
+    if buffered_swap:
+        options["buffered_swap"] = True
+    return options
 
 
 def _serve_gateway(
@@ -328,6 +344,7 @@ def _replica_config(
     transition: str,
     engine: str,
     engine_threads: int | None,
+    buffered_swap: bool = False,
     device: str = "cpu",
     vllm_args: list[str],
     state_dir: Path,
@@ -356,7 +373,12 @@ def _replica_config(
         transition=transition,  # type: ignore[arg-type]
         engine=engine,
         engine_options=_engine_options(
-            engine, transition, model_name, engine_threads=engine_threads, vllm_args=vllm_args
+            engine,
+            transition,
+            model_name,
+            engine_threads=engine_threads,
+            buffered_swap=buffered_swap,
+            vllm_args=vllm_args,
         ),
         device=device,  # type: ignore[arg-type]
         api_key=api_key,

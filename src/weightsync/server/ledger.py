@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from weightsync.errors import LedgerError
-from weightsync.server.load_report import TIMING_FIELDS, LoadReport
+from weightsync.server.load_report import LoadReport
 
 LEDGER_FILE = "ledger.sqlite3"
 SCHEMA_VERSION = 2
@@ -44,9 +44,11 @@ _SCHEMA = (
     )""",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
+#: The first schema's columns, as it was (a migration reads them).
 _V0_COLUMNS = (
     "identity", "kind", "parent", "source", "result", "error", "started_at", "finished_at",
-    *TIMING_FIELDS, "bytes_fetched", "reset_prompt_cache", "recovered",
+    "fetch_s", "decode_s", "verify_s", "drain_s", "pause_s", "check_s", "total_s",
+    "bytes_fetched", "reset_prompt_cache", "recovered",
 )  # fmt: skip
 
 

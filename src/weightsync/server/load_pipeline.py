@@ -369,7 +369,7 @@ class LoadPipeline:
         m.bytes_fetched.inc(report.bytes_fetched)
         if isinstance(failure, ChecksumMismatchError):
             m.verify_failures.inc()
-        for stage in ("fetch", "decode", "verify", "check", "total"):
+        for stage in ("fetch", "decode", "verify", "stage", "check", "total"):
             m.stage_seconds.labels(stage=stage).observe(getattr(report, f"{stage}_s"))
         if report.result == "ok" and manifest.kind != "lora":
             m.pause.observe(report.pause_s)
@@ -389,6 +389,7 @@ class LoadPipeline:
             self._error = error
             self._progress = None
             self._publish_locked()
+        self.engine.settle()  # after the status says the load ended: nobody waits on it
 
     def _write(self, entry: LedgerEntry, *, adapters: list[str] | None = None) -> str | None:
         """Append `entry` (after any rows an earlier failure left unwritten); the failure, or None.
@@ -528,8 +529,11 @@ class LoadPipeline:
     ) -> None:
         identity = manifest.identity
         prepared = self._prepare(store, manifest, report)
-        # Before the swap lock: e.g. the vllm engine's push file (serving goes on).
+        # Before the swap lock (serving goes on): e.g. the vllm engine's push file, the
+        # torch engine's buffered swap writing its spare copy.
+        t_stage = time.perf_counter()
         self.engine.stage_patches(prepared.patches)
+        report.stage_s = time.perf_counter() - t_stage
         previous = self._served
         self._set_stage("swapping")
         self._reached("swapping", identity)

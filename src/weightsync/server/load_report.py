@@ -12,9 +12,6 @@ from typing import Any
 # The stages (drawn in `load_pipeline.py`), kinds and results are the wire's enumerations.
 from weightsync.wire import LoadKind, LoadResult, SourceKind
 
-#: Fields of `LoadReport` that are seconds (one per stage, plus the whole load).
-TIMING_FIELDS = ("fetch_s", "decode_s", "verify_s", "drain_s", "pause_s", "check_s", "total_s")
-
 
 @dataclass(kw_only=True)
 class LoadReport:
@@ -37,6 +34,8 @@ class LoadReport:
     fetch_s: float = 0.0
     decode_s: float = 0.0
     verify_s: float = 0.0
+    #: The engine's preparation outside the pause (`Engine.stage_patches`).
+    stage_s: float = 0.0
     drain_s: float = 0.0
     pause_s: float = 0.0
     check_s: float = 0.0

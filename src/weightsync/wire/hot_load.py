@@ -213,6 +213,7 @@ class LoadRecord(WireModel):
     fetch_s: float = 0.0
     decode_s: float = 0.0
     verify_s: float = 0.0
+    stage_s: float = 0.0
     drain_s: float = 0.0
     pause_s: float = 0.0
     check_s: float = 0.0

@@ -283,6 +283,13 @@ class Engine(ABC):
         `vllm` engine writes its push file). The default does nothing.
         """
 
+    def settle(self) -> None:  # noqa: B027  (optional)
+        """Called once each load has ended (either way), outside the swap lock: the
+        engine may start background work that the load left for later (the torch
+        engine's buffered swap brings its spare copy up to date here). The default
+        does nothing.
+        """
+
     @abstractmethod
     def generate(
         self,

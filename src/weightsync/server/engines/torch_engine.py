@@ -11,6 +11,10 @@ around a forward step and around anything that changes the model (patches,
 adapters, a new base), so those wait at most for one step, never for a whole
 sequence: the replica patches while a generation is paused between steps, and
 that generation then continues on the new weights with its own KV.
+
+With `buffered_swap` the engine keeps a spare copy of the weights
+(`spare_weights.py`): a load writes into it before the swap lock and the pause only
+points the parameters at it.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from weightsync.server.engines.sampling import (
     sampling_logprob,
     token_logprobs,
 )
+from weightsync.server.engines.spare_weights import SpareWeights
 from weightsync.server.engines.torch_adapters import LoraAdapters
 from weightsync.server.engines.torch_device import (
     device_checksum,
@@ -92,6 +97,7 @@ class TorchEngine(Engine):
         cache_block_tokens: int = 16,
         num_threads: int | None = None,
         device: str = "cpu",
+        buffered_swap: bool = False,
     ) -> None:
         """`prompt_cache_tokens`: bound of the prompt cache (0 disables it).
 
@@ -101,8 +107,18 @@ class TorchEngine(Engine):
         `num_threads`: torch intra-op threads (process-wide), None leaves torch's default.
         `device`: "cpu", "cuda" or "auto" (CUDA when available); off the CPU the engine
         keeps a host image of the weights for decoding (`torch_device.py`).
+        `buffered_swap`: keep a spare copy of the weights (one more copy of the model in
+        memory) so that a load is written while serving goes on and the serving pause
+        only swaps copies (`spare_weights.py`); CPU only.
         """
         self.device = resolve_engine_device(device)
+        if buffered_swap and self.device.type != "cpu":
+            raise InvalidInputError(
+                f"buffered_swap keeps its spare copy in host memory and needs device 'cpu', "
+                f"not {self.device.type!r}; on a GPU the apply already runs on the device"
+            )
+        self._buffered_swap = buffered_swap
+        self._spare: SpareWeights | None = None
         # Off the CPU: the host image of the device weights, kept bit-equal to them.
         self._host: dict[str, torch.Tensor] | None = None
         self._prefix_cache = PrefixCache(
@@ -136,6 +152,8 @@ class TorchEngine(Engine):
         tokenizer = self._load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
         current = self._loaded
         if current is not None and same_model(current.config, current.weights, config, tensors):
+            if self._spare is not None:
+                self._spare.invalidate()  # the live weights are written without it
             with self._step_lock:
                 for name, target in current.weights.items():
                     target.copy_(tensors[name])
@@ -150,9 +168,13 @@ class TorchEngine(Engine):
             loaded.model.to(self.device)  # in place: the module's parameters move
             loaded.weights = _snapshot_weights(loaded.model)
             host = host_image(loaded.weights)
+        if self._spare is not None:
+            self._spare.wait()
+        spare = SpareWeights(loaded.model, loaded.weights) if self._buffered_swap else None
         with self._step_lock:
             self._loaded = loaded
             self._host = host
+            self._spare = spare
             self.tokenizer = tokenizer
             self._prefix_cache.reset("all")
         if current is not None and current.adapters.names():
@@ -189,17 +211,18 @@ class TorchEngine(Engine):
         With `keep_undo` all or none is applied; without, no undo is built and every tensor
         is written at once (`write_patches`: nothing allocated). Does not wait for
         running generations: it takes only the step lock, which a generation holds just
-        inside one forward step.
+        inside one forward step. With `buffered_swap`, patches that `stage_patches` wrote
+        into the spare copy are made live by pointing the model at it.
         """
         loaded = self._require_loaded()
-        for name, patch in patches.items():
-            target = loaded.weights.get(name)
-            if target is None:
-                raise InvalidInputError(
-                    f"cannot patch {name!r}: no such weight in the loaded model "
-                    f"({len(loaded.weights)} weights, e.g. {next(iter(loaded.weights))!r})"
-                )
-            _check_patch_fits(name, patch, target)
+        _check_patches_fit(loaded.weights, patches)
+        spare = self._spare
+        if spare is not None and spare.is_staged(patches) and not keep_undo:
+            with self._step_lock:
+                loaded.weights = spare.swap(loaded.weights)
+            return {}
+        if spare is not None:
+            spare.invalidate()  # the live weights are written without it
         if self._host is not None:
             return self._apply_on_device(loaded.weights, self._host, patches, keep_undo=keep_undo)
         undo: dict[str, Patch] = {}
@@ -223,6 +246,28 @@ class TorchEngine(Engine):
                     ) from e
                 raise InvalidInputError(f"patch for {name!r} could not be applied: {e}") from e
         return undo
+
+    def stage_patches(self, patches: Mapping[str, Patch]) -> None:
+        """With `buffered_swap`, write `patches` into the spare copy (serving goes on)."""
+        if self._spare is None:
+            return
+        loaded = self._require_loaded()
+        _check_patches_fit(loaded.weights, patches)
+        try:
+            self._spare.stage(patches, loaded.weights)
+        except (ValueError, IndexError, UnsupportedDtypeError) as e:
+            raise InvalidInputError(f"the patches could not be staged: {e}") from e
+
+    def settle(self) -> None:
+        """With `buffered_swap`, bring the spare copy level with the live weights, in
+        the background."""
+        loaded = self._loaded
+        if self._spare is not None and loaded is not None:
+            self._spare.catch_up(loaded.weights)
+
+    def close(self) -> None:
+        if self._spare is not None:
+            self._spare.wait()
 
     def _apply_on_device(
         self,
@@ -570,6 +615,17 @@ def _cache_layers(cache: DynamicCache) -> list[LayerKV]:
             raise DeploymentError(f"unexpected KV cache layer {type(layer).__name__}")
         layers.append((layer.keys, layer.values))
     return layers
+
+
+def _check_patches_fit(weights: Mapping[str, torch.Tensor], patches: Mapping[str, Patch]) -> None:
+    for name, patch in patches.items():
+        target = weights.get(name)
+        if target is None:
+            raise InvalidInputError(
+                f"cannot patch {name!r}: no such weight in the loaded model "
+                f"({len(weights)} weights, e.g. {next(iter(weights))!r})"
+            )
+        _check_patch_fits(name, patch, target)
 
 
 def _check_patch_fits(name: str, patch: Patch, target: torch.Tensor) -> None:
