@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 import weightsync.cli.bench  # noqa: F401  (registers the command)
-from weightsync.bench.methods import FULL_RELOAD, bench_methods
+from weightsync.bench.methods import BUFFERED_SWAP, FULL_RELOAD, bench_methods
 from weightsync.cli import app
 from weightsync.codec import DEFAULT_CODEC
 
@@ -59,7 +59,8 @@ def test_report_sections_and_model(smoke_run: tuple[dict, str, bytes]) -> None:
 def test_codec_rows_consistent(smoke_run: tuple[dict, str, bytes]) -> None:
     report, _, _ = smoke_run
     full_bytes = report["model"]["full_bytes"]
-    methods = [m.name for m in bench_methods()]
+    # A method that measures a way of serving (the buffered swap) has no codec rows.
+    methods = [m.name for m in bench_methods() if m.measures_codec]
     for lr in (1e-5, 3e-5):
         rows = {r["method"]: r for r in report["codecs"] if r["lr"] == lr}
         assert sorted(rows) == sorted(methods)
@@ -79,6 +80,7 @@ def test_interval_rows(smoke_run: tuple[dict, str, bytes]) -> None:
     report, _, _ = smoke_run
     delta_codecs = {m.codec for m in bench_methods() if not m.is_full_reload}
     rows = report["intervals"]
+    assert len(rows) == 2 * len(delta_codecs)  # one row per codec and span, not per method
     assert {r["span_steps"] for r in rows} == {1, 3}
     assert {r["codec"] for r in rows} == delta_codecs
     for codec in delta_codecs:
@@ -94,9 +96,9 @@ def test_interval_rows(smoke_run: tuple[dict, str, bytes]) -> None:
 def test_end_to_end_rows(smoke_run: tuple[dict, str, bytes]) -> None:
     report, _, _ = smoke_run
     rows = {r["method"]: r for r in report["end_to_end"]}
-    assert sorted(rows) == sorted({FULL_RELOAD, DEFAULT_CODEC})
-    full, default = rows[FULL_RELOAD], rows[DEFAULT_CODEC]
-    for r in (full, default):
+    assert sorted(rows) == sorted({FULL_RELOAD, DEFAULT_CODEC, BUFFERED_SWAP})
+    full, default, buffered = rows[FULL_RELOAD], rows[DEFAULT_CODEC], rows[BUFFERED_SWAP]
+    for r in (full, default, buffered):
         assert r["lossless"] is True
         assert len(r["syncs"]) == 2
         assert r["first_sync"]["checkpoint_type"] == "base"
@@ -111,6 +113,10 @@ def test_end_to_end_rows(smoke_run: tuple[dict, str, bytes]) -> None:
     assert full["changed_fraction"] == default["changed_fraction"] > 0
     assert {s["checkpoint_type"] for s in full["syncs"]} == {"base"}
     assert {s["checkpoint_type"] for s in default["syncs"]} == {"delta"}
+    # The buffered swap changes how replicas apply, not what is saved and sent.
+    assert {s["checkpoint_type"] for s in buffered["syncs"]} == {"delta"}
+    assert buffered["median_payload_bytes"] == default["median_payload_bytes"]
+    assert buffered["changed_fraction"] == default["changed_fraction"]
     # A base carries every tensor; a delta of a few percent changed is smaller.
     assert full["median_payload_bytes"] >= report["model"]["full_bytes"]
     assert default["median_payload_bytes"] < full["median_payload_bytes"]
@@ -127,6 +133,7 @@ def test_targets_judged(smoke_run: tuple[dict, str, bytes]) -> None:
             "end-to-end speedup",
             "save vs torch.save",
             "serving pause",
+            "serving pause (buffered swap, opt-in)",
         ]
     )
     for t in targets.values():
@@ -151,6 +158,9 @@ def test_targets_judged(smoke_run: tuple[dict, str, bytes]) -> None:
     default, full = rows[DEFAULT_CODEC], rows["full-reload"]
     assert targets["serving pause"]["status"] == (
         "met" if default["pause_fraction"] <= 0.02 else "missed"
+    )
+    assert targets["serving pause (buffered swap, opt-in)"]["status"] == (
+        "met" if rows[BUFFERED_SWAP]["pause_fraction"] <= 0.02 else "missed"
     )
     # The save targets' baseline ran beside each method: torch.save of its bf16 weights.
     assert default["torch_save_s"] > 0 and full["torch_save_s"] > 0 and full["torch_fsync_s"] >= 0

@@ -117,6 +117,7 @@ def run_method(
         model_dir=str(seed_model_dir),
         engine=engine,  # type: ignore[arg-type]
         state_dir=str(root / "state"),
+        extra_args=method.serve_args,
     )
     say(f"{method.name}: starting a local deployment")
     deployment = manager.create_or_get(config)

@@ -24,10 +24,18 @@ class Method:
     codec: str
     checkpoint_type: CheckpointType
     practice: str
+    #: Extra `weightsync serve` arguments of the deployment it syncs to (torch engine).
+    #: A method with some measures a way of serving, not a codec: it runs end to end only.
+    serve_args: tuple[str, ...] = ()
 
     @property
     def is_full_reload(self) -> bool:
         return self.checkpoint_type == "base"
+
+    @property
+    def measures_codec(self) -> bool:
+        """Whether the method's codec rows are its own (not another method's again)."""
+        return not self.serve_args
 
     @property
     def syncs_end_to_end(self) -> bool:
@@ -36,6 +44,8 @@ class Method:
 
 
 FULL_RELOAD = "full-reload"
+#: The default codec synced to a deployment that serves with `--buffered-swap`.
+BUFFERED_SWAP = f"{DEFAULT_CODEC}+buffered-swap"
 
 # Methods of the field, in the order the report lists them; codecs that are not
 # registered (yet) are skipped by `bench_methods`.
@@ -86,7 +96,8 @@ _FIELD_METHODS: tuple[Method, ...] = (
 
 
 def bench_methods(codecs: tuple[str, ...] | None = None) -> list[Method]:
-    """The methods to measure: the field's, the default codec, then any other codec.
+    """The methods to measure: the field's, the default codec (also synced to replicas
+    with the buffered swap), then any other codec.
 
     `codecs` restricts the list to methods whose codec is named there (`full`
     selects the full-reload method); an unregistered name raises with the known
@@ -111,6 +122,16 @@ def bench_methods(codecs: tuple[str, ...] | None = None) -> list[Method]:
         covered.add(codec)
         practice = "weightsync default codec" if codec == DEFAULT_CODEC else "weightsync codec"
         methods.append(Method(name=codec, codec=codec, checkpoint_type="delta", practice=practice))
+        if codec == DEFAULT_CODEC:
+            methods.append(
+                Method(
+                    name=BUFFERED_SWAP,
+                    codec=codec,
+                    checkpoint_type="delta",
+                    practice="weightsync default codec, replicas with --buffered-swap (opt-in)",
+                    serve_args=("--buffered-swap",),
+                )
+            )
     if codecs is not None:
         methods = [m for m in methods if m.codec in codecs]
     return methods

@@ -205,6 +205,7 @@ def _train(
     """
     num_steps = config.trajectory_steps if trajectory else config.steps_per_lr
     keep_previous_until = max(config.steps_per_lr, config.e2e_syncs if trajectory else 0)
+    methods = [m for m in methods if m.measures_codec]
     delta_methods = [m for m in methods if not m.is_full_reload]
     recorded: Trajectory | None = None
     initial: Snapshot | None = None
@@ -259,7 +260,10 @@ def _run_end_to_end(
     if config.e2e_codecs is not None:
         wanted = {m.name for m in bench_methods(config.e2e_codecs)}
         methods = [m for m in methods if m.name in wanted]
-    methods = [m for m in methods if m.syncs_end_to_end]
+    # Extra serve arguments (the buffered swap) are the torch engine's.
+    methods = [
+        m for m in methods if m.syncs_end_to_end and (config.engine == "torch" or not m.serve_args)
+    ]
     try:
         for method in methods:
             report.end_to_end.append(

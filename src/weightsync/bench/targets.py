@@ -11,7 +11,7 @@ a serving pause <= 2 % of the sync.
 
 from __future__ import annotations
 
-from weightsync.bench.methods import FULL_RELOAD
+from weightsync.bench.methods import BUFFERED_SWAP, FULL_RELOAD
 from weightsync.bench.report import BenchReport, CodecRow, EndToEndRow, TargetRow, TargetStatus
 
 BOUND_TARGET = 1.05
@@ -29,15 +29,19 @@ E2E_TARGET_SIZE = "0.6b"
 
 
 def evaluate_targets(report: BenchReport, *, default_codec: str) -> list[TargetRow]:
-    """Judge the benchmark's five targets on `report`."""
+    """Judge the benchmark's five targets on `report` (the pause also with the opt-in
+    buffered swap, when it ran)."""
     default_rows = [r for r in report.codecs if r.codec == default_codec]
-    return [
+    targets = [
         _bound_target(default_rows, default_codec),
         _throughput_target(default_rows, default_codec, report.memcpy_gbps),
         _speedup_target(report, default_codec),
         _save_target(report.end_to_end, default_codec),
         _pause_target(report.end_to_end, default_codec),
     ]
+    if _find(report.end_to_end, BUFFERED_SWAP) is not None:
+        targets.append(_pause_target(report.end_to_end, BUFFERED_SWAP))
+    return targets
 
 
 def _judged(name: str, target: str, measured: str, *, met: bool, limited_by: str) -> TargetRow:
@@ -193,18 +197,22 @@ def _save_target(rows: list[EndToEndRow], codec: str) -> TargetRow:
     return _judged(name, target, measured, met=met, limited_by=limit)
 
 
-def _pause_target(rows: list[EndToEndRow], codec: str) -> TargetRow:
-    name = "serving pause"
-    target = f"{codec}: serving pause <= {PAUSE_TARGET:.0%} of the sync's wall time"
-    delta = _find(rows, codec)
+def _pause_target(rows: list[EndToEndRow], method: str) -> TargetRow:
+    buffered = method == BUFFERED_SWAP
+    name = "serving pause (buffered swap, opt-in)" if buffered else "serving pause"
+    target = f"{method}: serving pause <= {PAUSE_TARGET:.0%} of the sync's wall time"
+    delta = _find(rows, method)
     if delta is None or delta.total_s <= 0:
-        return _not_measured(name, target, "the end-to-end section did not run the default codec")
+        return _not_measured(name, target, f"the end-to-end section did not run {method}")
     measured = (
         f"{delta.pause_fraction:.2%} ({delta.pause_s * 1000:.1f} ms of {delta.total_s:.2f} s)"
     )
     met = delta.pause_fraction <= PAUSE_TARGET
     limit = (
-        "the pause covers only the in-place apply of the decoded patch and the prompt-cache "
-        "reset; fetch, verify and decode overlap serving"
+        "the pause covers only pointing the model at the spare copy the load was written "
+        "into, and the prompt-cache reset; the spare costs one more copy of the model"
+        if buffered
+        else "the pause covers only the in-place apply of the decoded patch and the "
+        "prompt-cache reset; fetch, verify and decode overlap serving"
     )
     return _judged(name, target, measured, met=met, limited_by=limit)
