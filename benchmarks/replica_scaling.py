@@ -12,7 +12,10 @@ decoder and patch kernels up and is not reported; each reported row is the best 
     verify  check each patch before the swap: from the changed elements alone against
             the manifest's change sum (format 3, `wsdelta1`), or, without change sums,
             rebuild each patched tensor and check its full checksum
-    pause   the swap lock held: apply in place (+ prompt-cache reset)
+    stage   the engine's work before the swap lock (`--buffered-swap`: write the spare
+            copy, after waiting for the previous load's catch-up of it; else nothing)
+    pause   the swap lock held: apply in place, or point the model at the spare
+            (`--buffered-swap`), + prompt-cache reset
     check   re-checksum the live weights against the manifest
     total   the whole load, as the replica measured it
 
@@ -24,6 +27,7 @@ verified the density table's way, of each stage's seconds as
 `c` the part that grows with the model whatever changed (what issue 17 asks to remove).
 
     flock /tmp/weightsync-bigrun.lock .venv/bin/python benchmarks/replica_scaling.py
+    .venv/bin/python benchmarks/replica_scaling.py --change-sums on --buffered-swap
     .venv/bin/python benchmarks/replica_scaling.py --sizes tiny,small,medium \\
         --density-size medium --json out.json
 """
@@ -42,7 +46,7 @@ from typing import Any
 
 import torch
 
-STAGES = ("fetch", "decode", "verify", "pause", "check", "total")
+STAGES = ("fetch", "decode", "verify", "stage", "pause", "check", "total")
 #: Named model shapes: a `weightsync.toymodel` size and its config overrides.
 SHAPES: dict[str, tuple[str, dict[str, int]]] = {
     "tiny": ("tiny", {}),
@@ -69,6 +73,7 @@ class Row:
     fetch: float
     decode: float
     verify: float
+    stage: float
     pause: float
     check: float
     total: float
@@ -81,6 +86,7 @@ def measure_shape(
     warm_fraction: float,
     work: Path,
     change_sums: bool,
+    buffered_swap: bool = False,
 ) -> list[Row]:
     """Hot-load a warm-up delta, then `repeats` deltas at each of `fractions`; best of each."""
     from weightsync.server.config import ReplicaConfig
@@ -125,7 +131,7 @@ def measure_shape(
             storage=str(store),
             snapshot="base-0a0a0a0a",
             state_dir=run_dir / "state",
-            engine_options={"num_threads": 2},
+            engine_options={"num_threads": 2, "buffered_swap": buffered_swap},
         )
     )
     replica.start()
@@ -203,6 +209,10 @@ def main() -> None:
         "--change-sums", choices=("on", "off", "both"), default="both",
         help="deltas with change sums in their manifests, without, or the size table both ways",
     )  # fmt: skip
+    parser.add_argument(
+        "--buffered-swap", action="store_true",
+        help="replicas keep a spare copy of the weights (weightsync serve --buffered-swap)",
+    )  # fmt: skip
     args = parser.parse_args()
     sizes = [s for s in args.sizes.split(",") if s]
     unknown = [s for s in sizes if s not in SHAPES]
@@ -217,12 +227,14 @@ def main() -> None:
         for shape in sizes:
             for sums in ways:
                 by_size += measure_shape(
-                    shape, [args.fraction], args.repeats, args.fraction, Path(tmp), sums
-                )
+                    shape, [args.fraction], args.repeats, args.fraction, Path(tmp), sums,
+                    buffered_swap=args.buffered_swap,
+                )  # fmt: skip
                 gc.collect()
         by_density = measure_shape(
-            args.density_size, fractions, args.repeats, args.fraction, Path(tmp), ways[0]
-        )
+            args.density_size, fractions, args.repeats, args.fraction, Path(tmp), ways[0],
+            buffered_swap=args.buffered_swap,
+        )  # fmt: skip
     rows = by_size + by_density
     # The fit is of one way of verifying: the density table's.
     fitted = fit([r for r in rows if r.change_sums == ways[0]])
@@ -245,6 +257,7 @@ def main() -> None:
         report: dict[str, Any] = {
             "fraction": args.fraction,
             "density_size": args.density_size,
+            "buffered_swap": args.buffered_swap,
             "by_size": [asdict(r) for r in by_size],
             "by_density": [asdict(r) for r in by_density],
             "fit": fitted,

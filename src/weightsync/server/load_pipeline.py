@@ -16,8 +16,9 @@ checks each patch against the manifest — from its changed elements when the
 manifest carries change sums (FORMAT.md §4.2), else by rebuilding the patched
 tensor chunk by chunk against its full checksum — so a corrupt snapshot never
 touches the live weights. `swapping`
-holds the swap lock's exclusive side (the serving pause: apply in place +
-prompt-cache reset), and the new identity, config and tokenizer become current
+holds the swap lock's exclusive side (the serving pause: apply in place, or with
+the torch engine's buffered swap point the model at the spare copy written just
+before, + prompt-cache reset), and the new identity, config and tokenizer become current
 inside it, so every answer is labelled with the weights it was computed on.
 `checking` re-checksums the live weights against the manifest; on a mismatch
 the previous weights are read again from where the ledger says they came from
