@@ -61,18 +61,21 @@ class Patch:
         write_patches([(target, self)])
 
 
-def write_patches(pairs: Iterable[tuple[torch.Tensor, Patch]]) -> None:
+def write_patches(
+    pairs: Iterable[tuple[torch.Tensor, Patch]], *, threads: int | None = None
+) -> None:
     """Write each patch into its tensor in place, without an undo, all tensors at once.
 
-    The work of every pair is spread over the patch threads together (`write_all`).
-    A dense patch of the wrong size, or a sparse one whose first or last position
-    lies outside its tensor, raises before anything is written; a sparse patch's
+    The work of every pair is spread over the patch threads together (`write_all`;
+    `threads=1`: on the calling thread only). A dense patch of the wrong size, or a
+    sparse one whose first or last position lies outside its tensor, raises before
+    anything is written; a sparse patch's
     positions must be strictly increasing (every decoder's are, and a delta's verify
     refuses others): one found out of order raises `ValueError` with the tensors
     partly written, so only a caller that restores the weights from their source
     on failure (a replica's hot-load) writes without an undo.
     """
-    write_all([(bits(t).reshape(-1), p.positions, p.values) for t, p in pairs])
+    write_all([(bits(t).reshape(-1), p.positions, p.values) for t, p in pairs], threads=threads)
 
 
 #: Elements compared at a time by `count_changed` (its temporaries stay this size).

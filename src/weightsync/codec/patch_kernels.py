@@ -149,7 +149,7 @@ def swap_in(view: np.ndarray, positions: np.ndarray, values: np.ndarray) -> np.n
 WriteItem = tuple[np.ndarray, np.ndarray | None, np.ndarray]
 
 
-def write_all(items: Sequence[WriteItem]) -> None:
+def write_all(items: Sequence[WriteItem], *, threads: int | None = None) -> None:
     """`view[positions] = values` (`view[:] = values` when dense) for every item, in place.
 
     No undo is built, and all the items' work (slices of up to 64K changes or 4M dense
@@ -160,7 +160,9 @@ def write_all(items: Sequence[WriteItem]) -> None:
     written (`IndexError`, `ValueError`); positions found out of order while writing
     raise `ValueError` with the items partly written, which only a caller that can
     restore the weights from their source may accept. No write ever leaves a view.
+    `threads=1` writes on the calling thread only (a background caller's share).
     """
+    most = _POOL_THREADS if threads is None else max(1, min(threads, _POOL_THREADS))
     jobs: list[_Job] = []
     for view, positions, values in items:
         if positions is None:
@@ -182,7 +184,7 @@ def write_all(items: Sequence[WriteItem]) -> None:
     if not jobs:
         return
     work = sum(job[0] for job in jobs)
-    threads = min(_POOL_THREADS, -(-work // _SLICE_ELEMENTS))
+    threads = min(most, -(-work // _SLICE_ELEMENTS))
     # Less than a slice's work is written here: handing it to the pool costs more.
     # Every run is waited for before anything is raised: no thread writes after the call.
     if threads <= 1:

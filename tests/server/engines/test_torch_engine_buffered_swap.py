@@ -3,6 +3,7 @@ recopied whenever it may differ from the live weights. Weights compared bit for 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -87,3 +88,32 @@ def test_an_apply_that_was_not_staged_writes_in_place_and_the_spare_follows(mode
     engine.apply_patches(second, keep_undo=False)
     now = bits(engine.named_weights()[name]).reshape(-1)
     assert now[0] == first[name].values[0] and now[1] == second[name].values[0]
+
+
+def test_a_catch_up_stopped_at_any_point_leaves_the_next_load_exact() -> None:
+    """`wait` stops the background catch-up after its current tensor; the next stage
+    writes what it left. Whichever tensor it stopped at, every copy ends exact."""
+    from weightsync.server.engines.spare_weights import SpareWeights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(64, 64).to(torch.bfloat16) for _ in range(8)))
+    live = {n: p.data for n, p in model.state_dict(keep_vars=True).items()}
+    expected = {n: bits(t).copy().reshape(-1) for n, t in live.items()}
+    spare = SpareWeights(model, live)
+    gen = np.random.default_rng(0)
+    for _ in range(30):
+        patches = {}
+        for name, flat in expected.items():
+            positions = np.unique(gen.integers(0, flat.size, 40)).astype(np.int64)
+            values = flat[positions] ^ np.uint16(1)
+            flat[positions] = values
+            patches[name] = Patch(positions, values)
+        spare.stage(patches, live)
+        live = spare.swap(live)
+        spare.catch_up(live)
+        time.sleep(float(gen.random()) * 0.002)  # stop it at a different point each time
+        spare.wait()
+        held = {n: p.data for n, p in model.state_dict(keep_vars=True).items()}
+        for name, flat in expected.items():
+            assert held[name].data_ptr() == live[name].data_ptr()
+            assert np.array_equal(bits(live[name]).reshape(-1), flat), name

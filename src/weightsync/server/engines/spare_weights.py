@@ -6,8 +6,9 @@ bit-equal to the live one between loads. A load writes its patches into the spar
 the model's parameters at the spare (`swap`: a few microseconds a tensor), so the
 pause no longer grows with the change. What was live becomes the spare, one load
 behind; `catch_up` writes the same patches into it (or copies a dense one from the
-live tensor) in the background once the load has ended, and every later use of the
-spare waits for that first.
+live tensor) once the load has ended, on one background thread at the lowest CPU
+priority, so that it takes only what serving and the trainer leave idle. The next
+use of the spare stops it and writes what it left at full speed.
 
 The cost is one more copy of the model for the replica's whole life. A spare that
 may differ from the live weights (a write failed part way, or the live weights were
@@ -18,6 +19,8 @@ stale and copied whole from the live weights before its next use.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 from collections.abc import Mapping
 
@@ -83,6 +86,7 @@ class SpareWeights:
         self._staged: Mapping[str, Patch] | None = None
         self._stale = False
         self._catching_up: threading.Thread | None = None
+        self._hurry = threading.Event()
 
     @property
     def nbytes(self) -> int:
@@ -125,18 +129,25 @@ class SpareWeights:
         return new_live
 
     def catch_up(self, live: Mapping[str, torch.Tensor]) -> None:
-        """Start writing what the spare lacks, in the background (`wait` joins it)."""
+        """Start writing what the spare lacks, in the background (`wait` stops it)."""
         self.wait()
         if not self._behind or self._stale:
             return
+        self._hurry.clear()
         self._catching_up = threading.Thread(
             target=self._catch_up_now, args=(dict(live),), name="spare-catch-up", daemon=True
         )
         self._catching_up.start()
 
     def _catch_up_now(self, live: Mapping[str, torch.Tensor]) -> None:
+        """One tensor at a time on this thread, until done or told to stop (`wait`)."""
+        _lowest_priority()
         try:
-            self._level_with(live)
+            while self._behind and not self._hurry.is_set():
+                name, patch = self._behind.popitem()
+                if patch is None:
+                    patch = Patch(None, bits(live[name]).reshape(-1))
+                write_patches([(self.tensors[name], patch)], threads=1)
         except Exception:  # a bug: the spare is copied whole before its next use
             logger.exception("bringing the spare weights up to date failed; it is recopied")
             self._stale = True
@@ -160,10 +171,22 @@ class SpareWeights:
         self._stale = True
 
     def wait(self) -> None:
-        """Return once no catch-up runs."""
+        """Stop the background catch-up after its current tensor; what it left stays
+        behind, for `stage` to write."""
         if self._catching_up is not None:
+            self._hurry.set()
             self._catching_up.join()
             self._catching_up = None
+
+
+def _lowest_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux: per thread); elsewhere
+    leave it, since the call would lower the whole process."""
+    if sys.platform == "linux":
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError as e:  # never fatal: the catch-up then competes as an equal
+            logger.warning("could not lower the spare catch-up's priority: %s", e)
 
 
 __all__ = ["SpareWeights"]
