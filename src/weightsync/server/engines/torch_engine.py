@@ -177,6 +177,8 @@ class TorchEngine(Engine):
             self._spare = spare
             self.tokenizer = tokenizer
             self._prefix_cache.reset("all")
+        if spare is not None:
+            logger.info("buffered swap: a spare copy of the weights (%.2f GB)", spare.nbytes / 1e9)
         if current is not None and current.adapters.names():
             logger.warning(
                 "new base model built; dropped LoRA adapters %s (load them again)",
