@@ -217,12 +217,13 @@ class TorchEngine(Engine):
         into the spare copy are made live by pointing the model at it.
         """
         loaded = self._require_loaded()
-        _check_patches_fit(loaded.weights, patches)
         spare = self._spare
         if spare is not None and spare.is_staged(patches) and not keep_undo:
+            # `stage_patches` checked these patches; this runs inside the pause.
             with self._step_lock:
                 loaded.weights = spare.swap(loaded.weights)
             return {}
+        _check_patches_fit(loaded.weights, patches)
         if spare is not None:
             spare.invalidate()  # the live weights are written without it
         if self._host is not None:
