@@ -111,10 +111,14 @@ def _encode_chunk(old: np.ndarray, new: np.ndarray, start: int, stop: int, summe
     lanes = change_sum.chunk_change(start, positions, old_bits, new_bits, m) if summed else (0, 0)
     k = choose_low_bits(count, m)
     sym = _scratch("sym", _symbol_capacity(count, m, k), np.uint8)
-    low = _scratch("low", (m * k + 7) // 8 + 8, np.uint8)
+    low_words = _scratch("low", m * k // 64 + 2, np.uint64)
     big = _scratch("big", m * kernels.MAX_VARINT_BYTES, np.uint8)
     width = old.dtype.itemsize * 8
-    ns, nl, nb = kernels.emit_sparse(old_bits, new_bits, positions, m, k, width, sym, low, big)
+    ns, nl, nb = kernels.emit_sparse(
+        old_bits, new_bits, positions, m, k, width, sym, low_words, big
+    )
+    # The stream is the words' little-endian bytes (a no-op view on such hosts).
+    low = low_words[: (nl + 7) // 8].astype("<u8", copy=False).view(np.uint8)
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     streams = (
         compressor.compress(sym[:ns].data),
