@@ -11,13 +11,17 @@ from weightsync.codec import wsdelta_kernels as kernels
 WIDTHS = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
 
-def _pair(rng: np.random.Generator, size: int, count: int, density: float) -> tuple[np.ndarray, ...]:
+def _pair(
+    rng: np.random.Generator, size: int, count: int, density: float
+) -> tuple[np.ndarray, ...]:
     dtype = WIDTHS[size]
     old = rng.integers(0, np.iinfo(dtype).max, count, dtype=dtype, endpoint=True)
     new = old.copy()
     changed = rng.random(count) < density
     # Any bit pattern, so changes land in every lane, including the top one.
-    new[changed] ^= rng.integers(1, np.iinfo(dtype).max, int(changed.sum()), dtype=dtype, endpoint=True)
+    new[changed] ^= rng.integers(
+        1, np.iinfo(dtype).max, int(changed.sum()), dtype=dtype, endpoint=True
+    )
     return old, new
 
 
@@ -32,7 +36,7 @@ def test_word_scanner_finds_what_the_element_scanner_finds(size: int, density: f
         expected = [np.empty(old.size, np.int32), np.empty_like(old), np.empty_like(old)]
         found = [np.empty(old.size, np.int32), np.empty_like(old), np.empty_like(old)]
         want = kernels.find_changes(old, new, 0, old.size, 0, *expected, 0)
-        got = kernels.FIND_CHANGES_WORDS[size](old.view(np.uint64), new.view(np.uint64), *found)
+        got = kernels.find_changes_words(old.view(np.uint64), new.view(np.uint64), size * 8, *found)
         assert got == want == int((old != new).sum())
         for e, f in zip(expected, found, strict=True):
             np.testing.assert_array_equal(f[:got], e[:want])

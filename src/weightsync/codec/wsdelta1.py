@@ -172,9 +172,8 @@ def _find_changes(old: np.ndarray, new: np.ndarray, start: int, stop: int) -> _C
     m = 0
     scanned = start
     if whole and old_words.ctypes.data % 8 == 0 and new_words.ctypes.data % 8 == 0:
-        scan = kernels.FIND_CHANGES_WORDS[itemsize]
         words = old_words.view(np.uint64), new_words.view(np.uint64)
-        m = int(scan(*words, positions, old_bits, new_bits))
+        m = int(kernels.find_changes_words(*words, itemsize * 8, positions, old_bits, new_bits))
         scanned = start + whole
     m = int(kernels.find_changes(old, new, scanned, stop, start, positions, old_bits, new_bits, m))
     return _Changes(m, positions, old_bits, new_bits)

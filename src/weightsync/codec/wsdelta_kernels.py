@@ -77,68 +77,71 @@ def find_changes(  # noqa: PLR0917  (numba kernels take positional arguments)
     return m
 
 
-def _word_scanner(lanes: int) -> Callable[..., int]:
-    """`find_changes` over 64-bit words of `lanes` elements each, for one element width.
+@_kernel
+def find_changes_words(  # noqa: PLR0917
+    old: np.ndarray,
+    new: np.ndarray,
+    lane_bits: int,
+    out: np.ndarray,
+    old_out: np.ndarray,
+    new_out: np.ndarray,
+) -> int:
+    """`find_changes` over 64-bit words of elements of `lane_bits` bits each; return
+    the count.
 
     Two steps per group of 64 words. First a bit mask of the group's changed words:
     a loop with no branch and no store, which LLVM vectorizes, so the unchanged words
     (most of them) cost about their memory read. Then the mask's set bits, lowest
     first, and in each changed word its changed lanes, also lowest first (trailing
     zero counts). Most changed words hold one change, so both loops are well
-    predicted; a branch per word, as before, mispredicted on each of the ~12 % of
+    predicted; a branch per word, as before, mispredicted on many of the ~12 % of
     words that changed at 3 % and made the scan 2.5x slower (docs/benchmarks.md,
     "A ninth run"). Each change's old and new bits are written beside its position,
     while its word is in a register, so the coder and the change sum read them in
-    sequence instead of gathering them again from the whole chunk. The lane count is
-    a constant of the compiled kernel.
+    sequence instead of gathering them again from the whole chunk.
     """
-    lane_bits = 64 // lanes
-    lane_shift = lane_bits.bit_length() - 1  # trailing zeros -> lane
-    lane_mask = np.uint64((1 << lane_bits) - 1)
-    one = np.uint64(1)
-
-    @_kernel
-    def changed_lanes(  # noqa: PLR0917
-        w: int, a: Any, b: Any, out: np.ndarray, old_out: np.ndarray, new_out: np.ndarray, m: int
-    ) -> int:
-        x = a ^ b
-        base = w * lanes
-        while x != 0:
-            lane = trailing_zeros(x) >> lane_shift
-            shift = np.uint64(lane * lane_bits)
-            out[m] = base + lane
-            old_out[m] = (a >> shift) & lane_mask
-            new_out[m] = (b >> shift) & lane_mask
-            m += 1
-            x &= ~(lane_mask << shift)
-        return m
-
-    @_kernel
-    def scan(
-        old: np.ndarray, new: np.ndarray, out: np.ndarray, old_out: np.ndarray, new_out: np.ndarray
-    ) -> int:
-        m = 0
-        groups = old.shape[0] // 64
-        for g in range(groups):
-            first = g * 64
-            changed = np.uint64(0)
-            for i in range(64):
-                changed |= np.uint64(old[first + i] != new[first + i]) << np.uint64(i)
-            while changed != 0:
-                w = first + trailing_zeros(changed)
-                changed &= changed - one
-                m = changed_lanes(w, old[w], new[w], out, old_out, new_out, m)
-        for w in range(groups * 64, old.shape[0]):
-            m = changed_lanes(w, old[w], new[w], out, old_out, new_out, m)
-        return m
-
-    return scan
+    lane_shift = 3 if lane_bits == 8 else 4 if lane_bits == 16 else 5  # no division per change
+    m = 0
+    groups = old.shape[0] // 64
+    for g in range(groups):
+        first = g * 64
+        changed = np.uint64(0)
+        for i in range(64):
+            changed |= np.uint64(old[first + i] != new[first + i]) << np.uint64(i)
+        while changed != 0:
+            w = first + trailing_zeros(changed)
+            changed &= changed - np.uint64(1)
+            m = _changed_lanes(w, old[w], new[w], lane_shift, out, old_out, new_out, m)
+    for w in range(groups * 64, old.shape[0]):
+        m = _changed_lanes(w, old[w], new[w], lane_shift, out, old_out, new_out, m)
+    return m
 
 
-#: Word scanners by element size in bytes (each compiles for its own output dtype).
-FIND_CHANGES_WORDS: dict[int, Callable[..., int]] = {
-    size: _word_scanner(8 // size) for size in (1, 2, 4)
-}
+@_kernel
+def _changed_lanes(  # noqa: PLR0917
+    w: int,
+    a: Any,
+    b: Any,
+    lane_shift: int,
+    out: np.ndarray,
+    old_out: np.ndarray,
+    new_out: np.ndarray,
+    m: int,
+) -> int:
+    """Append the changed lanes of word `w` (old `a`, new `b`; lanes of
+    `1 << lane_shift` bits), lowest first."""
+    lane_mask = (np.uint64(1) << np.uint64(1 << lane_shift)) - np.uint64(1)
+    base = w << (6 - lane_shift)
+    x = a ^ b
+    while x != 0:
+        lane = trailing_zeros(x) >> lane_shift
+        shift = np.uint64(lane << lane_shift)
+        out[m] = base + lane
+        old_out[m] = (a >> shift) & lane_mask
+        new_out[m] = (b >> shift) & lane_mask
+        m += 1
+        x &= ~(lane_mask << shift)
+    return m
 
 
 @_kernel
@@ -183,7 +186,9 @@ def emit_sparse(  # noqa: PLR0917  (numba kernels take positional arguments)
             sym[ns] = ESCAPE
             ns += 1
             q -= ESCAPE_STEP
-        d = (_key(np.int64(new_bits[j]), sign, mask) - _key(np.int64(old_bits[j]), sign, mask)) & mask
+        d = (
+            _key(np.int64(new_bits[j]), sign, mask) - _key(np.int64(old_bits[j]), sign, mask)
+        ) & mask
         negative = np.int64(d > sign)
         d += negative * (mask + 1 - 2 * d)  # |step|
         cls: Any = d - 1
@@ -207,9 +212,9 @@ def emit_sparse(  # noqa: PLR0917  (numba kernels take positional arguments)
         full = filled >= np.uint64(64)
         word = rest if full else word
         filled = filled - np.uint64(64) if full else filled
-        nw += np.int64(full)
+        nw += int(full)
     low_words[nw] = word
-    return ns, (nw * 64 + np.int64(filled) + 7) // 8, nb
+    return ns, (nw * 64 + int(filled) + 7) // 8, nb
 
 
 @_kernel
