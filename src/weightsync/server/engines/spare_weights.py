@@ -19,13 +19,12 @@ stale and copied whole from the live weights before its next use.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 from collections.abc import Mapping
 
 import torch
 
+from weightsync.background import lowest_priority
 from weightsync.codec import Patch, write_patches
 from weightsync.codec.bits import bits
 from weightsync.errors import DeploymentError
@@ -141,7 +140,7 @@ class SpareWeights:
 
     def _catch_up_now(self, live: Mapping[str, torch.Tensor]) -> None:
         """One tensor at a time on this thread, until done or told to stop (`wait`)."""
-        _lowest_priority()
+        lowest_priority("the spare catch-up")
         try:
             while self._behind and not self._hurry.is_set():
                 name, patch = self._behind.popitem()
@@ -177,16 +176,6 @@ class SpareWeights:
             self._hurry.set()
             self._catching_up.join()
             self._catching_up = None
-
-
-def _lowest_priority() -> None:
-    """Give the calling thread the lowest CPU priority (Linux: per thread); elsewhere
-    leave it, since the call would lower the whole process."""
-    if sys.platform == "linux":
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except OSError as e:  # never fatal: the catch-up then competes as an equal
-            logger.warning("could not lower the spare catch-up's priority: %s", e)
 
 
 __all__ = ["SpareWeights"]
