@@ -215,3 +215,48 @@ def test_export_plan_ties_only_identical_views() -> None:
     )
     assert plan.names == ["q", "k", "empty_a", "empty_b"]
     assert plan.dropped_ties == {"q_again": "q"}
+
+
+def test_after_a_first_base_the_next_save_fills_buffers_reserved_in_the_background(
+    tmp_path: Path, model: Any, optimizer: torch.optim.Optimizer
+) -> None:
+    """The base had no parent, so no old buffers are left to reuse: the client reserves
+    the next save's buffers, and the delta is written from those very buffers."""
+    client = TrainingClient(model, storage=tmp_path / "snaps", optimizer=optimizer)
+    client.save_weights_for_sampler_ext("base")
+    spare = client._spare  # where the buffers are is the point of the test
+    weights = client.exported_weights()
+    reserved = {}
+    for name, tensor in weights.items():
+        buffer, fresh = spare.buffer(name, tensor, pin=False)
+        assert not fresh, f"{name}: no buffer was reserved"
+        reserved[name] = buffer.data_ptr()
+    model_step(model, optimizer, seed=1)
+    expected = client.exported_weights()
+    result = client.save_weights_for_sampler_ext("delta")
+    assert result.checkpoint_type == "delta"
+    head = client._previous
+    assert head is not None
+    assert {n: t.data_ptr() for n, t in head.tensors.items()} == reserved
+    store = SnapshotStore(tmp_path / "snaps")
+    assert_bits_equal(store.materialize(result.snapshot_name), expected)
+
+
+def test_a_failed_reservation_is_logged_and_the_next_fill_allocates(
+    model: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from weightsync.trainer import export
+
+    weights = export.export_copy(dict(model.state_dict()), torch.bfloat16)
+    spare = export.ExportBuffers(torch.bfloat16)
+
+    def no_memory(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("injected: out of memory")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(export.torch, "empty", no_memory)
+        spare.reserve(weights)
+        spare.retain(weights)  # waits for the reservation; allocates nothing
+    assert "reserving the export buffers failed" in caplog.text
+    filled = spare.fill(weights)
+    assert_bits_equal(filled, weights)

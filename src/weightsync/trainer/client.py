@@ -380,7 +380,7 @@ class TrainingClient:
         if self._previous is not None:
             self._spare.adopt(self._previous.tensors)
         else:
-            self._spare.release()
+            self._spare.reserve(current)  # no old parent to reuse: the next save's buffers
         self._previous = _Previous(manifest=manifest, tensors=current)
         return manifest
 
@@ -405,7 +405,7 @@ class TrainingClient:
         if previous is not None:
             self._spare.adopt(previous.tensors)
         else:
-            self._spare.release()
+            self._spare.reserve(current)  # no old parent to reuse: the next save's buffers
         self._previous = _Previous(manifest=manifest, tensors=current)
         return manifest
 
